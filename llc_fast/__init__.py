@@ -1,0 +1,13 @@
+"""llc_fast: fast estimation of the Local Learning Coefficient (LLC) with fused SGLD kernels.
+
+    result = llc_fast.estimate_llc(model, data, loss_fn, lr=1e-4, nbeta=..., num_chains=4)
+    print(result.llc_mean, result.llc_std)
+"""
+__version__ = "0.1.0"
+
+from . import oracles  # noqa: E402
+from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult, estimate_llc  # noqa: E402
+from .kernels import backends  # noqa: E402
+
+__all__ = ["estimate_llc", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends", "oracles",
+           "__version__"]

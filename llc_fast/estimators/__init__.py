@@ -1,0 +1,5 @@
+"""Estimators built on the chains: the LLC and its result type."""
+from .llc import AllChainsDivergedError, LLCDivergenceWarning, default_nbeta, estimate_llc
+from .result import LLCResult
+
+__all__ = ["estimate_llc", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "default_nbeta"]

@@ -1,0 +1,144 @@
+"""LLCResult: an LLC estimate with its traces, diagnostics and the configuration that made it."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LLC_STD_DDOF = 1
+
+
+@dataclass
+class LLCResult:
+    """Result of ``estimate_llc``.
+
+    llc_mean, llc_std: mean and standard deviation (ddof = ``llc_std_ddof`` = 1) over the chains
+        that did not diverge. llc_stderr = llc_std / sqrt(number of those chains).
+    llc_per_chain: [C] per-chain estimates nbeta_c * (mean of its draws - init_loss); NaN if diverged.
+    loss_trace: [C, D] minibatch loss at each draw (burn-in excluded); NaN after a divergence.
+    init_loss: L(w*) averaged over ``config['num_init_loss_batches']`` batches.
+    diverged_chains: indices of chains whose loss became NaN/Inf; diverged_at_step: the step it was seen.
+    config: every setting used (resolved nbeta included), with the package and torch versions.
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_stderr: float
+    llc_per_chain: np.ndarray
+    loss_trace: np.ndarray
+    init_loss: float
+    diverged_chains: list[int]
+    diverged_at_step: dict[int, int]
+    config: dict
+    timing: dict = field(default_factory=dict)
+    llc_std_ddof: int = LLC_STD_DDOF
+
+    @classmethod
+    def from_traces(cls, loss_trace: np.ndarray, init_loss: float, nbeta: np.ndarray, diverged_at: dict[int, int],
+                    config: dict, timing: dict | None = None) -> "LLCResult":
+        """Per-chain estimates from the traces; mean and std over the chains that did not diverge."""
+        loss_trace = np.asarray(loss_trace, dtype=np.float64)
+        per_chain = np.asarray(nbeta, dtype=np.float64) * (loss_trace.mean(axis=1) - init_loss)
+        per_chain[list(diverged_at)] = np.nan
+        ok = per_chain[np.isfinite(per_chain)]
+        mean = float(ok.mean()) if ok.size else math.nan
+        std = float(ok.std(ddof=LLC_STD_DDOF)) if ok.size > LLC_STD_DDOF else math.nan
+        return cls(
+            llc_mean=mean, llc_std=std, llc_stderr=std / math.sqrt(ok.size) if ok.size else math.nan,
+            llc_per_chain=per_chain, loss_trace=loss_trace, init_loss=float(init_loss),
+            diverged_chains=sorted(diverged_at), diverged_at_step=dict(sorted(diverged_at.items())),
+            config=config, timing=timing or {},
+        )
+
+    @property
+    def num_chains(self) -> int:
+        return self.loss_trace.shape[0]
+
+    def llc_trace(self) -> np.ndarray:
+        """[C, D] running estimate of each chain after each draw: nbeta_c * (running mean - init_loss)."""
+        draws = np.arange(1, self.loss_trace.shape[1] + 1)
+        nbeta = np.asarray(self.config["nbeta"], dtype=np.float64).reshape(-1, 1)
+        return nbeta * (np.cumsum(self.loss_trace, axis=1) / draws - self.init_loss)
+
+    def summary(self) -> str:
+        ok = self.num_chains - len(self.diverged_chains)
+        s = f"LLC = {self.llc_mean:.4g} ± {self.llc_std:.3g} (std over {ok} chains, ddof={self.llc_std_ddof})"
+        if self.diverged_chains:
+            s += f"; diverged chains: {self.diverged_chains}"
+        return s
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["llc_per_chain"] = _nan_to_none(self.llc_per_chain.tolist())
+        d["loss_trace"] = _nan_to_none(self.loss_trace.tolist())
+        d["diverged_at_step"] = {str(k): v for k, v in self.diverged_at_step.items()}
+        for k in ("llc_mean", "llc_std", "llc_stderr"):
+            d[k] = _nan_to_none(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLCResult":
+        d = dict(d)
+        d["llc_per_chain"] = np.array(_none_to_nan(d["llc_per_chain"]), dtype=np.float64)
+        d["loss_trace"] = np.array(_none_to_nan(d["loss_trace"]), dtype=np.float64).reshape(len(d["loss_trace"]), -1)
+        d["diverged_at_step"] = {int(k): v for k, v in d["diverged_at_step"].items()}
+        for k in ("llc_mean", "llc_std", "llc_stderr"):
+            d[k] = math.nan if d[k] is None else d[k]
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON, atomically: the file is either complete or untouched."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LLCResult":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """Plot each chain's loss trace and running LLC estimate (needs matplotlib); returns the figure."""
+        try:
+            import matplotlib
+            if path is not None:
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+        fig, (ax_loss, ax_llc) = plt.subplots(1, 2, figsize=(11, 4))
+        for c in range(self.num_chains):
+            ax_loss.plot(self.loss_trace[c], lw=0.8, label=f"chain {c}")
+            ax_llc.plot(self.llc_trace()[c], lw=0.8)
+        ax_loss.axhline(self.init_loss, color="k", ls="--", lw=0.8, label="L(w*)")
+        ax_loss.set(xlabel="draw", ylabel="minibatch loss", title="loss trace")
+        ax_llc.set(xlabel="draw", ylabel="running LLC estimate", title=self.summary())
+        ax_loss.legend(fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _nan_to_none(x):
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _none_to_nan(x):
+    if isinstance(x, list):
+        return [_none_to_nan(v) for v in x]
+    return math.nan if x is None else x

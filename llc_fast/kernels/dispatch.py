@@ -1,0 +1,86 @@
+"""Backends of the fused update, what each can run on, and the choice among them.
+
+Every backend implements ``reference.reference_update``'s signature and math. ``backends()``
+lists them with the reason a backend cannot run here; ``select_backend`` picks one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .reference import reference_update
+
+UpdateFn = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why it cannot run here ("" when available)
+    devices: tuple[str, ...]  # device types it updates tensors on
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    devices: tuple[str, ...]
+    load: Callable[[], UpdateFn]  # raises ImportError/RuntimeError with a reason if unavailable
+    priority: int  # higher is preferred by "auto"
+
+
+_REGISTRY: list[_Backend] = [
+    _Backend("torch", ("cpu", "cuda"), lambda: reference_update, priority=0),
+]
+_LOADED: dict[str, UpdateFn | Exception] = {}
+
+
+def register_backend(name: str, devices: tuple[str, ...], load: Callable[[], UpdateFn], priority: int) -> None:
+    _REGISTRY.append(_Backend(name, devices, load, priority))
+    _REGISTRY.sort(key=lambda b: -b.priority)
+
+
+def _load(backend: _Backend) -> UpdateFn | Exception:
+    if backend.name not in _LOADED:
+        try:
+            _LOADED[backend.name] = backend.load()
+        except Exception as e:  # an unavailable backend must never break the package
+            _LOADED[backend.name] = e
+    return _LOADED[backend.name]
+
+
+def backends() -> list[BackendInfo]:
+    """Each backend, whether it can run on this machine, and if not, why."""
+    out = []
+    for b in _REGISTRY:
+        loaded = _load(b)
+        ok = not isinstance(loaded, Exception)
+        out.append(BackendInfo(b.name, ok, "" if ok else f"{type(loaded).__name__}: {loaded}", b.devices))
+    return out
+
+
+def backend_names() -> tuple[str, ...]:
+    return ("auto",) + tuple(b.name for b in _REGISTRY)
+
+
+def select_backend(name: str, device: torch.device) -> tuple[str, UpdateFn]:
+    """The update function for ``name`` ("auto" = the fastest that runs on ``device``)."""
+    if name not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    candidates = [b for b in _REGISTRY if name in ("auto", b.name)]
+    reasons = []
+    for b in candidates:
+        if device.type not in b.devices:
+            reasons.append(f"{b.name}: does not run on {device.type}")
+            continue
+        loaded = _load(b)
+        if isinstance(loaded, Exception):
+            reasons.append(f"{b.name}: {loaded}")
+            continue
+        return b.name, loaded
+    raise RuntimeError(
+        f"backend {name!r} cannot update tensors on {device}: " + "; ".join(reasons)
+        + ". Pass backend='torch' (the reference) or see llc_fast.backends()."
+    )

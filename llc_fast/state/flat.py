@@ -1,0 +1,175 @@
+"""Sampled parameters of a module as slices of one flat vector per chain.
+
+``FlatLayout`` records where each sampled parameter lives in the flat vector;
+``FlatState`` owns the buffers the sampler updates in one call per step:
+
+    w      [C, N]  current weights of each chain (param dtype)
+    grad   [C, N]  gradient of the mean minibatch loss (param dtype)
+    w_star [N]     the trained weights, shared by all chains
+    stat   [C, N]  RMSProp statistic (float32; float64 for float64 weights), or None
+
+``install`` swaps the module's parameters for leaf tensors that are views into one chain's
+row of ``w``, with ``.grad`` set to views into the same row of ``grad``: autograd then
+accumulates every parameter's gradient straight into the flat gradient buffer. The module's
+own parameters are put back on exit; nothing is copied per chain.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels.reference import SUPPORTED_PARAM_DTYPES, compute_dtype
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    name: str
+    offset: int
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class FlatLayout:
+    """Which parameters of ``model`` are sampled and where each sits in the flat vector.
+
+    Sampled: floating-point parameters with ``requires_grad``. Tied parameters (one tensor
+    registered under several names) occupy one slot.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.slots: list[ParamSlot] = []
+        self.params: list[nn.Parameter] = []
+        self._index_of: dict[int, int] = {}
+        offset = 0
+        for name, p in model.named_parameters():  # unique tensors, first name of each
+            if not (p.requires_grad and p.is_floating_point()):
+                continue
+            self._index_of[id(p)] = len(self.params)
+            self.params.append(p)
+            self.slots.append(ParamSlot(name, offset, p.shape))
+            offset += p.numel()
+        self.numel = offset
+        # every (module, attribute) that refers to a sampled parameter, tied names included
+        self.owners = [
+            (module, attr, self._index_of[id(p)])
+            for module in model.modules()
+            for attr, p in module._parameters.items()
+            if p is not None and id(p) in self._index_of
+        ]
+        self.dtype = self.params[0].dtype if self.params else None
+        self.device = self.params[0].device if self.params else None
+
+    def slot(self, name: str) -> ParamSlot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(f"{name!r} is not a sampled parameter; sampled: {[s.name for s in self.slots]}")
+
+    def flatten(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The concatenation of the sampled parameters' values (a copy), [N]."""
+        tensors = self.params if tensors is None else tensors
+        return torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+
+    def views(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat [N] tensor shaped like each sampled parameter."""
+        return [row[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
+
+    def flat_mask(self, mask: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """A per-parameter dict of 0/1 masks as one [N] float mask (missing names: all ones)."""
+        out = torch.ones(self.numel, device=device)
+        for name, m in mask.items():
+            s = self.slot(name)
+            m = torch.as_tensor(m, device=device)
+            try:
+                m = torch.broadcast_to(m, s.shape)
+            except RuntimeError as e:
+                raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, not broadcastable to {tuple(s.shape)}") from e
+            if not torch.all((m == 0) | (m == 1)):
+                raise ValueError(f"mask for {name!r} must hold only 0 and 1")
+            out[s.offset : s.offset + s.numel] = m.reshape(-1).to(out.dtype)
+        return out
+
+
+class FlatState:
+    """The flat buffers of ``num_chains`` chains, all starting at w* (see module docstring)."""
+
+    def __init__(self, layout: FlatLayout, num_chains: int, *, device: torch.device, preconditioned: bool,
+                 initial_statistic: float = 0.0):
+        if layout.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise ValueError(f"sampled parameters are {layout.dtype}; cast the model to float32, float64 or bfloat16")
+        self.layout = layout
+        self.w_star = layout.flatten().to(device)
+        self.w = self.w_star.expand(num_chains, -1).clone()
+        self.grad = torch.zeros_like(self.w)
+        self.stat = (
+            torch.full(self.w.shape, initial_statistic, dtype=compute_dtype(layout.dtype), device=device)
+            if preconditioned else None
+        )
+
+    @property
+    def num_chains(self) -> int:
+        return self.w.shape[0]
+
+    def reset(self, preconditioned_initial: float = 0.0) -> None:
+        """Put every chain back at w* (and the statistic at its start value)."""
+        self.w.copy_(self.w_star.expand_as(self.w))
+        if self.stat is not None:
+            self.stat.fill_(preconditioned_initial)
+
+    @contextlib.contextmanager
+    def install(self, chain: int):
+        """Make the module's sampled parameters views of chain ``chain``'s row of ``w``."""
+        leaves = []
+        for value, grad in zip(self.layout.views(self.w[chain]), self.layout.views(self.grad[chain])):
+            leaf = nn.Parameter(value, requires_grad=True)
+            leaf.grad = grad
+            leaves.append(leaf)
+        with swapped_parameters(self.layout, leaves):
+            yield
+
+
+@contextlib.contextmanager
+def swapped_parameters(layout: FlatLayout, replacements: list[torch.Tensor]):
+    """Temporarily register ``replacements[k]`` wherever sampled parameter k is registered."""
+    originals = [(module, attr, module._parameters[attr]) for module, attr, _ in layout.owners]
+    try:
+        for module, attr, k in layout.owners:
+            module._parameters[attr] = replacements[k]
+        yield
+    finally:
+        for module, attr, p in originals:
+            module._parameters[attr] = p
+
+
+@contextlib.contextmanager
+def isolated_buffers(layout: FlatLayout, device: torch.device):
+    """Give the module private copies (on ``device``) of its buffers and unsampled parameters.
+
+    Sampling may run the module in train mode (BatchNorm updates its running statistics) or
+    on another device; the user's own buffers and frozen parameters stay untouched.
+    """
+    sampled = {id(p) for p in layout.params}
+    swaps = []
+    for module in layout.model.modules():
+        for table in (module._buffers, module._parameters):
+            for name, t in table.items():
+                if t is None or id(t) in sampled:
+                    continue
+                copy = t.detach().to(device, copy=True)
+                if isinstance(t, nn.Parameter):
+                    copy = nn.Parameter(copy, requires_grad=False)
+                swaps.append((table, name, t, copy))
+    try:
+        for table, name, _, copy in swaps:
+            table[name] = copy
+        yield
+    finally:
+        for table, name, original, _ in swaps:
+            table[name] = original
