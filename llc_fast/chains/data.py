@@ -1,7 +1,7 @@
 """Endless, reproducible streams of batches from a user's loader or re-iterable."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ def move_to_device(batch, device: torch.device):
 def check_reiterable(data) -> None:
     if not isinstance(data, Iterable):
         raise TypeError(f"data must be a DataLoader or a re-iterable of batches (e.g. a list), got {type(data).__name__}")
-    if iter(data) is data:
+    if isinstance(data, Iterator):  # not iter(data): starting a DataLoader draws from the global RNG
         raise TypeError(
             "data is a one-shot iterator (a generator or iter(...)); sampling re-reads the data many times, "
             "so pass a DataLoader or a list of batches instead"

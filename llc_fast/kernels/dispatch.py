@@ -31,15 +31,38 @@ class _Backend:
     priority: int  # higher is preferred by "auto"
 
 
+def _triton_devices() -> tuple[str, ...]:
+    import os
+
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def _load_triton() -> UpdateFn:
+    from .triton_update import triton_update
+
+    return triton_update
+
+
+def _load_cpu() -> UpdateFn:
+    from .cpp_update import load_cpu_update
+
+    return load_cpu_update()
+
+
+def _load_cuda() -> UpdateFn:
+    from .cuda_update import load_cuda_update
+
+    return load_cuda_update()
+
+
+# "auto" walks this list in order of priority and takes the first backend that runs on the device.
 _REGISTRY: list[_Backend] = [
+    _Backend("cuda", ("cuda",), _load_cuda, priority=30),
+    _Backend("triton", _triton_devices(), _load_triton, priority=20),
+    _Backend("cpu", ("cpu",), _load_cpu, priority=10),
     _Backend("torch", ("cpu", "cuda"), lambda: reference_update, priority=0),
 ]
 _LOADED: dict[str, UpdateFn | Exception] = {}
-
-
-def register_backend(name: str, devices: tuple[str, ...], load: Callable[[], UpdateFn], priority: int) -> None:
-    _REGISTRY.append(_Backend(name, devices, load, priority))
-    _REGISTRY.sort(key=lambda b: -b.priority)
 
 
 def _load(backend: _Backend) -> UpdateFn | Exception:
@@ -70,6 +93,8 @@ def select_backend(name: str, device: torch.device) -> tuple[str, UpdateFn]:
     if name not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
     candidates = [b for b in _REGISTRY if name in ("auto", b.name)]
+    if name == "auto" and device.type == "cpu":  # the Triton interpreter is for tests, never fast
+        candidates = [b for b in candidates if b.name != "triton"]
     reasons = []
     for b in candidates:
         if device.type not in b.devices:

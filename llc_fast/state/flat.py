@@ -70,7 +70,7 @@ class FlatLayout:
         for s in self.slots:
             if s.name == name:
                 return s
-        raise KeyError(f"{name!r} is not a sampled parameter; sampled: {[s.name for s in self.slots]}")
+        raise ValueError(f"{name!r} is not a sampled parameter; sampled: {[s.name for s in self.slots]}")
 
     def flatten(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The concatenation of the sampled parameters' values (a copy), [N]."""

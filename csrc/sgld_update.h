@@ -1,0 +1,106 @@
+// One SGLD / RMSProp-SGLD step of one element, shared by the C++ (OpenMP) and CUDA kernels.
+//
+// The math and the order of operations are those of llc_fast/kernels/reference.py
+// (docs/update.md); every operation below is one correctly rounded operation there too, so with
+// -ffp-contract=off (host) / --fmad=false (device) the only difference from the reference is in
+// the normal xi (an ulp or two of float32 log/cos/sin).
+#pragma once
+
+#include <cstdint>
+
+#include "philox.h"
+
+namespace llc {
+
+// Storage codes of the weights (and of grad and w*). The statistic V is float32, float64 for
+// float64 weights; bfloat16 weights are passed as their uint16 bit patterns.
+enum DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+
+// Sampler codes: 0 "sgld" (G = 1), 1 "rmsprop_sgld", 2 "rmsprop_sgld_bc". The bias correction
+// enters only through stat_scale (s_t, computed by the host), so the kernels only ask whether
+// the sampler is preconditioned.
+enum Sampler : int32_t { kSGLD = 0, kRMSProp = 1, kRMSPropBC = 2 };
+
+// Everything one update needs besides the tensors. Host scalars are held in float64 and
+// rounded once to the compute type T, as torch does with a Python scalar or torch.tensor(x, T).
+struct UpdateArgs {
+  // [C, N] weights, gradient, statistic (or null); [N] w* and mask (uint8 0/1, or null)
+  void* w;
+  const void* grad;
+  const void* w_star;
+  void* stat;
+  const uint8_t* mask;
+  // [C] per-chain lr, nbeta, gamma (float32; float64 for float64 weights) and chain indices
+  const void* lr;
+  const void* nbeta;
+  const void* gamma;
+  const int64_t* chain_ids;
+  int64_t num_chains;
+  int64_t n;
+  uint64_t seed;
+  uint32_t step;
+  int64_t index_offset;  // global index of element 0
+  double stat_scale;     // s_t
+  int32_t sampler;
+  bool update_statistic;
+  bool has_mask;
+  bool has_box;
+  double alpha, one_minus_alpha, eps, weight_decay, box, noise_level;
+  int32_t dtype;
+};
+
+template <typename T>
+struct Hyper {  // the scalars of one update, in the compute type
+  T alpha, one_minus_alpha, scale, eps, weight_decay, box, noise_level;
+  bool preconditioned, update_statistic, has_wd, has_box;
+};
+
+template <typename T>
+LLC_HD Hyper<T> make_hyper(const UpdateArgs& a) {
+  Hyper<T> h;
+  h.alpha = static_cast<T>(a.alpha);
+  h.one_minus_alpha = static_cast<T>(a.one_minus_alpha);
+  h.scale = static_cast<T>(a.stat_scale);
+  h.eps = static_cast<T>(a.eps);
+  h.weight_decay = static_cast<T>(a.weight_decay);
+  h.box = static_cast<T>(a.box);
+  h.noise_level = static_cast<T>(a.noise_level);
+  h.preconditioned = a.sampler != kSGLD;
+  h.update_statistic = a.update_statistic;
+  h.has_wd = a.weight_decay != 0.0;  // the reference adds wd*w only when weight_decay is nonzero
+  h.has_box = a.has_box;
+  return h;
+}
+
+LLC_HD float t_sqrt(float x) { return sqrtf(x); }
+LLC_HD double t_sqrt(double x) { return sqrt(x); }
+
+// The new value of one weight. w, g, ws: weight, gradient, w*; v: the statistic (read and,
+// if update_statistic, written; ignored for SGLD); xi: the element's normal; m: mask value.
+template <typename T>
+LLC_HD T update_element(T w, T g, T ws, T* v, float xi, bool m, T lr, T nbeta, T gamma, const Hyper<T>& h) {
+  T precond = static_cast<T>(1);
+  if (h.preconditioned) {
+    T vv = *v;
+    if (h.update_statistic) {
+      vv = h.alpha * vv + h.one_minus_alpha * (g * g);
+      *v = vv;
+    }
+    precond = static_cast<T>(1) / (t_sqrt(vv * h.scale) + h.eps);
+  }
+  T drift = nbeta * g + gamma * (w - ws);
+  if (h.has_wd) drift = drift + h.weight_decay * w;
+  T delta = -(static_cast<T>(0.5) * lr) * precond * drift +
+            h.noise_level * t_sqrt(lr * precond) * static_cast<T>(xi);
+  if (!m) delta = delta * static_cast<T>(0);  // as delta * mask: masked weights never move
+  T out = w + delta;
+  if (h.has_box) {  // torch.minimum(torch.maximum(out, ws - box), ws + box), NaN propagating
+    const T lo = ws - h.box;
+    const T hi = ws + h.box;
+    out = out < lo ? lo : out;
+    out = out > hi ? hi : out;
+  }
+  return out;
+}
+
+}  // namespace llc

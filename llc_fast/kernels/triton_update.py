@@ -1,0 +1,363 @@
+"""The fused SGLD update as one Triton kernel: all chains, one launch per step.
+
+Same signature and math as ``reference.reference_update`` (``docs/update.md``); the noise is
+drawn in the kernel with ``tl.philox`` on the counters of ``docs/noise.md``, so it equals the
+reference's noise: random words and uniforms bit for bit, normals to about 1e-6.
+
+Layout. The grid is flat: program ``pid`` updates chain ``pid % C`` (neighbouring programs
+share the same block of w* and of the mask, which then comes from L2) on a tile of GROUPS
+groups of four elements. A tile is [GROUPS, 4]: row r holds the four elements of global
+group g = index_offset // 4 + block * GROUPS + r, so one Philox call per row serves its
+four lanes, and lane j takes word/normal j (``tl.where`` on the lane index). Elements outside
+the buffer (the partial first group when index_offset is not a multiple of four, the tail)
+are masked. All offsets are int64: element counts and global indices past 2**31 work.
+
+Arithmetic. float32 and bfloat16 weights are updated in float32, float64 weights in float64
+(the noise is drawn in float32 and converted). bfloat16 tensors are read and written through
+int16 views with integer bit operations only, and the result is stored by stochastic rounding
+with the stream-1 Philox words, exactly as ``philox.stochastic_round_to_bf16``: that is
+bit-exact in the Triton interpreter (whose bfloat16 arithmetic and conversions are wrong) and
+compiles for sm_80/sm_90. Square root and division use the IEEE-rounded forms (``sqrt_rn``,
+``div_rn``) so the preconditioner matches torch's up to fused multiply-adds.
+
+Hyperparameters. Python numbers go to the kernel as float32 scalars (no host-to-device copy
+per step); per-chain tensors as a [3, C] device tensor. For float64 weights every value goes
+through a float64 device tensor, since Triton passes Python floats as float32.
+
+This module imports without a GPU; dispatch.py imports it lazily.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import philox
+from .reference import check_update_args, compute_dtype
+from .update_spec import SamplerSettings, StepCounters, per_chain
+
+# Groups of four elements per program: 512 groups = 2048 elements with 4 warps on a GPU; the
+# interpreter pays per program, so it takes up to 16384 groups = 65536 elements at once.
+GPU_GROUPS = 512
+GPU_NUM_WARPS = 4
+INTERPRETER_GROUPS = 16384
+MAX_PROGRAMS = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Noise: Philox4x32-10 on the counters of docs/noise.md, one call per group of four elements.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _philox_words(seed, groups, step, chain, STREAM: tl.constexpr):
+    """The four Philox words (uint32) of the global groups ``groups`` (an int64 block) of one chain.
+
+    c0 = g mod 2**32, c1 = g // 2**32, c2 = step, c3 = chain + STREAM * 2**31.
+    """
+    zero = groups * 0
+    c0 = groups.to(tl.uint32)
+    c1 = (groups >> 32).to(tl.uint32)
+    c2 = (zero + step).to(tl.uint32)
+    c3 = (zero + chain).to(tl.uint32)
+    if STREAM == 1:
+        c3 = c3 | 0x80000000
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _select_lane(lane, v0, v1, v2, v3):
+    """[GROUPS] values per lane -> [GROUPS, 4] tile: element (r, j) takes v_j[r]."""
+    return tl.where(
+        lane == 0, v0[:, None], tl.where(lane == 1, v1[:, None], tl.where(lane == 2, v2[:, None], v3[:, None]))
+    )
+
+
+@triton.jit
+def _noise_tile(seed, groups, step, chain):
+    """Standard normals (float32 [GROUPS, 4]) of the four elements of each group: Triton's randn4x."""
+    w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 0)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
+    return _select_lane(tl.arange(0, 4)[None, :], n0, n1, n2, n3)
+
+
+@triton.jit
+def _rounding_tile(seed, groups, step, chain):
+    """Stochastic-rounding words (uint32 [GROUPS, 4]) of the four elements of each group (stream 1)."""
+    w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 1)
+    return _select_lane(tl.arange(0, 4)[None, :], w0, w1, w2, w3)
+
+
+# --------------------------------------------------------------------------------------------
+# bfloat16 through integer bit patterns (the interpreter's bf16 arithmetic is wrong).
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bf16_bits_to_f32(h):
+    """int16 bit patterns of bfloat16 values -> the float32 values (exact)."""
+    return (h.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _stochastic_round_bf16_bits(x, words):
+    """float32 -> int16 bit pattern of bfloat16: (bits(x) + (word mod 2**16)) >> 16; NaN -> 0x7FC0.
+
+    Infinities round to themselves (adding < 2**16 to their pattern keeps the upper half), so
+    only NaN needs the round-to-nearest branch; 0x7FC0 is the NaN torch's conversion gives.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    upper = (bits + (words & 0xFFFF)) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    upper = tl.where(is_nan, 0x7FC0, upper)
+    return upper.to(tl.int16)
+
+
+# --------------------------------------------------------------------------------------------
+# The update kernel.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "step", "n", "g_first", "chain_base"])
+def _sgld_update_kernel(
+    w_ptr, g_ptr, ws_ptr, v_ptr, m_ptr, hp_ptr, sp_ptr, chain_ptr,
+    lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
+    seed, step, n, g_first, chain_base, num_chains,
+    GROUPS: tl.constexpr, LEAD: tl.constexpr,
+    PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
+    HAS_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr,
+    IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    c = (pid % num_chains).to(tl.int64)
+    block = (pid // num_chains).to(tl.int64)
+
+    # The tile: GROUPS global groups of four; local element index = 4 * local group + lane - LEAD.
+    lane = tl.arange(0, 4)[None, :]
+    local_group = block * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+    groups = g_first + local_group
+    idx = local_group[:, None] * 4 + lane - LEAD
+    valid = (idx >= 0) & (idx < n)
+    offs = c * n + idx
+
+    if CHAIN_PTR:
+        chain = tl.load(chain_ptr + c).to(tl.int64)
+    else:
+        chain = chain_base + c
+
+    if HP_PTR:  # per-chain values, [3, C] in the compute dtype
+        lr_c = tl.load(hp_ptr + c)
+        nbeta_c = tl.load(hp_ptr + num_chains + c)
+        gamma_c = tl.load(hp_ptr + 2 * num_chains + c)
+    else:
+        lr_c = lr
+        nbeta_c = nbeta
+        gamma_c = gamma
+    if SP_PTR:  # float64: alpha, 1 - alpha, scale, eps, weight decay, box, noise level
+        alpha = tl.load(sp_ptr + 0)
+        one_minus_alpha = tl.load(sp_ptr + 1)
+        scale = tl.load(sp_ptr + 2)
+        eps = tl.load(sp_ptr + 3)
+        wd = tl.load(sp_ptr + 4)
+        box = tl.load(sp_ptr + 5)
+        noise_level = tl.load(sp_ptr + 6)
+
+    if IS_BF16:
+        wc = _bf16_bits_to_f32(tl.load(w_ptr + offs, mask=valid, other=0))
+        g = _bf16_bits_to_f32(tl.load(g_ptr + offs, mask=valid, other=0))
+        ws = _bf16_bits_to_f32(tl.load(ws_ptr + idx, mask=valid, other=0))
+    else:
+        wc = tl.load(w_ptr + offs, mask=valid, other=0.0)
+        g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+        ws = tl.load(ws_ptr + idx, mask=valid, other=0.0)
+
+    # G = 1 / (sqrt(V * s_t) + eps); the statistic takes this step's gradient before use.
+    if PRECOND:
+        v = tl.load(v_ptr + offs, mask=valid, other=0.0)
+        if UPDATE_V:
+            v = alpha * v + one_minus_alpha * (g * g)
+            tl.store(v_ptr + offs, v, mask=valid)
+        if IS_F64:
+            precond = 1.0 / (tl.sqrt(v * scale) + eps)
+        else:
+            precond = tl.div_rn(1.0, tl.sqrt_rn(v * scale) + eps)
+        drift_coef = (-(0.5 * lr_c)) * precond
+        if IS_F64:
+            noise_coef = noise_level * tl.sqrt(lr_c * precond)
+        else:
+            noise_coef = noise_level * tl.sqrt_rn(lr_c * precond)
+    else:
+        drift_coef = -(0.5 * lr_c)
+        if IS_F64:
+            noise_coef = noise_level * tl.sqrt(lr_c)
+        else:
+            noise_coef = noise_level * tl.sqrt_rn(lr_c)
+
+    drift = nbeta_c * g + gamma_c * (wc - ws)
+    if HAS_WD:
+        drift = drift + wd * wc
+    xi = _noise_tile(seed, groups, step, chain)
+    if IS_F64:
+        xi = xi.to(tl.float64)
+    delta = drift_coef * drift + noise_coef * xi
+    if HAS_MASK:
+        delta = delta * tl.load(m_ptr + idx, mask=valid, other=0).to(wc.dtype)
+    new = wc + delta
+    if HAS_BOX:
+        new = tl.maximum(new, ws - box, propagate_nan=tl.PropagateNan.ALL)
+        new = tl.minimum(new, ws + box, propagate_nan=tl.PropagateNan.ALL)
+
+    if IS_BF16:
+        words = _rounding_tile(seed, groups, step, chain)
+        tl.store(w_ptr + offs, _stochastic_round_bf16_bits(new, words), mask=valid)
+    else:
+        tl.store(w_ptr + offs, new, mask=valid)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher.
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _f32(value: float) -> float:
+    """A Python float rounded to float32 (as torch and the kernel's float32 argument both do)."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+def _chain_ids(chain_ids, num_chains: int, device: torch.device):
+    """(device tensor or None, base): a contiguous range base..base+C-1 on the host needs no tensor."""
+    chain_ids = torch.as_tensor(chain_ids)
+    if chain_ids.shape != (num_chains,):
+        raise ValueError(f"chain_ids must have shape ({num_chains},), got {tuple(chain_ids.shape)}")
+    if chain_ids.dtype.is_floating_point or chain_ids.dtype.is_complex or chain_ids.dtype == torch.bool:
+        raise ValueError(f"chain_ids must be integers, got {chain_ids.dtype}")
+    if chain_ids.device.type == "cpu":  # checked here for free; device chain ids are trusted (no sync)
+        ids = chain_ids.to(torch.int64)
+        if num_chains and not (0 <= int(ids.min()) and int(ids.max()) <= philox.MAX_CHAIN):
+            raise ValueError(f"chain indices must lie in [0, 2**31), got {ids.tolist()}")
+        base = int(ids[0]) if num_chains else 0
+        if torch.equal(ids, base + torch.arange(num_chains, dtype=torch.int64)):
+            return None, base
+    return chain_ids.to(device=device, dtype=torch.int64).contiguous(), 0
+
+
+def triton_update(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    w_star: torch.Tensor,
+    stat: torch.Tensor | None,
+    *,
+    lr: float | torch.Tensor,
+    nbeta: float | torch.Tensor,
+    gamma: float | torch.Tensor,
+    settings: SamplerSettings,
+    counters: StepCounters,
+    seed: int,
+    chain_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    index_offset: int = 0,
+) -> None:
+    """Apply one sampler step in place to ``w`` [C, N] (and ``stat``): ``reference_update`` in one launch.
+
+    Arguments as in ``reference.reference_update``. Tensors must be on a CUDA device (or, with
+    TRITON_INTERPRET=1, anywhere). Chain indices given on the host are range-checked; chain
+    indices already on the device are used as given (checking them would synchronise).
+    """
+    check_update_args(w, grad, w_star, stat, mask, settings)
+    device = w.device
+    interpreting = _interpreting()
+    if device.type != "cuda" and not interpreting:
+        raise ValueError(f"triton_update needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    for name, t in (("grad", grad), ("w_star", w_star), ("stat", stat if settings.preconditioned else None)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if not 0 <= seed <= philox.MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    if not 0 <= counters.step <= philox.MAX_STEP:
+        raise ValueError(f"step must lie in [0, 2**32), got {counters.step}")
+    if index_offset < 0:
+        raise ValueError(f"index_offset must be >= 0, got {index_offset}")
+    num_chains, n = w.shape
+    if index_offset + n > 2**62:
+        raise ValueError(f"global element indices must stay below 2**62, got index_offset={index_offset}, n={n}")
+
+    cdt = compute_dtype(w.dtype)
+    is_f64 = w.dtype == torch.float64
+    is_bf16 = w.dtype == torch.bfloat16
+    chain_tensor, chain_base = _chain_ids(chain_ids, num_chains, device)
+
+    # Hyperparameters: float32 scalar arguments where possible, else device tensors.
+    scalars = not is_f64 and all(_is_number(v) for v in (lr, nbeta, gamma))
+    if scalars:
+        hp = None
+        lr_s, nbeta_s, gamma_s = (_f32(v) for v in (lr, nbeta, gamma))
+    else:
+        hp = torch.stack([
+            torch.full((num_chains,), float(v), dtype=cdt, device=device) if _is_number(v)
+            else per_chain(v, num_chains, device, cdt)
+            for v in (lr, nbeta, gamma)
+        ]).contiguous()
+        lr_s = nbeta_s = gamma_s = 0.0
+    alpha = settings.rmsprop_alpha
+    values = [
+        alpha, 1.0 - alpha, settings.statistic_scale(counters.stat_step) if settings.preconditioned else 1.0,
+        settings.rmsprop_eps, settings.weight_decay, settings.box if settings.box is not None else 0.0,
+        settings.noise_level,
+    ]
+    if is_f64:
+        sp = torch.tensor(values, dtype=torch.float64).to(device)
+        values = [0.0] * len(values)
+    else:
+        sp = None
+        values = [_f32(v) for v in values]
+
+    if num_chains == 0 or n == 0:
+        return
+    lead = index_offset % 4
+    g_first = index_offset // 4
+    num_groups = (lead + n + 3) // 4
+    if interpreting:
+        groups = min(INTERPRETER_GROUPS, max(16, triton.next_power_of_2(num_groups)))
+    else:
+        groups = GPU_GROUPS
+    num_blocks = triton.cdiv(num_groups, groups)
+    if num_blocks * num_chains > MAX_PROGRAMS:
+        raise ValueError(f"{num_chains} chains x {n} elements exceed one launch ({MAX_PROGRAMS} programs)")
+
+    if is_bf16:  # bfloat16 moves as int16 bit patterns
+        w_arg, g_arg, ws_arg = w.view(torch.int16), grad.view(torch.int16), w_star.view(torch.int16)
+    else:
+        w_arg, g_arg, ws_arg = w, grad, w_star
+    if mask is not None:
+        if mask.device != device:
+            mask = mask.to(device)
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+        elif mask.dtype in (torch.bfloat16, torch.float16) or mask.dtype.is_complex:
+            mask = mask.to(cdt)
+    dummy = w_arg
+    _sgld_update_kernel[(num_blocks * num_chains,)](
+        w_arg, g_arg, ws_arg,
+        stat if settings.preconditioned else dummy,
+        mask if mask is not None else dummy,
+        hp if hp is not None else dummy,
+        sp if sp is not None else dummy,
+        chain_tensor if chain_tensor is not None else dummy,
+        lr_s, nbeta_s, gamma_s, *values,
+        seed, counters.step, n, g_first, chain_base, num_chains,
+        GROUPS=groups, LEAD=lead,
+        PRECOND=settings.preconditioned, UPDATE_V=settings.preconditioned and counters.update_statistic,
+        HAS_WD=settings.weight_decay != 0.0, HAS_BOX=settings.box is not None, HAS_MASK=mask is not None,
+        HP_PTR=hp is not None, SP_PTR=sp is not None, CHAIN_PTR=chain_tensor is not None,
+        IS_BF16=is_bf16, IS_F64=is_f64,
+        num_warps=GPU_NUM_WARPS,
+    )

@@ -1,0 +1,157 @@
+"""estimate_llc's semantics: determinism, chain independence, burn-in, divergence, the user's model, I/O."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import llc_fast
+from llc_fast import AllChainsDivergedError, LLCDivergenceWarning, LLCResult
+
+
+def regression_data(n=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(n, 1, generator=gen)
+    return TensorDataset(x, y)
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 1)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.head(self.drop(self.bn(self.lin(x))))
+
+
+FAST = dict(lr=1e-3, nbeta=20.0, num_chains=3, num_draws=12, progress=False)
+
+
+def test_user_model_unchanged_bitwise():
+    torch.manual_seed(0)
+    model = WithBatchNorm().train()
+    model.lin.weight.requires_grad_(False)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    rng = torch.get_rng_state()
+    loader = DataLoader(regression_data(), batch_size=16, shuffle=True)
+    llc_fast.estimate_llc(model, loader, mse, num_burnin_steps=3, sampler="rmsprop_sgld", **FAST)
+    assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+    assert list(model.parameters()) == params
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.lin.weight.requires_grad and model.head.weight.requires_grad
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's global RNG is not consumed
+
+
+def test_same_seed_same_result_and_chains_independent_of_count():
+    model = nn.Linear(3, 1)
+    loader = DataLoader(regression_data(), batch_size=16, shuffle=True)
+    a = llc_fast.estimate_llc(model, loader, mse, seed=3, **FAST)
+    b = llc_fast.estimate_llc(model, loader, mse, seed=3, **FAST)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    one = llc_fast.estimate_llc(model, loader, mse, seed=3, **dict(FAST, num_chains=1))
+    np.testing.assert_array_equal(one.loss_trace[0], a.loss_trace[0])  # chain 0 does not see how many run
+    c = llc_fast.estimate_llc(model, loader, mse, seed=4, **FAST)
+    assert not np.array_equal(a.loss_trace, c.loss_trace)
+    assert not np.array_equal(a.loss_trace[0], a.loss_trace[1])  # chains differ in noise and batches
+
+
+def test_burnin_excluded_and_thinning_follows_schedule():
+    """With the same seed, the post-burn-in draws are the later forward passes of the same chain."""
+    model = nn.Linear(3, 1)
+    data = [tuple(t[:32] for t in regression_data().tensors)]  # one full batch
+    full = llc_fast.estimate_llc(model, data, mse, **dict(FAST, num_draws=21))
+    burned = llc_fast.estimate_llc(model, data, mse, num_burnin_steps=5, num_steps_bw_draws=2,
+                                   **dict(FAST, num_draws=8))
+    np.testing.assert_array_equal(burned.loss_trace, full.loss_trace[:, 5::2])
+    assert full.loss_trace[0, 0] == pytest.approx(full.init_loss, rel=1e-6)  # draw 0 without burn-in is w*
+    expected = 20.0 * (burned.loss_trace.mean(1) - burned.init_loss)
+    np.testing.assert_allclose(burned.llc_per_chain, expected, rtol=1e-12)
+    assert burned.llc_mean == pytest.approx(expected.mean())
+    assert burned.llc_std == pytest.approx(expected.std(ddof=1))
+    assert burned.llc_stderr == pytest.approx(expected.std(ddof=1) / math.sqrt(3))
+
+
+def test_nbeta_defaults_to_n_over_log_n():
+    loader = DataLoader(regression_data(n=50), batch_size=10)
+    r = llc_fast.estimate_llc(nn.Linear(3, 1), loader, mse, **{k: v for k, v in FAST.items() if k != "nbeta"})
+    assert r.config["nbeta"] == [pytest.approx(50 / math.log(50))] * 3
+    assert r.config["dataset_size"] == 50
+
+
+def test_init_loss_averages_batches_at_w_star():
+    model = nn.Linear(3, 1)
+    ds = regression_data(n=40)
+    batches = [tuple(t[i : i + 10] for t in ds.tensors) for i in range(0, 40, 10)]
+    r = llc_fast.estimate_llc(model, batches, mse, num_init_loss_batches=3, **FAST)
+    with torch.no_grad():
+        losses = [mse(model, b).item() for b in batches]
+    # a list is re-iterated in order: the first three batches
+    assert r.init_loss == pytest.approx(np.mean(losses[:3]), rel=1e-6)
+
+
+def test_diverging_chain_is_named_and_excluded():
+    model = nn.Linear(3, 1)
+    loader = DataLoader(regression_data(), batch_size=16)
+    with pytest.warns(LLCDivergenceWarning, match=r"chain 1 diverged.*smaller step size"):
+        r = llc_fast.estimate_llc(model, loader, mse, **dict(FAST, lr=[1e-3, 50.0, 1e-3], num_draws=60))
+    assert r.diverged_chains == [1]
+    assert np.isnan(r.llc_per_chain[1]) and np.isfinite(r.llc_per_chain[[0, 2]]).all()
+    assert r.llc_mean == pytest.approx(np.mean(r.llc_per_chain[[0, 2]]))
+    assert np.isnan(r.loss_trace[1, -1]) and np.isfinite(r.loss_trace[0]).all()
+
+
+def test_all_chains_diverged_raises_with_partial_result():
+    loader = DataLoader(regression_data(), batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LLCDivergenceWarning)
+        with pytest.raises(AllChainsDivergedError, match="all 3 chains diverged") as err:
+            llc_fast.estimate_llc(nn.Linear(3, 1), loader, mse, **dict(FAST, lr=50.0, num_draws=60))
+    assert err.value.result.diverged_chains == [0, 1, 2]
+
+
+def test_mask_freezes_weights():
+    """With every weight masked the chain never moves: each draw is the loss at w*, so the full-batch LLC is 0."""
+    model = nn.Linear(3, 1)
+    data = [tuple(regression_data().tensors)]
+    r = llc_fast.estimate_llc(model, data, mse, mask={"weight": torch.zeros(1, 3), "bias": torch.zeros(1)}, **FAST)
+    np.testing.assert_allclose(r.loss_trace, r.init_loss, rtol=1e-7)
+    assert r.llc_mean == pytest.approx(0.0, abs=1e-4)
+    partial = llc_fast.estimate_llc(model, data, mse, mask={"weight": torch.tensor([[1.0, 0.0, 0.0]])}, **FAST)
+    assert partial.llc_mean != pytest.approx(0.0, abs=1e-4)
+
+
+def test_result_json_round_trip(tmp_path):
+    loader = DataLoader(regression_data(), batch_size=16)
+    with pytest.warns(LLCDivergenceWarning):
+        r = llc_fast.estimate_llc(nn.Linear(3, 1), loader, mse, **dict(FAST, lr=[1e-3, 50.0, 1e-3], num_draws=40))
+    path = r.save(tmp_path / "r.json")
+    back = LLCResult.load(path)
+    np.testing.assert_array_equal(back.loss_trace, r.loss_trace)  # NaNs included
+    np.testing.assert_array_equal(back.llc_per_chain, r.llc_per_chain)
+    assert back.llc_mean == r.llc_mean and back.diverged_at_step == r.diverged_at_step
+    assert back.config == r.config
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left behind
+    assert back.llc_trace().shape == r.loss_trace.shape
+
+
+def test_bfloat16_model_is_sampled():
+    model = nn.Linear(3, 1).to(torch.bfloat16)
+    ds = regression_data()
+    data = [tuple(t.to(torch.bfloat16) for t in ds.tensors)]
+    r = llc_fast.estimate_llc(model, data, mse, **dict(FAST, num_draws=30))
+    assert r.config["param_dtype"] == "bfloat16"
+    assert np.isfinite(r.llc_mean) and not np.all(r.loss_trace == r.loss_trace[0, 0])
