@@ -48,31 +48,40 @@ def dataset_size(data) -> int | None:
 
 
 class BatchStream:
-    """Cycles through ``data`` forever. Each pass (epoch) is started under a torch seed
-    derived from (seed, stream, index, epoch), so a shuffling DataLoader yields the same
-    batches for the same chain whatever else ran before it."""
+    """Cycles through ``data`` forever. Each pass (epoch) over a loader is started, and its first
+    batch drawn, under a CPU seed derived from (seed, stream, index, epoch): a shuffling DataLoader
+    draws its order then, so it yields the same batches for the same chain whatever else ran
+    before or between. Lists and tuples are read in order and need no seed."""
 
     def __init__(self, data, *, seed: int, stream: int, index: int):
-        self.data, self.key, self.epoch, self._it = data, (seed, stream, index), 0, None
+        self.data, self.key, self.epoch = data, (seed, stream, index), 0
+        self._it, self._pending = None, _END
+        self._seeded = not isinstance(data, (list, tuple))
 
     def _restart(self):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derived_seed(*self.key, self.epoch))
+        if self._seeded:
+            gen = torch.default_generator
+            saved = gen.get_state()
+            try:
+                gen.manual_seed(derived_seed(*self.key, self.epoch))
+                self._it = iter(self.data)
+                self._pending = next(self._it, _END)
+            finally:
+                gen.set_state(saved)
+        else:
             self._it = iter(self.data)
+            self._pending = next(self._it, _END)
         self.epoch += 1
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._it is not None:
-            batch = next(self._it, _END)
-            if batch is not _END:
-                return batch
-        self._restart()
-        batch = next(self._it, _END)
-        if batch is _END:
-            raise ValueError("data yielded no batches: pass a non-empty DataLoader or list of batches")
+        if self._it is None or self._pending is _END:
+            self._restart()
+            if self._pending is _END:
+                raise ValueError("data yielded no batches: pass a non-empty DataLoader or list of batches")
+        batch, self._pending = self._pending, next(self._it, _END)
         return batch
 
 

@@ -36,10 +36,10 @@ from . import philox
 from .reference import check_update_args, compute_dtype
 from .update_spec import SamplerSettings, StepCounters, per_chain
 
-# Groups of four elements per program: 512 groups = 2048 elements with 4 warps on a GPU; the
+# Groups of four elements per program: 256 groups = 1024 elements with 8 warps on a GPU; the
 # interpreter pays per program, so it takes up to 16384 groups = 65536 elements at once.
-GPU_GROUPS = 512
-GPU_NUM_WARPS = 4
+GPU_GROUPS = 256
+GPU_NUM_WARPS = 8
 INTERPRETER_GROUPS = 16384
 MAX_PROGRAMS = 2**31 - 1
 
@@ -66,11 +66,14 @@ def _philox_words(seed, groups, step, chain, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _select_lane(lane, v0, v1, v2, v3):
-    """[GROUPS] values per lane -> [GROUPS, 4] tile: element (r, j) takes v_j[r]."""
-    return tl.where(
-        lane == 0, v0[:, None], tl.where(lane == 1, v1[:, None], tl.where(lane == 2, v2[:, None], v3[:, None]))
-    )
+def _interleave(v0, v1, v2, v3):
+    """Four [GROUPS] blocks -> the [GROUPS, 4] tile whose element (r, j) is v_j[r].
+
+    join(join(v0, v2), join(v1, v3)) is [GROUPS, 2, 2] with element (r, a, b) = v_(2a + b)[r].
+    Joining (not selecting with tl.where on the lane) keeps the four lanes of a group in one
+    thread, so each group's Philox call runs once on a GPU whatever layout the loads get.
+    """
+    return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (v0.shape[0], 4))
 
 
 @triton.jit
@@ -79,14 +82,14 @@ def _noise_tile(seed, groups, step, chain):
     w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 0)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
-    return _select_lane(tl.arange(0, 4)[None, :], n0, n1, n2, n3)
+    return _interleave(n0, n1, n2, n3)
 
 
 @triton.jit
 def _rounding_tile(seed, groups, step, chain):
     """Stochastic-rounding words (uint32 [GROUPS, 4]) of the four elements of each group (stream 1)."""
     w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 1)
-    return _select_lane(tl.arange(0, 4)[None, :], w0, w1, w2, w3)
+    return _interleave(w0, w1, w2, w3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,15 +105,16 @@ def _bf16_bits_to_f32(h):
 
 @triton.jit
 def _stochastic_round_bf16_bits(x, words):
-    """float32 -> int16 bit pattern of bfloat16: (bits(x) + (word mod 2**16)) >> 16; NaN -> 0x7FC0.
+    """float32 -> int16 bit pattern of bfloat16: (bits(x) + (word mod 2**16)) >> 16.
 
     Infinities round to themselves (adding < 2**16 to their pattern keeps the upper half), so
-    only NaN needs the round-to-nearest branch; 0x7FC0 is the NaN torch's conversion gives.
+    only NaN needs another branch: its upper half with the quiet bit set, a NaN of the same
+    sign (torch's own conversions disagree on the NaN pattern: 0x7FC0 scalar, 0xFFFF vectorised).
     """
     bits = x.to(tl.uint32, bitcast=True)
     upper = (bits + (words & 0xFFFF)) >> 16
     is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    upper = tl.where(is_nan, 0x7FC0, upper)
+    upper = tl.where(is_nan, (bits >> 16) | 0x40, upper)
     return upper.to(tl.int16)
 
 
@@ -175,7 +179,7 @@ def _sgld_update_kernel(
     # G = 1 / (sqrt(V * s_t) + eps); the statistic takes this step's gradient before use.
     if PRECOND:
         v = tl.load(v_ptr + offs, mask=valid, other=0.0)
-        if UPDATE_V:
+        if True:
             v = alpha * v + one_minus_alpha * (g * g)
             tl.store(v_ptr + offs, v, mask=valid)
         if IS_F64:
