@@ -12,17 +12,18 @@ DEMO_RANK = 1
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     from . import estimate_llc
     from .oracles import dln_dataset, dln_learning_coefficient, make_dln, mse_loss
 
-    torch.manual_seed(args.seed)
     widths, rank = DEMO_WIDTHS, DEMO_RANK
     exact = float(dln_learning_coefficient(widths, rank).llc)
     model = make_dln(widths, rank, seed=args.seed)
-    data = DataLoader(dln_dataset(model, args.num_samples, seed=args.seed, input_range=1.0),
-                      batch_size=args.batch_size, shuffle=True)
+    dataset = dln_dataset(model, args.num_samples, seed=args.seed, input_range=1.0)
+    # whole shuffled batches by one index operation each (TensorDataset takes index lists)
+    data = DataLoader(dataset, batch_size=None,
+                      sampler=BatchSampler(RandomSampler(dataset), args.batch_size, drop_last=True))
     n = args.num_samples
     print(f"Deep linear network, widths {widths}, every layer of rank {rank}: "
           f"{sum(p.numel() for p in model.parameters())} parameters, n = {n}, nbeta = n/log n = {n / math.log(n):.1f}")
@@ -30,11 +31,13 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = estimate_llc(model, data, mse_loss, sampler=args.sampler, lr=args.lr, gamma=args.gamma,
                           num_chains=args.num_chains, num_draws=args.num_draws,
-                          num_burnin_steps=args.num_burnin_steps, seed=args.seed, progress=not args.no_progress)
+                          num_burnin_steps=args.num_burnin_steps, seed=args.seed, progress=not args.no_progress,
+                          backend=args.backend)
     seconds = time.perf_counter() - t0
     err = (result.llc_mean - exact) / exact
-    print(f"estimate: {result.llc_mean:.3f} ± {result.llc_std:.3f} (std over {args.num_chains} chains), "
-          f"exact {exact:g}, relative error {err:+.1%}, {seconds:.1f} s")
+    print(f"estimate: {result.llc_mean:.3f} ± {result.llc_std:.3f} (std over {args.num_chains} chains, "
+          f"standard error {result.llc_stderr:.3f}), exact {exact:g}, relative error {err:+.1%}, "
+          f"{seconds:.1f} s on backend {result.config['backend']!r}")
     if args.output:
         result.save(args.output)
         print(f"result written to {args.output}")
@@ -46,15 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="estimate the LLC of a small deep linear network and compare with the exact value")
     demo.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
-    demo.add_argument("--lr", type=float, default=1e-4)
+    demo.add_argument("--lr", type=float, default=3e-4)
     demo.add_argument("--gamma", type=float, default=1.0)
     demo.add_argument("--num-chains", type=int, default=4)
-    demo.add_argument("--num-draws", type=int, default=2000)
-    demo.add_argument("--num-burnin-steps", type=int, default=1000)
+    demo.add_argument("--num-draws", type=int, default=3000)
+    demo.add_argument("--num-burnin-steps", type=int, default=3000)
     demo.add_argument("--num-samples", type=int, default=10_000)
     demo.add_argument("--batch-size", type=int, default=500)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", help="write the LLCResult as JSON to this file")
+    demo.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
     return parser

@@ -126,3 +126,20 @@ def test_one_variable_quartic_against_quadrature():
     expected = one_variable_expectation(2, 100.0)
     assert expected == pytest.approx(0.24172, abs=1e-5)
     within_3_se(r.llc_per_chain / R, expected)
+
+
+def test_regular_model_linear_regression():
+    """y = 3x + 2 on 100 points of [-1, 1], full batch, nbeta = 100/ln 100, lr = 0.002, gamma = 1.
+    The MSE loss is quadratic with Hessian 2[[E x^2, E x], [E x, 1]]; in its eigenbasis each coordinate
+    is an AR(1) chain, so the discretised expectation (0.9719; d/2 = 1) and its error are exact."""
+    model, data = llc_fast.oracles.make_regression_example()
+    x = data.tensors[0].double().reshape(-1)
+    hessian = 2 * torch.tensor([[float((x * x).mean()), float(x.mean())], [float(x.mean()), 1.0]])
+    h = torch.linalg.eigvalsh(hessian).numpy()
+    nbeta, C, D = 100 / math.log(100), 8, 3000
+    r = llc_fast.estimate_llc(model, [data.tensors], llc_fast.oracles.mse_loss, lr=0.002, nbeta=nbeta, gamma=1.0,
+                              num_chains=C, num_draws=D, num_burnin_steps=500, progress=False)
+    expected, var = discretised_quadratic_stats(h, nbeta, 1.0, 0.002, D)
+    assert expected == pytest.approx(0.9719, abs=1e-4)
+    se = math.sqrt(var / C)
+    assert abs(r.llc_mean - expected) < 3 * se, f"{r.llc_mean:.4f} vs {expected:.4f}, 3 SE = {3 * se:.4f}"

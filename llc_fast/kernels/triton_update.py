@@ -8,17 +8,20 @@ Layout. The grid is flat: program ``pid`` updates chain ``pid % C`` (neighbourin
 share the same block of w* and of the mask, which then comes from L2) on a tile of GROUPS
 groups of four elements. A tile is [GROUPS, 4]: row r holds the four elements of global
 group g = index_offset // 4 + block * GROUPS + r, so one Philox call per row serves its
-four lanes, and lane j takes word/normal j (``tl.where`` on the lane index). Elements outside
-the buffer (the partial first group when index_offset is not a multiple of four, the tail)
-are masked. All offsets are int64: element counts and global indices past 2**31 work.
+four lanes, and lane j takes word/normal j. The [GROUPS, 4] noise tile is built with
+``tl.join`` (not ``tl.where`` on the lane index): that keeps a group's four lanes in one
+thread, so on a GPU each Philox call runs once even when unaligned loads get a layout that
+spreads a row over four threads. Elements outside the buffer (the partial first group when
+index_offset is not a multiple of four, the tail) are masked. All offsets are int64: element
+counts and global indices past 2**31 work.
 
 Arithmetic. float32 and bfloat16 weights are updated in float32, float64 weights in float64
 (the noise is drawn in float32 and converted). bfloat16 tensors are read and written through
 int16 views with integer bit operations only, and the result is stored by stochastic rounding
 with the stream-1 Philox words, exactly as ``philox.stochastic_round_to_bf16``: that is
 bit-exact in the Triton interpreter (whose bfloat16 arithmetic and conversions are wrong) and
-compiles for sm_80/sm_90. Square root and division use the IEEE-rounded forms (``sqrt_rn``,
-``div_rn``) so the preconditioner matches torch's up to fused multiply-adds.
+compiles for sm_80/sm_90. The preconditioner's square root and division use the IEEE-rounded
+forms (``sqrt_rn``, ``div_rn``), not Triton's approximate float32 defaults.
 
 Hyperparameters. Python numbers go to the kernel as float32 scalars (no host-to-device copy
 per step); per-chain tensors as a [3, C] device tensor. For float64 weights every value goes
@@ -179,7 +182,7 @@ def _sgld_update_kernel(
     # G = 1 / (sqrt(V * s_t) + eps); the statistic takes this step's gradient before use.
     if PRECOND:
         v = tl.load(v_ptr + offs, mask=valid, other=0.0)
-        if True:
+        if UPDATE_V:
             v = alpha * v + one_minus_alpha * (g * g)
             tl.store(v_ptr + offs, v, mask=valid)
         if IS_F64:
@@ -277,6 +280,7 @@ def triton_update(
     indices already on the device are used as given (checking them would synchronise).
     """
     check_update_args(w, grad, w_star, stat, mask, settings)
+    seed, step, index_offset = int(seed), int(counters.step), int(index_offset)
     device = w.device
     interpreting = _interpreting()
     if device.type != "cuda" and not interpreting:
@@ -286,8 +290,8 @@ def triton_update(
             raise ValueError(f"{name} must be on {device}, got {t.device}")
     if not 0 <= seed <= philox.MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
-    if not 0 <= counters.step <= philox.MAX_STEP:
-        raise ValueError(f"step must lie in [0, 2**32), got {counters.step}")
+    if not 0 <= step <= philox.MAX_STEP:
+        raise ValueError(f"step must lie in [0, 2**32), got {step}")
     if index_offset < 0:
         raise ValueError(f"index_offset must be >= 0, got {index_offset}")
     num_chains, n = w.shape
@@ -346,7 +350,7 @@ def triton_update(
             mask = mask.to(device)
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
-        elif mask.dtype in (torch.bfloat16, torch.float16) or mask.dtype.is_complex:
+        elif mask.dtype in (torch.bfloat16, torch.float16):  # no half-precision loads in the kernel
             mask = mask.to(cdt)
     dummy = w_arg
     _sgld_update_kernel[(num_blocks * num_chains,)](
@@ -357,7 +361,7 @@ def triton_update(
         sp if sp is not None else dummy,
         chain_tensor if chain_tensor is not None else dummy,
         lr_s, nbeta_s, gamma_s, *values,
-        seed, counters.step, n, g_first, chain_base, num_chains,
+        seed, step, n, g_first, chain_base, num_chains,
         GROUPS=groups, LEAD=lead,
         PRECOND=settings.preconditioned, UPDATE_V=settings.preconditioned and counters.update_statistic,
         HAS_WD=settings.weight_decay != 0.0, HAS_BOX=settings.box is not None, HAS_MASK=mask is not None,
