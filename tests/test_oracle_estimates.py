@@ -110,7 +110,7 @@ def test_flat_prior_sum_of_powers():
 
     Discretisation bias: the quadratic part's exact factor is 1/(1 - lr*a/4) - 1 = 0.1 % (a = 2);
     the quartic part's is of the same order, far below the ~1 % standard error."""
-    R, C, nbeta = 500, 4, 10.0
+    R, C, nbeta = 500, 6, 10.0
     model = Replicated(R, 2, lambda w: (0.1 * w[:, 0] ** 2 + 0.1 * w[:, 1] ** 4))
     r = llc_fast.estimate_llc(model, FULL_BATCH, potential_loss, lr=2e-3, nbeta=nbeta, gamma=0.0, num_chains=C,
                               num_draws=3000, num_burnin_steps=2000, progress=False)
@@ -119,7 +119,7 @@ def test_flat_prior_sum_of_powers():
 
 def test_one_variable_quartic_against_quadrature():
     """K = w^4 with gamma = 1 at t = nbeta = 100: E[t*K] = 0.24172 (quadrature, oracles.md §2)."""
-    R, C = 500, 4
+    R, C = 500, 6
     model = Replicated(R, 1, lambda w: w**4)
     r = llc_fast.estimate_llc(model, FULL_BATCH, potential_loss, lr=2e-4, nbeta=100.0, gamma=1.0, num_chains=C,
                               num_draws=3000, num_burnin_steps=1500, progress=False)
@@ -143,3 +143,25 @@ def test_regular_model_linear_regression():
     assert expected == pytest.approx(0.9719, abs=1e-4)
     se = math.sqrt(var / C)
     assert abs(r.llc_mean - expected) < 3 * se, f"{r.llc_mean:.4f} vs {expected:.4f}, 3 SE = {3 * se:.4f}"
+
+
+def test_two_variable_normal_crossing_against_quadrature():
+    """K = w1^2 w2^2 (lambda 1/2, m 2), gamma = 1, t = nbeta = 1000/ln 1000: E[t*K] = 0.3614 (quadrature).
+
+    The axes are singular, so the stiffness t*w^2 varies widely and SGLD's O(lr) bias is not
+    negligible here (about +5 % at lr = 1e-3). The test runs lr and lr/2 and takes the Richardson
+    extrapolation 2*E(lr/2) - E(lr), whose bias is O(lr^2); its error combines both runs' errors."""
+    R, C, t = 300, 6, 1000 / math.log(1000)
+    expected = llc_fast.oracles.product_expectation(1, 1, t)
+    assert expected == pytest.approx(0.3614, abs=1e-4)
+    runs = []
+    for lr, draws in ((1e-3, 5000), (5e-4, 10000)):
+        model = Replicated(R, 2, lambda w: w[:, 0] ** 2 * w[:, 1] ** 2)
+        r = llc_fast.estimate_llc(model, FULL_BATCH, potential_loss, lr=lr, nbeta=t, gamma=1.0, num_chains=C,
+                                  num_draws=draws, num_burnin_steps=draws // 2, progress=False)
+        per_copy = r.llc_per_chain / R
+        runs.append((per_copy.mean(), per_copy.std(ddof=1) / math.sqrt(C)))
+    (coarse, se_coarse), (fine, se_fine) = runs
+    extrapolated, se = 2 * fine - coarse, math.sqrt(4 * se_fine**2 + se_coarse**2)
+    assert coarse - expected > 3 * se_coarse  # the bias the extrapolation removes is real
+    assert abs(extrapolated - expected) < 3 * se, f"{extrapolated:.4f} vs {expected:.4f}, 3 SE = {3 * se:.4f}"

@@ -41,6 +41,8 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 SAMPLER_CODES = {name: code for code, name in enumerate(SAMPLERS)}
 MAX_INDEX = 2**63 - 1 - 8  # index_offset + N must stay inside int64, with room for a group of four
 
+ELEMENTS_PER_THREAD = 1 << 15
+
 _LOCK = threading.Lock()
 _MODULE: ModuleType | None = None
 
@@ -236,7 +238,9 @@ def cpu_update(
 
     w, grad, w_star, stat and mask must be CPU tensors (ValueError otherwise); per-chain
     hyperparameters and chain_ids are converted to CPU as the reference converts them. The
-    kernel uses ``torch.get_num_threads()`` OpenMP threads.
+    kernel uses up to ``torch.get_num_threads()`` OpenMP threads, one per ``ELEMENTS_PER_THREAD``
+    elements: waking threads for a small model costs more than the update (and on a loaded
+    machine far more).
     """
     ext = load_cpu_extension()
     args = prepare_update_args(
@@ -246,7 +250,8 @@ def cpu_update(
     if args is None:
         return
     keep = args.pop("_keep")
-    ext.sgld_update(**args, num_threads=torch.get_num_threads())
+    threads = max(1, min(torch.get_num_threads(), w.numel() // ELEMENTS_PER_THREAD))
+    ext.sgld_update(**args, num_threads=threads)
     del keep
 
 
