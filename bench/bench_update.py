@@ -249,6 +249,9 @@ def main(argv=None) -> int:
                     help="keep repeating until this many seconds have passed (default 0.5; 0.2 with --quick)")
     ap.add_argument("--max-call-s", type=float, default=10.0,
                     help="on the CPU, skip a backend at sizes where one call is projected to take longer than this")
+    ap.add_argument("--cap", nargs="*", default=None, metavar="BACKEND=SIZE",
+                    help="largest size to time a backend at (default on the CPU: torch=2^24, the reference update "
+                         "being a readable spec, ~20x slower than the C++ kernel; pass --cap with nothing to lift it)")
     ap.add_argument("--copy-size", type=parse_size, default=None,
                     help="elements (float32) of the copy-bandwidth test (default 2^26 on CPU, 2^28 on CUDA)")
     ap.add_argument("--eager-layers", type=int, default=8, help="transformer blocks the eager loop's tensors come from")
@@ -268,6 +271,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
     threads = torch.get_num_threads()
     repeats = args.repeats or (3 if args.quick else 5)
+    if args.cap is None:
+        args.cap = ["torch=2^24"] if device.type == "cpu" else []
+    try:
+        caps = {k: parse_size(v) for k, v in (c.split("=", 1) for c in args.cap)}
+    except ValueError:
+        ap.error(f"--cap takes BACKEND=SIZE, e.g. torch=2^24; got {args.cap}")
     target_s = args.target_s if args.target_s is not None else (0.2 if args.quick else 0.5)
     if args.sizes:
         sizes = sorted(set(args.sizes))
@@ -326,13 +335,24 @@ def main(argv=None) -> int:
           "(float32); bf16 weights 2 bytes; the eager loop is charged the same bytes")
 
     copy_numel = args.copy_size or (1 << 28 if device.type == "cuda" else 1 << 26)
+    if device.type == "cpu" and args.wait_quiet > 0:
+        wait_quiet(args.wait_quiet)
+    cpu0 = _cpu_busy()
     copy_bps, copy_best, copy_bytes = copy_bandwidth(device, copy_numel, repeats=max(repeats, 10))
+    copy_other = _other_cores(cpu0)
+    header["copy_other_cores"] = copy_other
     header["copy_bandwidth_GBps"] = copy_bps / 1e9
     header["copy_bandwidth_best_GBps"] = copy_best / 1e9
     header["copy_bytes"] = copy_bytes
     print(f"# copy bandwidth: {copy_bps / 1e9:.2f} GB/s median, {copy_best / 1e9:.2f} GB/s best call (dst.copy_(src), "
-          f"float32, {fmt_size(copy_numel)} elements, {copy_bytes / 2**20:.0f} MiB read + written per call); "
+          f"float32, {fmt_size(copy_numel)} elements, {copy_bytes / 2**20:.0f} MiB read + written per call; "
+          f"other processes kept {math.nan if copy_other is None else copy_other:.2f} cores busy meanwhile); "
           "'of copy' below is relative to the median")
+    if device.type == "cpu":
+        print("# on the CPU the fused update is compute-bound (Philox-4x32-10 + log/sin/cos per 4 elements), not "
+              "memory-bound: read Gelem/s next to the fraction of copy bandwidth")
+    if caps:
+        print(f"# size caps: {', '.join(f'{k} <= {fmt_size(v)}' for k, v in caps.items())}")
     print(f"# timing: warm-up, then median of >= {repeats} repeats (until {target_s} s, at most {args.max_repeats}); "
           + ("CUDA events" if device.type == "cuda" else "time.perf_counter"))
     print()
@@ -350,6 +370,11 @@ def main(argv=None) -> int:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             for sampler in args.samplers:
+                for name, cap in caps.items():
+                    key = (name, sampler, dtype_name)
+                    if name in updates and n > cap and key not in capped:
+                        capped[key] = f"capped: --cap {name}={fmt_size(cap)}"
+                        print(f"# {name}/{sampler}/{dtype_name}: not run above {fmt_size(cap)} (--cap {name}={fmt_size(cap)})")
                 rows += run_point(n, dtype_name, sampler, shapes, updates, device, args, repeats=repeats,
                                   target_s=target_s, copy_bps=copy_bps, sec_per_elem=sec_per_elem, capped=capped)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import llc_fast
-from llc_fast.chains import ChainHyper, Schedule, run_chains_sequentially
+from llc_fast.chains import ChainHyper, Schedule, run_chains
 from llc_fast.kernels import SamplerSettings, select_backend
 from llc_fast.oracles import (one_variable_expectation, quadratic_sgld_expectation, sum_of_powers_expectation)
 from llc_fast.state import FlatLayout, FlatState
@@ -92,7 +92,7 @@ def test_rmsprop_with_frozen_preconditioner_matches_discretised_chain(sampler):
         state = FlatState(layout, 1, device=torch.device("cpu"), preconditioned=True,
                           initial_statistic=settings.initial_statistic)
         hyper = ChainHyper(torch.tensor([lr]), torch.tensor([nbeta]), torch.tensor([gamma]), torch.tensor([chain]))
-        trace = run_chains_sequentially(model, state, FULL_BATCH, potential_loss, hyper, settings=settings,
+        trace = run_chains(model, state, FULL_BATCH, potential_loss, hyper, settings=settings,
                                         schedule=schedule, seed=0, update=update, device=torch.device("cpu"))
         scale = settings.statistic_scale(schedule.freeze_preconditioner_at - 1)
         G = 1.0 / (np.sqrt(state.stat[0].numpy() * scale) + settings.rmsprop_eps)

@@ -1,4 +1,4 @@
-"""Chains: data streams and the sampling loop."""
-from .runner import ChainHyper, ChainTrace, Schedule, run_chains_sequentially
+"""Chains: data streams, forward/backward engines and the sampling loop."""
+from .runner import ChainHyper, ChainTrace, Schedule, run_chains
 
-__all__ = ["ChainHyper", "ChainTrace", "Schedule", "run_chains_sequentially"]
+__all__ = ["ChainHyper", "ChainTrace", "Schedule", "run_chains"]

@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from ..chains.data import STREAM_INIT_LOSS, BatchStream, check_reiterable, dataset_size, move_to_device
-from ..chains.runner import ChainHyper, Schedule, run_chains_sequentially
+from ..chains.runner import CHAIN_BATCHING, ChainHyper, Schedule, run_chains
 from ..kernels.dispatch import select_backend
 from ..kernels.update_spec import SamplerSettings
 from ..state.flat import FlatState, isolated_buffers
@@ -67,6 +67,11 @@ def estimate_llc(
     num_init_loss_batches: int = 16,
     freeze_preconditioner_at: int | None = None,
     backend: str = "auto",
+    shared_batches: bool = False,
+    chain_batching: str = "auto",
+    max_batched_chains: int | None = None,
+    batch_memory_bytes: int | None = None,
+    mala_every: int | None = None,
 ) -> LLCResult:
     """Estimate the LLC of ``model`` at its current weights w*.
 
@@ -82,6 +87,17 @@ def estimate_llc(
         weights never move): optional parts of the update. rmsprop_alpha, rmsprop_eps: the
         preconditioner's decay and floor; freeze_preconditioner_at: step from which V stays fixed.
     num_init_loss_batches: batches averaged for L(w*). backend: "auto" or a name from llc_fast.backends().
+    shared_batches: all chains read the same batches (devinterp's default) instead of their own.
+    chain_batching: "auto" (chains batched in one vmapped forward/backward where the model allows,
+        else one at a time, with a warning saying why), "vmap" or "sequential". max_batched_chains
+        bounds how many chains share one pass (memory: about that many copies of the weights,
+        gradients and activations); the result does not depend on it.
+    mala_every: record the MALA acceptance of every k-th step after burn-in (one more forward and
+        backward each time); result.mala_acceptance is then [chains, records].
+    batch_memory_bytes: budget for the per-chain flat buffers of one batched group (weights,
+        gradients, RMSProp statistic); default: half the free memory on a GPU, no limit on CPU.
+        Activations come on top and scale with the group size too: lower max_batched_chains if a
+        batched pass runs out of memory.
 
     The model's parameters are sampled if floating-point with requires_grad; the model itself
     is left bitwise unchanged. Returns an LLCResult.
@@ -93,8 +109,12 @@ def estimate_llc(
                         ("num_init_loss_batches", num_init_loss_batches)):
         check.check_count(name, value, 1)
     check.check_count("num_burnin_steps", num_burnin_steps, 0)
-    if freeze_preconditioner_at is not None:
-        check.check_count("freeze_preconditioner_at", freeze_preconditioner_at, 1)
+    for name, value in (("freeze_preconditioner_at", freeze_preconditioner_at), ("mala_every", mala_every),
+                        ("max_batched_chains", max_batched_chains), ("batch_memory_bytes", batch_memory_bytes)):
+        if value is not None:
+            check.check_count(name, value, 1)
+    if chain_batching not in CHAIN_BATCHING:
+        raise ValueError(f"chain_batching must be one of {CHAIN_BATCHING}, got {chain_batching!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     check.check_positive("lr", lr, hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
@@ -117,7 +137,7 @@ def estimate_llc(
     device = torch.device(device) if device is not None else layout.device
     backend_name, update = select_backend(backend, device)
     schedule = Schedule(num_draws=num_draws, num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
-                        freeze_preconditioner_at=freeze_preconditioner_at)
+                        freeze_preconditioner_at=freeze_preconditioner_at, mala_every=mala_every)
     hyper = ChainHyper(*(torch.as_tensor(v, dtype=torch.float64).expand(num_chains).clone() for v in (lr, nbeta, gamma)),
                        chain_ids=torch.arange(num_chains, dtype=torch.int64))
     flat_mask = layout.flat_mask(mask, device) if mask else None
@@ -129,29 +149,54 @@ def estimate_llc(
         rmsprop_eps=rmsprop_eps, weight_decay=weight_decay, box=box, noise_level=noise_level,
         mask=sorted(mask) if mask else None, num_init_loss_batches=num_init_loss_batches,
         freeze_preconditioner_at=freeze_preconditioner_at, backend=backend_name, dataset_size=n,
+        shared_batches=shared_batches, chain_batching=chain_batching, max_batched_chains=max_batched_chains,
+        mala_every=mala_every,
         num_params=layout.numel, param_dtype=str(layout.dtype).replace("torch.", ""),
         llc_fast_version=__version__, torch_version=torch.__version__,
     )
 
     # --- sampling ----------------------------------------------------------------------------
-    state = FlatState(layout, 1, device=device, preconditioned=settings.preconditioned,
+    rows = _group_size(layout, settings, num_chains, chain_batching, max_batched_chains, batch_memory_bytes, device)
+    state = FlatState(layout, rows, device=device, preconditioned=settings.preconditioned,
                       initial_statistic=settings.initial_statistic)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), isolated_buffers(layout, device):
         init_loss = _init_loss(model, state, data, loss_fn, seed, num_init_loss_batches, device)
         t_init = time.perf_counter()
         with _progress_bar(num_chains * schedule.num_steps, progress) as bar:
-            trace = run_chains_sequentially(
+            trace = run_chains(
                 model, state, data, loss_fn, hyper, settings=settings, schedule=schedule, seed=seed,
-                update=update, device=device, mask=flat_mask, on_step=bar.update,
+                update=update, device=device, mask=flat_mask, shared_batches=shared_batches,
+                chain_batching=chain_batching, on_step=bar.update,
             )
+    if trace.fallback_reason:
+        warnings.warn(f"the model could not be batched over chains ({trace.fallback_reason}); chains ran one at "
+                      "a time. Pass chain_batching='sequential' to skip the attempt.", RuntimeWarning, stacklevel=2)
+    config["engine"] = trace.engine
     t_end = time.perf_counter()
     steps = num_chains * schedule.num_steps
     timing = dict(init_loss_s=t_init - t0, sampling_s=t_end - t_init, steps=steps,
                   steps_per_s=steps / max(t_end - t_init, 1e-12))
-    result = LLCResult.from_traces(trace.loss_trace, init_loss, hyper.nbeta.numpy(), trace.diverged_at, config, timing)
+    result = LLCResult.from_traces(trace.loss_trace, init_loss, hyper.nbeta.numpy(), trace.diverged_at, config, timing,
+                                   burnin_loss_trace=trace.burnin_loss_trace, mala_acceptance=trace.mala_acceptance)
     _report_divergence(result, hyper)
     return result
+
+
+def _group_size(layout, settings: SamplerSettings, num_chains: int, chain_batching: str, max_batched: int | None,
+                budget: int | None, device: torch.device) -> int:
+    """How many chains share one batched pass: all, unless max_batched or the memory budget says fewer."""
+    if chain_batching == "sequential":
+        return 1
+    rows = min(num_chains, max_batched or num_chains)
+    if budget is None and device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    if budget is not None:
+        param_bytes = torch.finfo(layout.dtype).bits // 8
+        stat_bytes = 2 * param_bytes if param_bytes == 2 else param_bytes  # fp32 statistic for bf16 weights
+        per_chain = layout.numel * (3 * param_bytes + (stat_bytes if settings.preconditioned else 0))
+        rows = max(1, min(rows, budget // max(per_chain, 1)))
+    return rows
 
 
 def _init_loss(model, state: FlatState, data, loss_fn, seed: int, num_batches: int, device) -> float:

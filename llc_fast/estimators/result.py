@@ -24,6 +24,9 @@ class LLCResult:
     init_loss: L(w*) averaged over ``config['num_init_loss_batches']`` batches.
     diverged_chains: indices of chains whose loss became NaN/Inf; diverged_at_step: the step it was seen.
     config: every setting used (resolved nbeta included), with the package and torch versions.
+    burnin_loss_trace: [C, B] minibatch loss at each burn-in step (not part of the estimate).
+    mala_acceptance: [C, K] MALA acceptance of every ``mala_every``-th step after burn-in ([C, 0]
+        when not recorded); ``mala_mean`` averages it per chain.
     """
 
     llc_mean: float
@@ -36,11 +39,14 @@ class LLCResult:
     diverged_at_step: dict[int, int]
     config: dict
     timing: dict = field(default_factory=dict)
+    burnin_loss_trace: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    mala_acceptance: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     llc_std_ddof: int = LLC_STD_DDOF
 
     @classmethod
     def from_traces(cls, loss_trace: np.ndarray, init_loss: float, nbeta: np.ndarray, diverged_at: dict[int, int],
-                    config: dict, timing: dict | None = None) -> "LLCResult":
+                    config: dict, timing: dict | None = None, burnin_loss_trace: np.ndarray | None = None,
+                    mala_acceptance: np.ndarray | None = None) -> "LLCResult":
         """Per-chain estimates from the traces; mean and std over the chains that did not diverge."""
         loss_trace = np.asarray(loss_trace, dtype=np.float64)
         per_chain = np.asarray(nbeta, dtype=np.float64) * (loss_trace.mean(axis=1) - init_loss)
@@ -53,11 +59,21 @@ class LLCResult:
             llc_per_chain=per_chain, loss_trace=loss_trace, init_loss=float(init_loss),
             diverged_chains=sorted(diverged_at), diverged_at_step=dict(sorted(diverged_at.items())),
             config=config, timing=timing or {},
+            burnin_loss_trace=np.zeros((loss_trace.shape[0], 0)) if burnin_loss_trace is None else burnin_loss_trace,
+            mala_acceptance=np.zeros((loss_trace.shape[0], 0)) if mala_acceptance is None else mala_acceptance,
         )
 
     @property
     def num_chains(self) -> int:
         return self.loss_trace.shape[0]
+
+    @property
+    def mala_mean(self) -> np.ndarray:
+        """[C] mean MALA acceptance per chain (NaN where none was recorded)."""
+        if self.mala_acceptance.size == 0:
+            return np.full(self.num_chains, np.nan)
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(self.mala_acceptance, axis=1)
 
     def llc_trace(self) -> np.ndarray:
         """[C, D] running estimate of each chain after each draw: nbeta_c * (running mean - init_loss)."""
@@ -75,7 +91,8 @@ class LLCResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["llc_per_chain"] = _nan_to_none(self.llc_per_chain.tolist())
-        d["loss_trace"] = _nan_to_none(self.loss_trace.tolist())
+        for k in ("loss_trace", "burnin_loss_trace", "mala_acceptance"):
+            d[k] = _nan_to_none(getattr(self, k).tolist())
         d["diverged_at_step"] = {str(k): v for k, v in self.diverged_at_step.items()}
         for k in ("llc_mean", "llc_std", "llc_stderr"):
             d[k] = _nan_to_none(d[k])
@@ -85,7 +102,10 @@ class LLCResult:
     def from_dict(cls, d: dict) -> "LLCResult":
         d = dict(d)
         d["llc_per_chain"] = np.array(_none_to_nan(d["llc_per_chain"]), dtype=np.float64)
-        d["loss_trace"] = np.array(_none_to_nan(d["loss_trace"]), dtype=np.float64).reshape(len(d["loss_trace"]), -1)
+        num_chains = len(d["llc_per_chain"])
+        for k in ("loss_trace", "burnin_loss_trace", "mala_acceptance"):
+            if k in d:
+                d[k] = np.array(_none_to_nan(d[k]), dtype=np.float64).reshape(num_chains, -1)
         d["diverged_at_step"] = {int(k): v for k, v in d["diverged_at_step"].items()}
         for k in ("llc_mean", "llc_std", "llc_stderr"):
             d[k] = math.nan if d[k] is None else d[k]

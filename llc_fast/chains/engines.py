@@ -1,0 +1,106 @@
+"""Forward/backward engines: the loss and its gradient for a group of chains.
+
+``SequentialEngine`` runs each chain on the real module, one after another, with gradients
+landing in the flat gradient buffer. ``VmapEngine`` runs all chains of a group in one forward
+and backward pass over the stacked flat weights (torch.func ``vmap`` of ``grad_and_value``),
+keeping the ``loss_fn(model, batch)`` contract: inside, the module's parameters are the chain's
+slices of the flat vector, so tied weights stay tied.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch.func import grad_and_value, vmap
+
+from ..state.flat import FlatState, swapped_parameters
+
+
+class SequentialEngine:
+    name = "sequential"
+
+    def __init__(self, model: torch.nn.Module, state: FlatState, loss_fn: Callable):
+        self.model, self.state, self.loss_fn = model, state, loss_fn
+
+    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses [G] and gradients [G, N] (the state's flat gradient buffer) of rows 0..G-1."""
+        grad = self.state.grad[:num_rows]
+        grad.zero_()
+        losses = []
+        for row in range(num_rows):
+            with self.state.install(row):
+                loss = self.loss_fn(self.model, batches[row])
+                loss.backward()
+            losses.append(loss.detach().reshape(()))
+        return torch.stack(losses), grad
+
+
+class Unstackable(ValueError):
+    """The chains' batches differ in structure or shape and cannot be stacked."""
+
+
+def stack_batches(batches: list):
+    """Stack the chains' batches leaf by leaf (tensors along a new dim 0); non-tensors must agree."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        if any(not isinstance(b, torch.Tensor) or b.shape != first.shape for b in batches):
+            raise Unstackable("batch tensors differ in shape")
+        return torch.stack(batches)
+    if isinstance(first, Mapping):
+        return type(first)((k, stack_batches([b[k] for b in batches])) for k in first)
+    if isinstance(first, (list, tuple)):
+        if any(len(b) != len(first) for b in batches):
+            raise Unstackable("batches differ in length")
+        items = [stack_batches([b[i] for b in batches]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    if any(b != first for b in batches):
+        raise Unstackable("non-tensor parts of the batches differ")
+    return first
+
+
+def _tensor_dims(batch, dim):
+    """in_dims for vmap: ``dim`` for every tensor leaf, None elsewhere."""
+    if isinstance(batch, torch.Tensor):
+        return dim
+    if isinstance(batch, Mapping):
+        return type(batch)((k, _tensor_dims(v, dim)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [_tensor_dims(v, dim) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return None
+
+
+class VmapEngine:
+    name = "vmap"
+
+    def __init__(self, model: torch.nn.Module, state: FlatState, loss_fn: Callable):
+        self.model, self.state, self.loss_fn = model, state, loss_fn
+        layout = state.layout
+        sizes = [s.numel for s in layout.slots]
+        shapes = [s.shape for s in layout.slots]
+
+        def flat_loss(row: torch.Tensor, batch):
+            pieces = [p.view(shape) for p, shape in zip(row.split(sizes), shapes)]
+            with swapped_parameters(layout, pieces):
+                loss = loss_fn(model, batch)
+            return loss.reshape(())
+
+        self._grad_and_value = grad_and_value(flat_loss)
+
+    def _call(self, w: torch.Tensor, batch, batch_dim):
+        fn = vmap(self._grad_and_value, in_dims=(0, _tensor_dims(batch, batch_dim)), randomness="different")
+        grad, loss = fn(w, batch)
+        return loss.detach(), grad.detach()
+
+    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses [G] and gradients [G, N] of rows 0..G-1 in one pass (per row if batches differ)."""
+        w = self.state.w[:num_rows]
+        if all(b is batches[0] for b in batches):  # shared batches
+            loss, grad = self._call(w, batches[0], None)
+            return loss, grad.contiguous()
+        try:
+            loss, grad = self._call(w, stack_batches(batches), 0)
+            return loss, grad.contiguous()
+        except Unstackable:
+            parts = [self._call(w[r : r + 1], batches[r], None) for r in range(num_rows)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).contiguous()

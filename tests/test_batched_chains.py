@@ -1,0 +1,147 @@
+"""Batched chains (one vmapped forward/backward per group) give the chains of one-at-a-time runs."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import llc_fast
+from llc_fast.chains.engines import SequentialEngine, VmapEngine
+from llc_fast.state import FlatLayout, FlatState
+
+SETTINGS = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=4, num_draws=20, num_burnin_steps=5, progress=False,
+                seed=7)
+
+
+def mlp_case():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=gen), torch.randint(0, 3, (96,), generator=gen)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    return model, loader, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+class TokenModel(nn.Module):
+    """Embedding + LayerNorm + tied unembedding."""
+
+    def __init__(self, vocab=11, dim=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.relu(self.mix(self.norm(self.emb(idx)))))
+
+
+def token_case():
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 11, (64, 9), generator=gen)
+    loader = DataLoader(TensorDataset(tokens), batch_size=16, shuffle=True)
+
+    def loss_fn(m, batch):
+        idx = batch[0]
+        logits = m(idx[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+    return TokenModel(), loader, loss_fn
+
+
+def gpt2_case():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    gen = torch.Generator().manual_seed(2)
+    loader = DataLoader(TensorDataset(torch.randint(0, 50, (32, 12), generator=gen)), batch_size=8, shuffle=True)
+    return model, loader, lambda m, b: m(input_ids=b[0], labels=b[0]).loss
+
+
+@pytest.mark.parametrize("case", [mlp_case, token_case, gpt2_case])
+def test_batched_grouped_and_sequential_traces_agree(case):
+    model, loader, loss_fn = case()
+    seq = llc_fast.estimate_llc(model, loader, loss_fn, chain_batching="sequential", **SETTINGS)
+    batched = llc_fast.estimate_llc(model, loader, loss_fn, chain_batching="vmap", **SETTINGS)
+    groups = llc_fast.estimate_llc(model, loader, loss_fn, chain_batching="vmap", max_batched_chains=3, **SETTINGS)
+    assert seq.config["engine"] == "sequential" and batched.config["engine"] == "vmap"
+    np.testing.assert_allclose(batched.loss_trace, seq.loss_trace, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(groups.loss_trace, seq.loss_trace, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(batched.burnin_loss_trace, seq.burnin_loss_trace, rtol=2e-5, atol=1e-6)
+    assert not np.allclose(seq.loss_trace[0], seq.loss_trace[1])  # the chains are not copies of each other
+
+
+@pytest.mark.parametrize("case", [mlp_case, token_case, gpt2_case])
+def test_per_chain_losses_and_gradients_equal_the_real_module(case):
+    model, loader, loss_fn = case()
+    layout = FlatLayout(model)
+    state = FlatState(layout, 3, device=torch.device("cpu"), preconditioned=False)
+    gen = torch.Generator().manual_seed(3)
+    state.w.add_(0.05 * torch.randn(state.w.shape, generator=gen))
+    batches = [next(iter(loader)) for _ in range(3)]
+    v_loss, v_grad = VmapEngine(model, state, loss_fn).loss_and_grad(3, batches)
+    v_grad = v_grad.clone()
+    s_loss, s_grad = SequentialEngine(model, state, loss_fn).loss_and_grad(3, batches)
+    torch.testing.assert_close(v_loss, s_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_grad, s_grad, rtol=1e-4, atol=1e-6)
+    for row in range(3):  # and the sequential engine is the real module with the chain's weights
+        with torch.no_grad():
+            for p, view in zip(layout.params, layout.views(state.w[row])):
+                p.copy_(view)
+        assert loss_fn(model, batches[row]).item() == pytest.approx(s_loss[row].item(), rel=1e-6)
+
+
+def test_shared_batches_give_every_chain_the_same_batch():
+    model, loader, loss_fn = mlp_case()
+    kw = dict(SETTINGS, num_burnin_steps=0)
+    shared = llc_fast.estimate_llc(model, loader, loss_fn, shared_batches=True, **kw)
+    own = llc_fast.estimate_llc(model, loader, loss_fn, **kw)
+    assert np.all(shared.loss_trace[:, 0] == shared.loss_trace[0, 0])  # draw 0 is w* on the first batch
+    assert len(set(own.loss_trace[:, 0].tolist())) > 1
+
+
+def test_unbatchable_model_falls_back_and_says_why():
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
+    x = torch.randn(64, 6)
+    data = [(x[i : i + 16],) for i in range(0, 64, 16)]
+    with pytest.warns(RuntimeWarning, match=r"could not be batched over chains \(RuntimeError: .*one at a time"):
+        r = llc_fast.estimate_llc(model, data, lambda m, b: m(b[0]).pow(2).mean(), **SETTINGS)
+    assert r.config["engine"] == "sequential"
+    ref = llc_fast.estimate_llc(model, data, lambda m, b: m(b[0]).pow(2).mean(), chain_batching="sequential",
+                                **SETTINGS)
+    np.testing.assert_array_equal(r.loss_trace, ref.loss_trace)
+
+
+def test_mala_acceptance_recorded_and_falls_with_step_size():
+    """On a quadratic, small steps are accepted almost always and large ones far less often."""
+    model = nn.Linear(20, 1)
+    with torch.no_grad():  # at the least-squares solution of y = sum(x)
+        model.weight.fill_(1.0)
+        model.bias.zero_()
+    x = torch.randn(200, 20, generator=torch.Generator().manual_seed(4))
+    data = [(x, x.sum(1, keepdim=True))]
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    kw = dict(nbeta=100.0, num_chains=3, num_draws=40, num_burnin_steps=20, mala_every=2, progress=False)
+    small = llc_fast.estimate_llc(model, data, mse, lr=1e-5, **kw)
+    large = llc_fast.estimate_llc(model, data, mse, lr=1e-2, **kw)
+    assert small.mala_acceptance.shape == (3, 20)
+    assert np.all((small.mala_acceptance >= 0) & (small.mala_acceptance <= 1))
+    assert small.mala_mean.min() > 0.95 and large.mala_mean.max() < 0.8
+    assert small.llc_mean > 0
+
+
+def test_memory_budget_sets_the_group_size_not_the_result():
+    model, loader, loss_fn = mlp_case()
+    per_chain = sum(p.numel() for p in model.parameters()) * 4 * 3  # w, grad, vmap gradient (fp32, SGLD)
+    small = llc_fast.estimate_llc(model, loader, loss_fn, batch_memory_bytes=2 * per_chain, **SETTINGS)
+    full = llc_fast.estimate_llc(model, loader, loss_fn, **SETTINGS)
+    np.testing.assert_allclose(small.loss_trace, full.loss_trace, rtol=2e-5, atol=1e-6)
+    from llc_fast.estimators.llc import _group_size
+    from llc_fast.kernels import SamplerSettings
+    layout = FlatLayout(model)
+    assert _group_size(layout, SamplerSettings(), 4, "auto", None, 2 * per_chain, torch.device("cpu")) == 2
+    assert _group_size(layout, SamplerSettings(), 4, "auto", 3, None, torch.device("cpu")) == 3
+    assert _group_size(layout, SamplerSettings(), 4, "sequential", None, None, torch.device("cpu")) == 1
