@@ -1,9 +1,8 @@
-"""Command line: ``llc-fast demo`` (also ``python -m llc_fast demo``)."""
+"""``llc-fast demo``: estimate the LLC of a small deep linear network against its exact value."""
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 
 DEMO_WIDTHS = (4, 3, 4)
@@ -14,8 +13,8 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-    from . import estimate_llc
-    from .oracles import dln_dataset, dln_learning_coefficient, make_dln, mse_loss
+    from .. import estimate_llc
+    from ..oracles import dln_dataset, dln_learning_coefficient, make_dln, mse_loss
 
     widths, rank = DEMO_WIDTHS, DEMO_RANK
     exact = float(dln_learning_coefficient(widths, rank).llc)
@@ -44,9 +43,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llc-fast", description="Fast Local Learning Coefficient estimation.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub) -> None:
     demo = sub.add_parser("demo", help="estimate the LLC of a small deep linear network and compare with the exact value")
     demo.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
     demo.add_argument("--lr", type=float, default=1e-4)
@@ -61,13 +58,3 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
