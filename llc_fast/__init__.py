@@ -6,8 +6,9 @@
 __version__ = "0.1.0"
 
 from . import oracles  # noqa: E402
-from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult, estimate_llc  # noqa: E402
+from .estimators import (AllChainsDivergedError, CalibrationResult, LLCDivergenceWarning, LLCResult,  # noqa: E402
+                         calibrate, estimate_llc)
 from .kernels import backends  # noqa: E402
 
 __all__ = ["estimate_llc", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends", "oracles",
-           "__version__"]
+           "calibrate", "CalibrationResult", "__version__"]

@@ -102,6 +102,9 @@ def estimate_llc(
     The model's parameters are sampled if floating-point with requires_grad; the model itself
     is left bitwise unchanged. Returns an LLCResult.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from ..distributed import sharded  # torchrun: FSDP2 within shard groups, chain groups in parallel
+        return sharded.estimate_llc_sharded(**{k: v for k, v in locals().items() if k != "sharded"})
     # --- inputs, before any sampling work --------------------------------------------------
     settings = SamplerSettings(sampler=sampler, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps,
                                weight_decay=weight_decay, box=box, noise_level=noise_level)

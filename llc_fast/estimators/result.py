@@ -69,11 +69,11 @@ class LLCResult:
 
     @property
     def mala_mean(self) -> np.ndarray:
-        """[C] mean MALA acceptance per chain (NaN where none was recorded)."""
-        if self.mala_acceptance.size == 0:
-            return np.full(self.num_chains, np.nan)
-        with np.errstate(invalid="ignore"):
-            return np.nanmean(self.mala_acceptance, axis=1)
+        """[C] mean MALA acceptance per chain (NaN where none was recorded, e.g. a chain that diverged early)."""
+        out = np.full(self.num_chains, np.nan)
+        recorded = np.isfinite(self.mala_acceptance).any(axis=1) if self.mala_acceptance.size else out > 0
+        out[recorded] = np.nanmean(self.mala_acceptance[recorded], axis=1)
+        return out
 
     def llc_trace(self) -> np.ndarray:
         """[C, D] running estimate of each chain after each draw: nbeta_c * (running mean - init_loss)."""
@@ -113,16 +113,7 @@ class LLCResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON, atomically: the file is either complete or untouched."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LLCResult":
@@ -131,13 +122,7 @@ class LLCResult:
 
     def plot(self, path: str | os.PathLike | None = None):
         """Plot each chain's loss trace and running LLC estimate (needs matplotlib); returns the figure."""
-        try:
-            import matplotlib
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+        plt = pyplot(headless=path is not None)
         fig, (ax_loss, ax_llc) = plt.subplots(1, 2, figsize=(11, 4))
         for c in range(self.num_chains):
             ax_loss.plot(self.loss_trace[c], lw=0.8, label=f"chain {c}")
@@ -150,6 +135,32 @@ class LLCResult:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` so that the file is either complete or untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def pyplot(headless: bool):
+    """matplotlib.pyplot (with the Agg backend when writing files only); a clear error if missing."""
+    try:
+        import matplotlib
+        if headless:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+    return plt
 
 
 def _nan_to_none(x):
