@@ -20,6 +20,8 @@ setup() {
     "$py" -m pip install -q torch==2.13.0   # first and pinned, so nothing pulls another torch
     "$py" -m pip install -q -r requirements-dev.txt
     "$py" -m pip install -q --no-build-isolation --no-deps -e .
+    # devinterp 1.3.2 for the 1.x compatibility tests: beside, not inside, the venv (2.0.1 is there)
+    "$py" -m pip install -q --no-deps --upgrade --target .devinterp1 devinterp==1.3.2 einops==0.8.2 cloudpickle==3.1.2
     touch "$stamp"
   fi
 }
