@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "calibrate", "estimate")
 
 
 def build_parser() -> argparse.ArgumentParser:

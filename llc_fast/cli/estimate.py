@@ -1,0 +1,179 @@
+"""``llc-fast estimate``: the LLC of a HuggingFace causal LM on token data, on one process or many.
+
+    llc-fast estimate --model DIR --data FILE --lr 1e-5 --nbeta 30 --output llc.json
+    torchrun --nproc_per_node=8 -m llc_fast estimate --model DIR --data FILE --lr 1e-5 --nbeta 30 \\
+        --dtype bfloat16 --activation-checkpointing --shard-group-size 2 --output llc.json
+
+Under torchrun the processes form W/S chain groups of S ranks (``--shard-group-size``, default
+all); each group's model is sharded with FSDP2. Before sampling, rank 0 prints each rank's memory
+(``llc_fast.distributed.planner``), and every rank refuses a configuration that will not fit, saying
+what to change (exit code 2). The result is written by rank 0 only, atomically, after every chain
+has finished; a failing rank stops all ranks (``llc_fast.distributed.failure``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+PLAN_REFUSED_EXIT_CODE = 2
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import os
+
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: its failure summary shows the failing rank's error
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(args)
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from ..distributed.failure import failure_guard
+    from ..distributed.mesh import init_from_env
+    from ..distributed.planner import MemoryPlanError
+
+    launch = init_from_env(timeout_s=args.timeout, device=args.device)
+    try:
+        with failure_guard():
+            result = _run(args, launch)
+    except MemoryPlanError as e:
+        print(f"llc-fast estimate: refused: {e}", file=sys.stderr, flush=True)
+        return PLAN_REFUSED_EXIT_CODE
+    if launch.initialised_here and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if result is not None else 1
+
+
+def _run(args: argparse.Namespace, launch):
+    import torch
+    import torch.distributed as dist
+
+    from .. import estimate_llc
+    from ..distributed import hf
+    from ..distributed.mesh import check_shard_group_size
+    from ..distributed.planner import GiB, MemoryPlanError, device_capacity, model_spec, plan_memory
+    from ..distributed.sharded import estimate_llc_sharded
+    from ..distributed.units import enable_activation_checkpointing, transformer_blocks
+
+    rank0 = launch.rank == 0
+    say = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
+    world, device = launch.world_size, launch.device
+    dtype = hf.PARAM_DTYPES[args.dtype]
+    shard = check_shard_group_size(args.shard_group_size, world)
+    groups = world // shard
+
+    t0 = time.perf_counter()
+    model = hf.load_causal_lm(args.model, dtype)
+    rows = hf.load_tokens(args.data, seq_len=args.seq_len, token_dtype=args.token_dtype, column=args.column)
+    loader = hf.token_loader(rows, args.batch_size)
+    blocks = transformer_blocks(model)
+    num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    say(f"model {args.model}: {type(model).__name__}, {num_params / 1e6:.4g}M parameters ({args.dtype}), "
+        f"{len(blocks)} blocks; data {args.data}: {len(rows)} rows x {rows.seq_len} tokens; loaded in "
+        f"{time.perf_counter() - t0:.1f} s")
+    say(f"{world} process(es) on {device.type}: {groups} chain group(s) x {shard} shard rank(s)")
+    if args.activation_checkpointing:
+        if not blocks:
+            raise ValueError("--activation-checkpointing: no transformer blocks recognised in this model")
+        enable_activation_checkpointing(blocks)
+
+    # --- memory plan, before anything is allocated on the device ----------------------------------
+    per_group = -(-args.num_chains // groups)
+    batched = 1 if shard > 1 or args.activation_checkpointing else min(per_group, args.max_batched_chains or per_group)
+    capacity = int(args.memory_limit_gib * GiB) if args.memory_limit_gib else device_capacity(device,
+                                                                                             launch.local_world_size)
+    plan = plan_memory(model_spec(model, name=str(args.model)), world_size=world, shard_group_size=shard,
+                       param_dtype=dtype, sampler=args.sampler, batch_size=args.batch_size, seq_len=rows.seq_len,
+                       activation_checkpointing=args.activation_checkpointing, batched_chains=batched,
+                       capacity=capacity, split_batch=args.batch_split != "replicate")
+    say(plan.table())
+    fits = plan.fits
+    if world > 1:  # every rank takes the same decision (free memory may differ a little between ranks)
+        flag = torch.tensor([int(fits)], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        fits = bool(flag.item())
+    if not fits:
+        if plan.fits:  # another rank has less memory
+            raise MemoryPlanError("another rank does not have the memory this configuration needs (see rank 0's table)")
+        plan.check()
+
+    # --- sampling ------------------------------------------------------------------------------------
+    kwargs = dict(sampler=args.sampler, lr=args.lr, nbeta=args.nbeta, gamma=args.gamma, num_chains=args.num_chains,
+                  num_draws=args.num_draws, num_burnin_steps=args.num_burnin_steps,
+                  num_steps_bw_draws=args.num_steps_bw_draws, seed=args.seed, progress=rank0 and not args.no_progress,
+                  backend=args.backend, num_init_loss_batches=args.num_init_loss_batches, device=device,
+                  chain_batching="sequential" if batched == 1 else args.chain_batching, max_batched_chains=batched)
+    t1 = time.perf_counter()
+    if world > 1:
+        result = estimate_llc_sharded(model, loader, hf.causal_lm_loss, shard_group_size=shard,
+                                      batch_split=args.batch_split, **kwargs)
+    else:
+        result = estimate_llc(model.to(device), loader, hf.causal_lm_loss, **kwargs)
+    result.config.update(model=str(args.model), data=str(args.data), seq_len=rows.seq_len, batch_size=args.batch_size,
+                         activation_checkpointing=args.activation_checkpointing, cli="llc-fast estimate")
+    say(f"{result.summary()}; init loss {result.init_loss:.4f}; {time.perf_counter() - t1:.1f} s "
+        f"({result.timing['steps_per_s']:.3g} chain steps/s, backend {result.config['backend']!r}, "
+        f"engine {result.config['engine']!r})")
+    if rank0 and args.output:
+        result.save(args.output)
+        say(f"result written to {args.output}")
+    return result
+
+
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")  # = distributed.hf's; here so that --help imports no torch
+PARAM_DTYPES = ("bfloat16", "float32", "float64")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "estimate", help="estimate the LLC of a HuggingFace causal LM on token data (also under torchrun)",
+        description="Estimate the LLC of a causal LM saved with save_pretrained, with next-token cross-entropy on "
+                    "local token data. Runs unchanged under torchrun --nproc_per_node=K -m llc_fast estimate ... "
+                    "(FSDP2 shard groups, chain groups in parallel).")
+    p.add_argument("--model", required=True, help="directory of a HuggingFace causal LM (save_pretrained); local only")
+    p.add_argument("--data", required=True,
+                   help="token ids: a saved datasets directory (column --column), a .npy [rows, tokens] or a .bin")
+    p.add_argument("--seq-len", type=int,
+                   help="tokens per row: cuts 1-D .npy/.bin data into rows, truncates longer rows")
+    p.add_argument("--token-dtype", default="uint16", choices=TOKEN_DTYPES, help="integer type of a .bin file")
+    p.add_argument("--column", default="input_ids", help="column of a datasets directory holding the token ids")
+    p.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
+    p.add_argument("--lr", type=float, required=True, help="SGLD step size epsilon (e.g. 1e-5 at 1B parameters)")
+    p.add_argument("--nbeta", type=float, default=None,
+                   help="n*beta (default n/log n, n = number of rows; language-model studies use 10-30)")
+    p.add_argument("--gamma", type=float, default=1.0, help="localization strength")
+    p.add_argument("--num-chains", type=int, default=4)
+    p.add_argument("--num-draws", type=int, default=100)
+    p.add_argument("--num-burnin-steps", type=int, default=0)
+    p.add_argument("--num-steps-bw-draws", type=int, default=1)
+    p.add_argument("--num-init-loss-batches", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch of a chain (split over its shard group)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=PARAM_DTYPES,
+                   help="parameter dtype; bfloat16 is updated in float32 and stored by stochastic rounding")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    p.add_argument("--shard-group-size", type=int, default=None,
+                   help="ranks per chain group (divides the number of processes; default all): "
+                        "processes / this many chains run at once")
+    p.add_argument("--batch-split", default="auto", choices=["auto", "split", "replicate"],
+                   help="split a chain's batch over its shard group, or give every rank the whole batch")
+    p.add_argument("--chain-batching", default="auto", choices=["auto", "vmap", "sequential"],
+                   help="single-model runs (shard group of 1): batch a process's chains in one vmapped pass")
+    p.add_argument("--max-batched-chains", type=int, default=None,
+                   help="single-model runs: at most this many chains in one pass (memory)")
+    p.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda if available; GPU LOCAL_RANK per process)")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="memory per rank the plan must fit in (default: the GPU's free memory, or on CPU the "
+                        "available memory shared by this machine's processes)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds after which a collective that does not complete fails every rank")
+    p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_estimate)

@@ -1,0 +1,133 @@
+"""HuggingFace causal LMs and token data from local files, for ``llc-fast estimate``.
+
+* ``load_causal_lm(dir)``: ``AutoModelForCausalLM.from_pretrained`` with local files only, in the
+  requested dtype, in eval mode (no dropout; gradients still flow), without a KV cache.
+* ``load_tokens(path)``: token ids as rows = sequences, from a saved ``datasets`` dataset
+  directory (``save_to_disk``; column ``input_ids``), a ``.npy`` array ([rows, T], or 1-D cut into
+  rows of ``seq_len``) or a raw ``.bin`` of token ids (``token_dtype``, cut into rows of
+  ``seq_len``). ``.npy`` and ``.bin`` are memory-mapped: only the batches drawn are read.
+* ``causal_lm_loss(model, batch)``: mean next-token cross-entropy over the batch (float32).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens <= t, over every position of every row."""
+    ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (list, tuple)) else batch
+    logits = model(input_ids=ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local directory (config + weights saved by ``save_pretrained``), on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a saved HuggingFace model (no config.json); pass the directory "
+                                "written by model.save_pretrained(...)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except TypeError:  # transformers < 4.56 calls it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+    if next(model.parameters()).dtype != dtype:  # an older transformers that ignored the dtype argument
+        model = model.to(dtype)
+    model.eval()
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+class TokenRows(Dataset):
+    """Rows of token ids as int64 tensors of shape [T]; ``array`` is [rows, T] (possibly memory-mapped)."""
+
+    def __init__(self, array):
+        if array.ndim != 2 or array.shape[1] < 2:
+            raise ValueError(f"token data must be rows of at least 2 tokens, got shape {tuple(array.shape)}")
+        self.array = array
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, (list, tuple)):  # a whole batch by one index operation (BatchSampler)
+            i = np.asarray(i)
+        return torch.from_numpy(np.asarray(self.array[i], dtype=np.int64))
+
+    @property
+    def seq_len(self) -> int:
+        return self.array.shape[1]
+
+
+def load_tokens(path: str | Path, *, seq_len: int | None = None, token_dtype: str = "uint16",
+                column: str = "input_ids") -> TokenRows:
+    """Token data (see module docstring); ``seq_len`` truncates longer rows and cuts 1-D data into rows."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"token data {path} does not exist")
+    if path.is_dir():
+        array = _from_datasets(path, column)
+    elif path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r")
+    elif path.suffix == ".bin":
+        if token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"--token-dtype must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
+        if not seq_len:
+            raise ValueError(f"{path} is a flat .bin of token ids: pass --seq-len to cut it into rows")
+        array = np.memmap(path, dtype=np.dtype(token_dtype), mode="r")
+    else:
+        raise ValueError(f"token data must be a saved datasets directory, a .npy or a .bin file; got {path}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got {array.dtype} in {path}")
+    if array.ndim == 1:
+        if not seq_len:
+            raise ValueError(f"{path} holds a 1-D array of tokens: pass --seq-len to cut it into rows")
+        rows = array.shape[0] // seq_len
+        array = array[: rows * seq_len].reshape(rows, seq_len)
+    elif seq_len:
+        if seq_len > array.shape[1]:
+            raise ValueError(f"--seq-len {seq_len} is longer than the rows of {path} ({array.shape[1]} tokens)")
+        array = array[:, :seq_len]
+    return TokenRows(array)
+
+
+def _from_datasets(path: Path, column: str) -> np.ndarray:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise ValueError(f"{path} holds several splits {list(ds)}; save the one to use with save_to_disk")
+        ds = next(iter(ds.values()))
+    if column not in ds.column_names:
+        raise ValueError(f"{path} has no column {column!r} (columns: {ds.column_names}); pass --column")
+    rows = ds.with_format("numpy")[column]
+    try:
+        array = np.asarray(rows) if not isinstance(rows, list) else np.stack(rows)
+        if array.dtype == object:
+            array = np.stack(list(array))
+    except ValueError as e:
+        raise ValueError(f"the rows of {column!r} in {path} differ in length; pack them into equal rows first") from e
+    return array
+
+
+def token_loader(rows: TokenRows, batch_size: int):
+    """Shuffled batches [batch_size, T] of token rows, one index operation per batch (drop_last)."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    if not 1 <= batch_size <= len(rows):
+        raise ValueError(f"--batch-size must lie in [1, {len(rows)}] (the number of token rows), got {batch_size}")
+    return DataLoader(rows, batch_size=None, sampler=BatchSampler(RandomSampler(rows), batch_size, drop_last=True))
