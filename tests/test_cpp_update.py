@@ -3,7 +3,12 @@ bit-for-bit or to stated tolerances, and the CUDA source compiled with nvcc (run
 one is present).
 
 Tolerances. Random words and uniforms are compared exactly, normals within 1e-5 absolute
-(docs/noise.md: libm's float32 log/cos/sin differ from torch's by an ulp or two). The update
+(docs/noise.md: libm's float32 log/cos/sin differ from torch's by an ulp or two). The C++
+kernel computes its normals with its own vectorized float32 log and sin/cos (polynomials):
+measured, r = sqrt(-2 log u) within 1 ulp for every uniform, cos and sin within 1.5e-7 for
+every angle, and 2**24 random normals within 7e-7 of the exact Box-Muller of the float32
+uniforms, as are torch's; so the two are also checked within KERNEL_NORMAL_TOL = 2e-6 on
+crafted and random words. The update
 is, apart from the normal xi, the reference's sequence of operations (the extension is built
 with -ffp-contract=off), so a weight can differ by noise_level*sqrt(lr*G)*|xi_cpp - xi_ref| <=
 noise_level*sqrt(lr*G)*1e-5, plus a few ulps of the terms that enter the last roundings: the
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +33,7 @@ from llc_fast.kernels.reference import compute_dtype, reference_update
 from llc_fast.kernels.update_spec import SamplerSettings, StepCounters
 
 NORMAL_TOL = 1e-5
+KERNEL_NORMAL_TOL = 2e-6  # |C++ normal - torch reference normal|: both within 7e-7 of exact
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CHAIN_IDS = [5, 0, 2**31 - 1, 17, 3]
 
@@ -105,6 +112,52 @@ def test_stochastic_rounding_matches_reference(ext):
     nan = torch.isnan(x)
     assert torch.isnan(got[nan]).all()
     assert torch.equal(got[~nan].view(torch.int16), ref[~nan].view(torch.int16))
+
+
+def _reference_normals(words: torch.Tensor) -> torch.Tensor:
+    """The reference normals [G, 4] of explicit words [G, 4] (int64 in [0, 2**32))."""
+    u = philox.uniform_from_word(words)
+    n0, n1 = philox.box_muller(u[:, 0], u[:, 1])
+    n2, n3 = philox.box_muller(u[:, 2], u[:, 3])
+    return torch.stack((n0, n1, n2, n3), dim=1)
+
+
+def _kernel_normals(ext, words: torch.Tensor) -> torch.Tensor:
+    w32 = words.to(torch.int32).contiguous()  # the same 32 bits
+    out = torch.empty(words.shape, dtype=torch.float32)
+    ext.normals_debug(w32.data_ptr(), out.data_ptr(), words.shape[0])
+    return out
+
+
+def test_kernel_normals_on_crafted_and_random_words(ext):
+    """The kernel's polynomial log and sin/cos where they are most likely to go wrong: the 1e-7
+    clamp of u_a, u_a -> 1 (log -> 0), the binades and the sqrt(1/2) cut of the log's reduction;
+    angles at and next to multiples of pi/4 (the octant and quadrant cuts of sin/cos), 0 and
+    2*pi; negative words (folded); then random words, spread over tiles and the scalar tail."""
+    def near(folded):  # words whose folded value is folded-2 .. folded+2, positive and negative
+        out = []
+        for f in folded:
+            for d in (-2, -1, 0, 1, 2):
+                x = min(max(f + d, 0), 2**31 - 1)
+                out += [x, (2**32 - 1 - x)]  # the negative word ~x folds to x
+        return out
+
+    scale = 2**31
+    a = near([0, 214, 215, 2**31 - 1, int(0.70710678 * scale), 2**30, 2**29, 2**24, 1 << 20, 2**31 - 2**7])
+    b = near([round(j * scale / 8) for j in range(9)] + [1, 2**31 - 1])
+    pairs = torch.tensor([(x, y) for x in a for y in b], dtype=torch.int64)
+    if pairs.shape[0] % 2:
+        pairs = torch.cat([pairs, pairs[:1]])
+    crafted = pairs.reshape(-1, 4)  # (u0, u1), (u2, u3): both pairs of a group take crafted values
+    g = torch.Generator().manual_seed(11)
+    random = torch.randint(0, 2**32, (2**16 + 3, 4), generator=g, dtype=torch.int64)
+    for words in (crafted, random):
+        got, ref = _kernel_normals(ext, words), _reference_normals(words)
+        assert torch.isfinite(got).all()
+        err = (got - ref).abs().max().item()
+        assert err <= KERNEL_NORMAL_TOL, err
+    # clamped uniforms give the largest radius, sqrt(-2 log 1e-7) = 5.677, in both
+    assert abs(_kernel_normals(ext, torch.tensor([[0, 0, 2**32 - 1, 0]])).max().item() - 5.6777) < 1e-3
 
 
 # ----------------------------------------------------------------------------- the update
@@ -234,6 +287,48 @@ def test_sgld_without_noise_is_bit_exact(cpu_update, dtype):
     if dtype == torch.bfloat16:
         w_new, w_ref = w_new.view(torch.int16), w_ref.view(torch.int16)
     assert torch.equal(w_new, w_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(wd=1e-2), dict(mask=True, offset=2**33 + 3), dict(box=0.05, offset=7)])
+def test_sgld_without_noise_is_bit_exact_each_variant(cpu_update, dtype, opts):
+    """The kernel compiles one loop per (mask, weight decay) combination and clamps to an infinite
+    box when there is none: each is the reference's sequence of roundings."""
+    _, w_new, w_ref, *_ = _run_both(cpu_update, dtype, "sgld", 2053, 2, noise_level=0.0, **opts)
+    if dtype == torch.bfloat16:
+        w_new, w_ref = w_new.view(torch.int16), w_ref.view(torch.int16)
+    assert torch.equal(w_new, w_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("box", [None, 0.05])
+def test_non_finite_values_as_in_reference(cpu_update, dtype, box):
+    """inf and NaN in the weights and the gradient go through the same operations as in the
+    reference (NaN propagates, the box clamps +-inf, no box leaves them), without noise bit for bit."""
+    n = 1031
+    w, grad, w_star, _, hyper = _make_case(dtype, "sgld", n, 2, per_chain=False)
+    bad = torch.tensor([0.0, float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    w[0, 3::17] = bad[torch.arange(len(range(3, n, 17))) % 4]
+    grad[1, 5::13] = bad[torch.arange(len(range(5, n, 13))) % 4]
+    kwargs = dict(settings=SamplerSettings("sgld", box=box, noise_level=0.0), counters=StepCounters(step=2), seed=3,
+                  chain_ids=torch.tensor([0, 1]), **hyper)
+    w_ref, w_new = w.clone(), w.clone()
+    reference_update(w_ref, grad, w_star, None, **kwargs)
+    cpu_update(w_new, grad, w_star, None, **kwargs)
+    nan = torch.isnan(w_ref)
+    assert nan.any() and torch.equal(nan, torch.isnan(w_new))
+    a, b = w_new[~nan], w_ref[~nan]
+    if dtype == torch.bfloat16:
+        a, b = a.view(torch.int16), b.view(torch.int16)
+    assert torch.equal(a, b)
+
+
+def test_update_across_the_counter_carry(cpu_update):
+    """Groups 2**32 - 3 .. 2**32 + 1000 in one call: the vectorized Philox carries counter word 0
+    into word 1 inside a register of groups."""
+    inputs, w_new, w_ref, stat_ref, hyper, settings, counters = _run_both(
+        cpu_update, torch.float32, "rmsprop_sgld", 4013, 2, offset=4 * (2**32 - 3) + 1, per_chain=True)
+    _check_close(inputs, w_new, w_ref, stat_ref, hyper, settings, counters, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -376,6 +471,40 @@ def test_build_failure_is_a_runtime_error(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(RuntimeError, match="compiler"):
         cpp_update.load_cpu_update()
+
+
+def test_cpu_build_config(monkeypatch):
+    """-march=native when the compiler takes it, never -ffast-math, and an extension name that
+    changes with what the flags mean on the machine (another CPU must not load this build)."""
+    monkeypatch.delenv("LLC_FAST_MARCH", raising=False)
+    name, flags = cpp_update.cpu_build_config()
+    assert name.startswith(cpp_update.EXTENSION_NAME + "_")
+    assert "-ffp-contract=off" in flags and not any("fast-math" in f for f in flags)
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) and cpp_update._target_macros(cxx, cpp_update.CPU_CFLAGS + ["-march=native"]) is not None:
+        assert flags[-1] == "-march=native"
+    assert cpp_update.cpu_build_config() == (name, flags)  # stable
+
+    seen = {}
+
+    def fake_macros(cxx, fl):
+        return seen.get("macros", "#define __AVX512F__ 1")
+
+    monkeypatch.setattr(cpp_update, "_target_macros", fake_macros)
+    name_a, flags_a = cpp_update.cpu_build_config("c++")
+    seen["macros"] = "#define __AVX2__ 1"  # the same flags on a different CPU
+    name_b, flags_b = cpp_update.cpu_build_config("c++")
+    assert flags_a == flags_b and name_a != name_b
+    monkeypatch.setenv("LLC_FAST_MARCH", "none")
+    name_c, flags_c = cpp_update.cpu_build_config("c++")
+    assert not any(f.startswith("-march") for f in flags_c) and name_c != name_b
+    # a compiler that rejects -march=...: built for its default target (with a warning if the user asked)
+    monkeypatch.delenv("LLC_FAST_MARCH")
+    monkeypatch.setattr(cpp_update, "_target_macros", lambda cxx, fl: None if any("-march" in f for f in fl) else "")
+    assert not any(f.startswith("-march") for f in cpp_update.cpu_build_config("c++")[1])
+    monkeypatch.setenv("LLC_FAST_MARCH", "skylake-avx512")
+    with pytest.warns(UserWarning, match="rejects"):
+        assert not any(f.startswith("-march") for f in cpp_update.cpu_build_config("c++")[1])
 
 
 # ----------------------------------------------------------------------------- CUDA

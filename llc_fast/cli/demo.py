@@ -10,7 +10,6 @@ DEMO_RANK = 1
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     from .. import estimate_llc

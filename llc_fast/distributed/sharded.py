@@ -64,9 +64,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import __version__
-from ..chains.data import STREAM_CHAIN, STREAM_INIT_LOSS, BatchStream, check_reiterable, dataset_size, derived_seed, \
-    move_to_device
-from ..chains.runner import CHAIN_BATCHING, DIVERGENCE_CHECK_EVERY, ChainHyper, Schedule, _first_draw_after, \
+from ..chains.data import STREAM_CHAIN, STREAM_INIT_LOSS, BatchStream, derived_seed, move_to_device
+from ..chains.runner import DIVERGENCE_CHECK_EVERY, ChainHyper, Schedule, _first_draw_after, \
     _nan_after_first_bad, run_chains
 from ..estimators import llc as _llc
 from ..estimators import validation as check
@@ -152,7 +151,7 @@ def estimate_llc_sharded(
 
 def _estimate(a: dict, *, shard_group_size, batch_split, guard) -> LLCResult:
     model, data, loss_fn = a["model"], a["data"], a["loss_fn"]
-    settings, hyper, schedule, n = _checked_inputs(a)
+    settings, hyper, schedule, n = _llc.checked_inputs(a)
     layout = check.check_model(model, a["device"])
     device = _resolve_device(a["device"], layout)
     sharded_params = [p for p in layout.params if _is_dtensor(p)]
@@ -208,48 +207,6 @@ def _estimate(a: dict, *, shard_group_size, batch_split, guard) -> LLCResult:
             warnings.simplefilter("ignore", LLCDivergenceWarning)
         _llc._report_divergence(result, hyper)
     return result
-
-
-def _checked_inputs(a: dict):
-    """estimate_llc's checks of its arguments (same messages), before any collective call."""
-    settings = SamplerSettings(sampler=a["sampler"], rmsprop_alpha=a["rmsprop_alpha"], rmsprop_eps=a["rmsprop_eps"],
-                               weight_decay=a["weight_decay"], box=a["box"], noise_level=a["noise_level"])
-    for name in ("num_chains", "num_draws", "num_steps_bw_draws", "num_init_loss_batches"):
-        check.check_count(name, a[name], 1)
-    check.check_count("num_burnin_steps", a["num_burnin_steps"], 0)
-    for name in ("freeze_preconditioner_at", "mala_every", "max_batched_chains", "batch_memory_bytes"):
-        if a[name] is not None:
-            check.check_count(name, a[name], 1)
-    if a["chain_batching"] not in CHAIN_BATCHING:
-        raise ValueError(f"chain_batching must be one of {CHAIN_BATCHING}, got {a['chain_batching']!r}")
-    seed = a["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    check.check_positive("lr", a["lr"], hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
-    check.check_positive("gamma", a["gamma"], allow_zero=True,
-                         hint="gamma is the localization strength (0 turns it off).")
-    if not callable(a["loss_fn"]):
-        raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
-    check_reiterable(a["data"])
-    n = dataset_size(a["data"])
-    nbeta = a["nbeta"]
-    if nbeta is None:
-        if n is None or n < 2:
-            raise ValueError(
-                "nbeta is required when the data's size is unknown: pass nbeta=n/log(n) for n training samples "
-                "(or a fixed value such as 10-30 for language models)"
-            )
-        nbeta = _llc.default_nbeta(n)
-    check.check_positive("nbeta", nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
-    num_chains = a["num_chains"]
-    for name, value in (("lr", a["lr"]), ("nbeta", nbeta), ("gamma", a["gamma"])):
-        check.check_per_chain_length(name, value, num_chains)
-    schedule = Schedule(num_draws=a["num_draws"], num_burnin_steps=a["num_burnin_steps"],
-                        num_steps_bw_draws=a["num_steps_bw_draws"],
-                        freeze_preconditioner_at=a["freeze_preconditioner_at"], mala_every=a["mala_every"])
-    hyper = ChainHyper(*(torch.as_tensor(v, dtype=torch.float64).expand(num_chains).clone()
-                         for v in (a["lr"], nbeta, a["gamma"])), chain_ids=torch.arange(num_chains, dtype=torch.int64))
-    return settings, hyper, schedule, n
 
 
 def _is_dtensor(t) -> bool:

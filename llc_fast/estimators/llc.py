@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -106,43 +105,10 @@ def estimate_llc(
         from ..distributed import sharded  # torchrun: FSDP2 within shard groups, chain groups in parallel
         return sharded.estimate_llc_sharded(**{k: v for k, v in locals().items() if k != "sharded"})
     # --- inputs, before any sampling work --------------------------------------------------
-    settings = SamplerSettings(sampler=sampler, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps,
-                               weight_decay=weight_decay, box=box, noise_level=noise_level)
-    for name, value in (("num_chains", num_chains), ("num_draws", num_draws), ("num_steps_bw_draws", num_steps_bw_draws),
-                        ("num_init_loss_batches", num_init_loss_batches)):
-        check.check_count(name, value, 1)
-    check.check_count("num_burnin_steps", num_burnin_steps, 0)
-    for name, value in (("freeze_preconditioner_at", freeze_preconditioner_at), ("mala_every", mala_every),
-                        ("max_batched_chains", max_batched_chains), ("batch_memory_bytes", batch_memory_bytes)):
-        if value is not None:
-            check.check_count(name, value, 1)
-    if chain_batching not in CHAIN_BATCHING:
-        raise ValueError(f"chain_batching must be one of {CHAIN_BATCHING}, got {chain_batching!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
-    check.check_positive("lr", lr, hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
-    check.check_positive("gamma", gamma, allow_zero=True, hint="gamma is the localization strength (0 turns it off).")
-    if not callable(loss_fn):
-        raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
-    check_reiterable(data)
-    n = dataset_size(data)
-    if nbeta is None:
-        if n is None or n < 2:
-            raise ValueError(
-                "nbeta is required when the data's size is unknown: pass nbeta=n/log(n) for n training samples "
-                "(or a fixed value such as 10-30 for language models)"
-            )
-        nbeta = default_nbeta(n)
-    check.check_positive("nbeta", nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
-    for name, value in (("lr", lr), ("nbeta", nbeta), ("gamma", gamma)):
-        check.check_per_chain_length(name, value, num_chains)
+    settings, hyper, schedule, n = checked_inputs(locals())
     layout = check.check_model(model, device)
     device = torch.device(device) if device is not None else layout.device
     backend_name, update = select_backend(backend, device)
-    schedule = Schedule(num_draws=num_draws, num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
-                        freeze_preconditioner_at=freeze_preconditioner_at, mala_every=mala_every)
-    hyper = ChainHyper(*(torch.as_tensor(v, dtype=torch.float64).expand(num_chains).clone() for v in (lr, nbeta, gamma)),
-                       chain_ids=torch.arange(num_chains, dtype=torch.int64))
     flat_mask = layout.flat_mask(mask, device) if mask else None
 
     config = dict(
@@ -184,6 +150,51 @@ def estimate_llc(
                                    burnin_loss_trace=trace.burnin_loss_trace, mala_acceptance=trace.mala_acceptance)
     _report_divergence(result, hyper)
     return result
+
+
+def checked_inputs(a: dict) -> tuple[SamplerSettings, ChainHyper, Schedule, int | None]:
+    """Check estimate_llc's arguments (``a``: its keyword arguments by name) before any work.
+
+    Returns the sampler settings, the per-chain hyperparameters (nbeta resolved), the schedule,
+    and n (the dataset size, or None). Every error says what was wrong and what to pass.
+    """
+    settings = SamplerSettings(sampler=a["sampler"], rmsprop_alpha=a["rmsprop_alpha"], rmsprop_eps=a["rmsprop_eps"],
+                               weight_decay=a["weight_decay"], box=a["box"], noise_level=a["noise_level"])
+    for name in ("num_chains", "num_draws", "num_steps_bw_draws", "num_init_loss_batches"):
+        check.check_count(name, a[name], 1)
+    check.check_count("num_burnin_steps", a["num_burnin_steps"], 0)
+    for name in ("freeze_preconditioner_at", "mala_every", "max_batched_chains", "batch_memory_bytes"):
+        if a[name] is not None:
+            check.check_count(name, a[name], 1)
+    if a["chain_batching"] not in CHAIN_BATCHING:
+        raise ValueError(f"chain_batching must be one of {CHAIN_BATCHING}, got {a['chain_batching']!r}")
+    seed = a["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    check.check_positive("lr", a["lr"], hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
+    check.check_positive("gamma", a["gamma"], allow_zero=True, hint="gamma is the localization strength (0 turns it off).")
+    if not callable(a["loss_fn"]):
+        raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
+    check_reiterable(a["data"])
+    n = dataset_size(a["data"])
+    nbeta = a["nbeta"]
+    if nbeta is None:
+        if n is None or n < 2:
+            raise ValueError(
+                "nbeta is required when the data's size is unknown: pass nbeta=n/log(n) for n training samples "
+                "(or a fixed value such as 10-30 for language models)"
+            )
+        nbeta = default_nbeta(n)
+    check.check_positive("nbeta", nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
+    num_chains = a["num_chains"]
+    for name, value in (("lr", a["lr"]), ("nbeta", nbeta), ("gamma", a["gamma"])):
+        check.check_per_chain_length(name, value, num_chains)
+    schedule = Schedule(num_draws=a["num_draws"], num_burnin_steps=a["num_burnin_steps"],
+                        num_steps_bw_draws=a["num_steps_bw_draws"],
+                        freeze_preconditioner_at=a["freeze_preconditioner_at"], mala_every=a["mala_every"])
+    hyper = ChainHyper(*(torch.as_tensor(v, dtype=torch.float64).expand(num_chains).clone()
+                         for v in (a["lr"], nbeta, a["gamma"])), chain_ids=torch.arange(num_chains, dtype=torch.int64))
+    return settings, hyper, schedule, n
 
 
 def _group_size(layout, settings: SamplerSettings, num_chains: int, chain_batching: str, max_batched: int | None,

@@ -1,26 +1,38 @@
 """The C++ backend of the fused update: OpenMP over (chain, block of groups), one pass over memory.
 
 ``load_cpu_update()`` builds ``csrc/sgld_update_cpu.cpp`` with ninja on first use (a pybind11
-module without torch headers, a few seconds) and returns ``cpu_update``, which has exactly
+module without torch headers, some seconds) and returns ``cpu_update``, which has exactly
 ``reference.reference_update``'s signature and math, for tensors on the CPU. The build goes
 to torch's extension cache (``~/.cache/torch_extensions``) or to ``$LLC_FAST_BUILD_DIR``.
 
-Agreement with the reference: the Philox words and uniforms are bit-exact; the normals differ by
-an ulp or two (libm's float32 log/cos/sin against torch's); everything else is the same
-sequence of correctly rounded operations (compiled with ``-ffp-contract=off``), so the weights
-differ by at most about ``noise_level * sqrt(lr * G) * 1e-5`` plus a few ulps, and the
-statistic V is bit-exact.
+The kernel is compiled for the building machine's CPU (``-march=native``: AVX2 / AVX-512
+Philox, vectorized noise and update loops). ``-march=native`` reads the same on every machine,
+so neither torch's extension versioning nor ninja would notice a build cache shared with a
+different CPU (a home directory on a cluster): the extension's name carries a hash of the flags
+and of what they mean to the compiler here (its predefined macros: ISA extensions, CPU name,
+compiler version), so a different CPU or compiler builds its own copy. ``$LLC_FAST_MARCH``
+overrides the target (``-march=$LLC_FAST_MARCH``; ``none``: the compiler's default target).
+
+Agreement with the reference: the Philox words and uniforms are bit-exact; the normals come
+from the kernel's own vectorized float32 log and sin/cos (polynomials) and are within about
+1e-6 of the reference's (tested within 1e-5, docs/noise.md); everything else is the same
+sequence of correctly rounded operations (compiled with ``-ffp-contract=off``, never
+``-ffast-math``), so the weights differ by at most about ``noise_level * sqrt(lr * G) * 1e-5``
+plus a few ulps, and the statistic V is bit-exact.
 
 The argument checks and conversions here (``prepare_update_args``) are shared with the CUDA
 backend, ``cuda_update.py``.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import shutil
+import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -32,9 +44,14 @@ from .update_spec import SAMPLERS, SamplerSettings, StepCounters, per_chain
 
 EXTENSION_NAME = "llc_fast_sgld_cpu"
 CPU_SOURCE = "sgld_update_cpu.cpp"
-#: -ffp-contract=off: no fused multiply-add, so the update is the reference's sequence of roundings.
-CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+#: -ffp-contract=off: no implicit fused multiply-add, so the update is the reference's sequence of
+#: roundings (the noise code asks for its FMAs explicitly). -fno-math-errno: sqrtf is one (vector)
+#: instruction. Never -ffast-math: it would change the update's roundings.
+CPU_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
 CPU_LDFLAGS = ["-fopenmp"]
+#: The target CPU: the building machine's own unless $LLC_FAST_MARCH says otherwise ("none": the
+#: compiler's default target, e.g. baseline x86-64 without AVX; the kernel then runs its scalar Philox).
+DEFAULT_MARCH = "native"
 
 #: Codes the kernels take for the weights' dtype (bfloat16 is passed as its uint16 bits).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
@@ -79,6 +96,43 @@ def _ensure_ninja_on_path() -> None:
             os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+def _target_macros(cxx: str, flags: list[str]) -> str | None:
+    """The compiler's predefined macros under ``flags`` (what ``-march=...`` resolves to: the ISA
+    extensions, the CPU name, the compiler version), or None if the compiler rejects the flags."""
+    try:
+        proc = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return "\n".join(sorted(proc.stdout.splitlines()))
+
+
+def cpu_build_config(cxx: str | None = None) -> tuple[str, list[str]]:
+    """(extension name, compiler flags) of the C++ update on this machine with compiler ``cxx``.
+
+    The flags are ``CPU_CFLAGS`` plus ``-march=<$LLC_FAST_MARCH or native>`` if the compiler takes
+    it (else none). The name is ``EXTENSION_NAME`` plus a hash of the flags and of the compiler's
+    predefined macros under them, so a build cached for another CPU, compiler or flag set is never
+    loaded here (the text ``-march=native`` is the same everywhere; its meaning is not).
+    """
+    cxx = cxx or os.environ.get("CXX", "c++")
+    march = os.environ.get("LLC_FAST_MARCH", "").strip() or DEFAULT_MARCH
+    flags, macros = list(CPU_CFLAGS), None
+    if march.lower() != "none":
+        arch_flags = flags + [f"-march={march}"]
+        macros = _target_macros(cxx, arch_flags)
+        if macros is not None:
+            flags = arch_flags
+        elif "LLC_FAST_MARCH" in os.environ:
+            warnings.warn(f"{cxx} rejects -march={march} ($LLC_FAST_MARCH); building for its default target")
+    if macros is None:
+        macros = _target_macros(cxx, flags) or ""
+    key = hashlib.sha256("\0".join([cxx, *flags, *CPU_LDFLAGS, macros]).encode()).hexdigest()[:12]
+    return f"{EXTENSION_NAME}_{key}", flags
+
+
 def _build_cpu_extension() -> ModuleType:
     src = csrc_dir()
     try:
@@ -94,18 +148,19 @@ def _build_cpu_extension() -> ModuleType:
             f"the C++ update needs a C++17 compiler with OpenMP; {cxx!r} was not found "
             "(install g++, e.g. apt-get install g++, or set CXX)"
         )
+    name, cflags = cpu_build_config(cxx)
     kwargs = {}
     root = build_root()
     if root is not None:
-        build_dir = root / EXTENSION_NAME
+        build_dir = root / name
         build_dir.mkdir(parents=True, exist_ok=True)
         kwargs["build_directory"] = str(build_dir)
     try:
         return cpp_extension.load(
-            name=EXTENSION_NAME,
+            name=name,
             sources=[str(src / CPU_SOURCE)],
             extra_include_paths=[str(src)],
-            extra_cflags=CPU_CFLAGS,
+            extra_cflags=cflags,
             extra_ldflags=CPU_LDFLAGS,
             verbose=False,
             **kwargs,
