@@ -49,6 +49,20 @@ struct UpdateArgs {
   int32_t dtype;
 };
 
+// One segment of a multi-segment update (a sharded rank's local shard of one parameter): its own
+// [C, n] weights and gradient, and where it sits in the flat per-rank buffers ([N_local] w* and
+// mask, [C, N_local] statistic: columns [local_start, local_start + n)) and in the global flat
+// vector (element j gets the noise of global index global_offset + j). The host passes a table of
+// these as int64 [S, 5]: w pointer, grad pointer, n, local_start, global_offset.
+struct Segment {
+  int64_t w;     // pointer, as an integer
+  int64_t grad;  // pointer, as an integer
+  int64_t n;
+  int64_t local_start;
+  int64_t global_offset;
+};
+static_assert(sizeof(Segment) == 5 * sizeof(int64_t), "Segment is the host's int64 [S, 5] table row");
+
 template <typename T>
 struct Hyper {  // the scalars of one update, in the compute type
   T alpha, one_minus_alpha, scale, eps, weight_decay, box, noise_level;

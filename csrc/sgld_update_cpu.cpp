@@ -39,6 +39,8 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "philox.h"
 #include "sgld_update.h"
@@ -413,25 +415,32 @@ void update_run(S* __restrict w, const S* __restrict grad, const S* __restrict w
   }
 }
 
+// Segments (a single-buffer update is one segment with local_start 0 and stat_stride n). Work
+// items are (segment, chain, block of kGroupsPerBlock groups), numbered segment by segment; all
+// run in one OpenMP parallel region.
 template <typename S, bool kPrecond, bool kUpdateStat, bool kMask, bool kWD>
-void update_impl_t(const UpdateArgs& a, int num_threads) {
+void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segments, int64_t stat_stride,
+                   int num_threads) {
   using T = typename Storage<S>::T;
   constexpr bool kBF16 = sizeof(S) == 2;
   const Hyper<T> h = make_hyper<T>(a);
-  S* w = static_cast<S*>(a.w);
-  const S* grad = static_cast<const S*>(a.grad);
   const S* w_star = static_cast<const S*>(a.w_star);
   T* stat = static_cast<T*>(a.stat);
   const T* lr = static_cast<const T*>(a.lr);
   const T* nbeta = static_cast<const T*>(a.nbeta);
   const T* gamma = static_cast<const T*>(a.gamma);
-  const int64_t n = a.n;
-  const int64_t off = a.index_offset;
-  // The global groups that cover elements [off, off + n), in blocks of kGroupsPerBlock.
-  const int64_t g_first = off / 4;
-  const int64_t g_end = (off + n - 1) / 4 + 1;
-  const int64_t blocks = (g_end - g_first + kGroupsPerBlock - 1) / kGroupsPerBlock;
-  const int64_t items = a.num_chains * blocks;
+  // first work item of each segment (item_start[num_segments] = all items); empty segments have none
+  std::vector<int64_t> item_start(static_cast<size_t>(num_segments) + 1, 0);
+  std::vector<int64_t> seg_blocks(static_cast<size_t>(num_segments), 0);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int64_t n = segs[s].n, off = segs[s].global_offset;
+    // The global groups that cover elements [off, off + n), in blocks of kGroupsPerBlock.
+    const int64_t blocks = n > 0 ? ((off + n - 1) / 4 + 1 - off / 4 + kGroupsPerBlock - 1) / kGroupsPerBlock : 0;
+    seg_blocks[s] = blocks;
+    item_start[s + 1] = item_start[s] + a.num_chains * blocks;
+  }
+  const int64_t items = item_start[num_segments];
+  if (items == 0) return;
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 
 #pragma omp parallel num_threads(num_threads)
@@ -439,8 +448,21 @@ void update_impl_t(const UpdateArgs& a, int num_threads) {
     TileScratch scratch;
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t c = item / blocks;
-      const int64_t b = item - c * blocks;
+      // the segment holding this item: the last s with item_start[s] <= item (and a nonempty range)
+      const int64_t s = (std::upper_bound(item_start.begin(), item_start.end(), item) - item_start.begin()) - 1;
+      const Segment& seg = segs[s];
+      const int64_t blocks = seg_blocks[s];
+      const int64_t li = item - item_start[s];
+      const int64_t c = li / blocks;
+      const int64_t b = li - c * blocks;
+      const int64_t n = seg.n;
+      const int64_t off = seg.global_offset;
+      const int64_t g_first = off / 4;
+      const int64_t g_end = (off + n - 1) / 4 + 1;
+      S* w = reinterpret_cast<S*>(static_cast<uintptr_t>(seg.w));
+      const S* grad = reinterpret_cast<const S*>(static_cast<uintptr_t>(seg.grad));
+      const S* ws_seg = w_star + seg.local_start;
+      const uint8_t* mask_seg = kMask ? a.mask + seg.local_start : nullptr;
       const uint32_t chain = static_cast<uint32_t>(a.chain_ids[c]);
       RowConsts<T> rc;
       rc.lr = lr[c];
@@ -449,6 +471,7 @@ void update_impl_t(const UpdateArgs& a, int num_threads) {
       rc.neg_half_lr = -(static_cast<T>(0.5) * rc.lr);
       rc.sgld_noise = h.noise_level * t_sqrt(rc.lr * static_cast<T>(1));
       const int64_t row = c * n;
+      T* stat_row = kPrecond ? stat + c * stat_stride + seg.local_start : nullptr;
       const int64_t gb = g_first + b * kGroupsPerBlock;
       const int64_t ge = std::min(g_end, gb + kGroupsPerBlock);
       for (int64_t tg = gb; tg < ge; tg += kTileGroups) {
@@ -460,58 +483,41 @@ void update_impl_t(const UpdateArgs& a, int num_threads) {
         const int64_t t0 = e_begin + off - 4 * tg;  // position of e_begin in the tile
         const int64_t i0 = row + e_begin;
         update_run<S, kPrecond, kUpdateStat, kMask, kWD>(
-            w + i0, grad + i0, w_star + e_begin, kPrecond ? stat + i0 : nullptr, kMask ? a.mask + e_begin : nullptr,
-            scratch.xi + t0, scratch.round_bits + t0, e_end - e_begin, h, rc);
+            w + i0, grad + i0, ws_seg + e_begin, kPrecond ? stat_row + e_begin : nullptr,
+            kMask ? mask_seg + e_begin : nullptr, scratch.xi + t0, scratch.round_bits + t0, e_end - e_begin, h, rc);
       }
     }
   }
 }
 
 template <typename S, bool kPrecond, bool kUpdateStat>
-void update_impl_flags(const UpdateArgs& a, int num_threads) {
+void update_impl_flags(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stride, int num_threads) {
   const bool wd = a.weight_decay != 0.0;  // as make_hyper's has_wd
   if (a.has_mask) {
-    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true>(a, num_threads);
-    else update_impl_t<S, kPrecond, kUpdateStat, true, false>(a, num_threads);
+    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true>(a, segs, ns, stride, num_threads);
+    else update_impl_t<S, kPrecond, kUpdateStat, true, false>(a, segs, ns, stride, num_threads);
   } else {
-    if (wd) update_impl_t<S, kPrecond, kUpdateStat, false, true>(a, num_threads);
-    else update_impl_t<S, kPrecond, kUpdateStat, false, false>(a, num_threads);
+    if (wd) update_impl_t<S, kPrecond, kUpdateStat, false, true>(a, segs, ns, stride, num_threads);
+    else update_impl_t<S, kPrecond, kUpdateStat, false, false>(a, segs, ns, stride, num_threads);
   }
 }
 
 template <typename S>
-void update_impl(const UpdateArgs& a, int num_threads) {
-  if (a.sampler == kSGLD) update_impl_flags<S, false, false>(a, num_threads);
-  else if (a.update_statistic) update_impl_flags<S, true, true>(a, num_threads);
-  else update_impl_flags<S, true, false>(a, num_threads);
+void update_impl(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stride, int num_threads) {
+  if (a.sampler == kSGLD) update_impl_flags<S, false, false>(a, segs, ns, stride, num_threads);
+  else if (a.update_statistic) update_impl_flags<S, true, true>(a, segs, ns, stride, num_threads);
+  else update_impl_flags<S, true, false>(a, segs, ns, stride, num_threads);
 }
 
-void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t lr,
-                 uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains, int64_t n, uint64_t seed,
-                 uint64_t step, double stat_scale, int32_t sampler, bool update_statistic, bool has_mask, bool has_box,
-                 double alpha, double one_minus_alpha, double eps, double weight_decay, double box,
-                 double noise_level, int64_t index_offset, int32_t dtype, int32_t num_threads) {
-  if (num_chains < 0 || n < 0 || index_offset < 0 || n > INT64_MAX - index_offset - 4 || step > 0xFFFFFFFFull)
-    throw std::invalid_argument("sgld_update: bad sizes, offset or step");
+// The scalar settings of UpdateArgs (everything but the tensors and sizes), checked.
+void fill_settings(UpdateArgs& a, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
+                   bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
+                   double eps, double weight_decay, double box, double noise_level, int32_t dtype) {
+  if (step > 0xFFFFFFFFull) throw std::invalid_argument("sgld_update: bad step");
   if (sampler < kSGLD || sampler > kRMSPropBC) throw std::invalid_argument("sgld_update: bad sampler code");
   if (dtype != kFloat32 && dtype != kFloat64 && dtype != kBFloat16) throw std::invalid_argument("sgld_update: bad dtype code");
-  if (num_chains > 0 && n > INT64_MAX / num_chains) throw std::invalid_argument("sgld_update: C * N overflows int64");
-  if (num_chains == 0 || n == 0) return;
-  UpdateArgs a;
-  a.w = reinterpret_cast<void*>(w);
-  a.grad = reinterpret_cast<const void*>(grad);
-  a.w_star = reinterpret_cast<const void*>(w_star);
-  a.stat = reinterpret_cast<void*>(stat);
-  a.mask = reinterpret_cast<const uint8_t*>(mask);
-  a.lr = reinterpret_cast<const void*>(lr);
-  a.nbeta = reinterpret_cast<const void*>(nbeta);
-  a.gamma = reinterpret_cast<const void*>(gamma);
-  a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
-  a.num_chains = num_chains;
-  a.n = n;
   a.seed = seed;
   a.step = static_cast<uint32_t>(step);
-  a.index_offset = index_offset;
   a.stat_scale = stat_scale;
   a.sampler = sampler;
   a.update_statistic = update_statistic;
@@ -524,15 +530,87 @@ void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, 
   a.box = box;
   a.noise_level = noise_level;
   a.dtype = dtype;
+}
+
+void run_update(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stat_stride, int32_t num_threads) {
+  py::gil_scoped_release release;
+  switch (a.dtype) {
+    case kFloat32: update_impl<float>(a, segs, ns, stat_stride, num_threads); break;
+    case kFloat64: update_impl<double>(a, segs, ns, stat_stride, num_threads); break;
+    case kBFloat16: update_impl<uint16_t>(a, segs, ns, stat_stride, num_threads); break;
+  }
+}
+
+void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t lr,
+                 uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains, int64_t n, uint64_t seed,
+                 uint64_t step, double stat_scale, int32_t sampler, bool update_statistic, bool has_mask, bool has_box,
+                 double alpha, double one_minus_alpha, double eps, double weight_decay, double box,
+                 double noise_level, int64_t index_offset, int32_t dtype, int32_t num_threads) {
+  if (num_chains < 0 || n < 0 || index_offset < 0 || n > INT64_MAX - index_offset - 4 || step > 0xFFFFFFFFull)
+    throw std::invalid_argument("sgld_update: bad sizes, offset or step");
+  if (num_chains > 0 && n > INT64_MAX / num_chains) throw std::invalid_argument("sgld_update: C * N overflows int64");
+  UpdateArgs a;
+  fill_settings(a, seed, step, stat_scale, sampler, update_statistic, has_mask, has_box, alpha, one_minus_alpha, eps,
+                weight_decay, box, noise_level, dtype);
+  if (num_chains == 0 || n == 0) return;
+  a.w = reinterpret_cast<void*>(w);
+  a.grad = reinterpret_cast<const void*>(grad);
+  a.w_star = reinterpret_cast<const void*>(w_star);
+  a.stat = reinterpret_cast<void*>(stat);
+  a.mask = reinterpret_cast<const uint8_t*>(mask);
+  a.lr = reinterpret_cast<const void*>(lr);
+  a.nbeta = reinterpret_cast<const void*>(nbeta);
+  a.gamma = reinterpret_cast<const void*>(gamma);
+  a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
+  a.num_chains = num_chains;
+  a.n = n;
+  a.index_offset = index_offset;
   if (!a.w || !a.grad || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
       (has_mask && !a.mask))
     throw std::invalid_argument("sgld_update: null data pointer");
-  py::gil_scoped_release release;
-  switch (dtype) {
-    case kFloat32: update_impl<float>(a, num_threads); break;
-    case kFloat64: update_impl<double>(a, num_threads); break;
-    case kBFloat16: update_impl<uint16_t>(a, num_threads); break;
+  const Segment seg = {static_cast<int64_t>(w), static_cast<int64_t>(grad), n, 0, index_offset};
+  run_update(a, &seg, 1, n, num_threads);
+}
+
+// One update over several segments (see Segment, sgld_update.h) in one parallel region. segments:
+// int64 [num_segments, 5]; w_star, mask: [n_local]; stat: [C, n_local].
+void sgld_update_segments(uintptr_t segments, int64_t num_segments, uintptr_t w_star, uintptr_t stat, uintptr_t mask,
+                          uintptr_t lr, uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains,
+                          int64_t n_local, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
+                          bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
+                          double eps, double weight_decay, double box, double noise_level, int32_t dtype,
+                          int32_t num_threads) {
+  if (num_chains < 0 || n_local < 0 || num_segments < 0 || (num_chains > 0 && n_local > INT64_MAX / num_chains))
+    throw std::invalid_argument("sgld_update_segments: bad sizes");
+  UpdateArgs a;
+  fill_settings(a, seed, step, stat_scale, sampler, update_statistic, has_mask, has_box, alpha, one_minus_alpha, eps,
+                weight_decay, box, noise_level, dtype);
+  if (num_chains == 0 || num_segments == 0) return;
+  const Segment* segs = reinterpret_cast<const Segment*>(segments);
+  if (!segs) throw std::invalid_argument("sgld_update_segments: null segment table");
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const Segment& g = segs[s];
+    if (g.n < 0 || g.local_start < 0 || g.local_start > n_local - g.n || g.global_offset < 0 ||
+        g.n > INT64_MAX - g.global_offset - 4 || (g.n > 0 && (!g.w || !g.grad)) ||
+        (num_chains > 0 && g.n > INT64_MAX / num_chains))
+      throw std::invalid_argument("sgld_update_segments: bad segment " + std::to_string(s));
   }
+  a.w = nullptr;
+  a.grad = nullptr;
+  a.w_star = reinterpret_cast<const void*>(w_star);
+  a.stat = reinterpret_cast<void*>(stat);
+  a.mask = reinterpret_cast<const uint8_t*>(mask);
+  a.lr = reinterpret_cast<const void*>(lr);
+  a.nbeta = reinterpret_cast<const void*>(nbeta);
+  a.gamma = reinterpret_cast<const void*>(gamma);
+  a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
+  a.num_chains = num_chains;
+  a.n = n_local;
+  a.index_offset = 0;
+  if (!a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
+      (has_mask && !a.mask))
+    throw std::invalid_argument("sgld_update_segments: null data pointer");
+  run_update(a, segs, num_segments, n_local, num_threads);
 }
 
 // Debug / test hook: for each chain c and element k < count (global index start + k), writes the
@@ -620,6 +698,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("has_box"), py::arg("alpha"), py::arg("one_minus_alpha"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("box"), py::arg("noise_level"), py::arg("index_offset"), py::arg("dtype"),
         py::arg("num_threads") = 0);
+  m.def("sgld_update_segments", &llc::sgld_update_segments,
+        "One SGLD step in place over several segments, one parallel region (see cpp_update.py)",
+        py::arg("segments"), py::arg("num_segments"), py::arg("w_star"), py::arg("stat"), py::arg("mask"),
+        py::arg("lr"), py::arg("nbeta"), py::arg("gamma"), py::arg("chain_ids"), py::arg("num_chains"),
+        py::arg("n_local"), py::arg("seed"), py::arg("step"), py::arg("stat_scale"), py::arg("sampler"),
+        py::arg("update_statistic"), py::arg("has_mask"), py::arg("has_box"), py::arg("alpha"),
+        py::arg("one_minus_alpha"), py::arg("eps"), py::arg("weight_decay"), py::arg("box"), py::arg("noise_level"),
+        py::arg("dtype"), py::arg("num_threads") = 0);
   m.def("philox_debug", &llc::philox_debug, py::arg("seed"), py::arg("chain_ids"), py::arg("num_chains"),
         py::arg("step"), py::arg("start"), py::arg("count"), py::arg("stream"), py::arg("words_out"),
         py::arg("uniforms_out"), py::arg("normals_out"));

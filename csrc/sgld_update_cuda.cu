@@ -83,17 +83,68 @@ __device__ __forceinline__ float to_storage(float x, float*, uint32_t) { return 
 __device__ __forceinline__ double to_storage(double x, double*, uint32_t) { return x; }
 __device__ __forceinline__ uint16_t to_storage(float x, uint16_t*, uint32_t word) { return stochastic_round_bf16(x, word); }
 
+// One group g (global) of one chain: w_row, g_row: the chain's row of the weights and gradient;
+// w_star, stat_row, mask: the same elements' w*, statistic row (or null) and mask (or null), all
+// indexed by the local element index e = 4 g + lane - off, valid for 0 <= e < n.
+template <typename S, typename T>
+__device__ __forceinline__ void update_group(const UpdateArgs& a, const Hyper<T>& h, S* __restrict__ w_row,
+                                             const S* __restrict__ g_row, const S* __restrict__ w_star,
+                                             T* __restrict__ stat_row, const uint8_t* __restrict__ mask, int64_t n,
+                                             int64_t off, int64_t g, uint32_t chain, T lr_c, T nbeta_c, T gamma_c) {
+  constexpr bool kBF16 = sizeof(S) == 2;
+  const Normals4 xi = normals_from_words(group_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamGaussian));
+  Words4 rbits = {{0u, 0u, 0u, 0u}};
+  if (kBF16) rbits = group_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamRounding);
+  const int64_t e0 = 4 * g - off;  // local index of lane 0
+  S* wp = w_row + e0;
+  const S* gp = g_row + e0;
+  const S* sp = w_star + e0;
+  T* vp = stat_row ? stat_row + e0 : nullptr;
+  const uint8_t* mp = mask ? mask + e0 : nullptr;
+  const bool full = e0 >= 0 && e0 + 4 <= n;
+  const bool vec = full && aligned4(wp) && aligned4(gp) && aligned4(sp) && (!vp || aligned4(vp)) &&
+                   (!mp || aligned4(mp));
+  if (vec) {
+    S wv[4], gv[4], sv[4];
+    T vv[4] = {T(0), T(0), T(0), T(0)};
+    uint8_t mv[4] = {1, 1, 1, 1};
+    Vec<S>::load(wp, wv);
+    Vec<S>::load(gp, gv);
+    Vec<S>::load(sp, sv);
+    if (vp) Vec<T>::load(vp, vv);
+    if (mp) Vec<uint8_t>::load(mp, mv);
+    S out[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const T o = update_element<T>(to_compute(wv[j]), to_compute(gv[j]), to_compute(sv[j]), &vv[j], xi.n[j],
+                                    mv[j] != 0, lr_c, nbeta_c, gamma_c, h);
+      out[j] = to_storage(o, static_cast<S*>(nullptr), rbits.w[j]);
+    }
+    Vec<S>::store(wp, out);
+    if (vp && h.update_statistic) Vec<T>::store(vp, vv);
+  } else {
+    const int j0 = e0 < 0 ? static_cast<int>(-e0) : 0;
+    const int j1 = e0 + 4 > n ? static_cast<int>(n - e0) : 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j < j0 || j >= j1) continue;
+      T v = vp ? vp[j] : T(0);
+      const T o = update_element<T>(to_compute(wp[j]), to_compute(gp[j]), to_compute(sp[j]), &v, xi.n[j],
+                                    !mp || mp[j] != 0, lr_c, nbeta_c, gamma_c, h);
+      wp[j] = to_storage(o, static_cast<S*>(nullptr), rbits.w[j]);
+      if (vp && h.update_statistic) vp[j] = v;
+    }
+  }
+}
+
 template <typename S, typename T>
 __global__ void __launch_bounds__(kThreads) sgld_update_kernel(UpdateArgs a, int64_t g_first, int64_t num_groups) {
-  constexpr bool kBF16 = sizeof(S) == 2;
   const Hyper<T> h = make_hyper<T>(a);
-  S* __restrict__ w = static_cast<S*>(a.w);
-  const S* __restrict__ grad = static_cast<const S*>(a.grad);
-  const S* __restrict__ w_star = static_cast<const S*>(a.w_star);
-  T* __restrict__ stat = static_cast<T*>(a.stat);
-  const uint8_t* __restrict__ mask = a.mask;
+  S* w = static_cast<S*>(a.w);
+  const S* grad = static_cast<const S*>(a.grad);
+  const S* w_star = static_cast<const S*>(a.w_star);
+  T* stat = static_cast<T*>(a.stat);
   const int64_t n = a.n;
-  const int64_t off = a.index_offset;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
   for (int64_t c = blockIdx.y; c < a.num_chains; c += gridDim.y) {
@@ -103,50 +154,49 @@ __global__ void __launch_bounds__(kThreads) sgld_update_kernel(UpdateArgs a, int
     const T gamma_c = static_cast<const T*>(a.gamma)[c];
     const int64_t row = c * n;
     for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_groups; t += stride) {
-      const int64_t g = g_first + t;
-      const Normals4 xi = normals_from_words(group_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamGaussian));
-      Words4 rbits = {{0u, 0u, 0u, 0u}};
-      if (kBF16) rbits = group_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamRounding);
-      const int64_t e0 = 4 * g - off;  // local index of lane 0
-      S* wp = w + row + e0;
-      const S* gp = grad + row + e0;
-      const S* sp = w_star + e0;
-      T* vp = h.preconditioned ? stat + row + e0 : nullptr;
-      const uint8_t* mp = a.has_mask ? mask + e0 : nullptr;
-      const bool full = e0 >= 0 && e0 + 4 <= n;
-      const bool vec = full && aligned4(wp) && aligned4(gp) && aligned4(sp) && (!vp || aligned4(vp)) &&
-                       (!mp || aligned4(mp));
-      if (vec) {
-        S wv[4], gv[4], sv[4];
-        T vv[4] = {T(0), T(0), T(0), T(0)};
-        uint8_t mv[4] = {1, 1, 1, 1};
-        Vec<S>::load(wp, wv);
-        Vec<S>::load(gp, gv);
-        Vec<S>::load(sp, sv);
-        if (vp) Vec<T>::load(vp, vv);
-        if (mp) Vec<uint8_t>::load(mp, mv);
-        S out[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const T o = update_element<T>(to_compute(wv[j]), to_compute(gv[j]), to_compute(sv[j]), &vv[j], xi.n[j],
-                                        mv[j] != 0, lr_c, nbeta_c, gamma_c, h);
-          out[j] = to_storage(o, static_cast<S*>(nullptr), rbits.w[j]);
-        }
-        Vec<S>::store(wp, out);
-        if (vp && h.update_statistic) Vec<T>::store(vp, vv);
-      } else {
-        const int j0 = e0 < 0 ? static_cast<int>(-e0) : 0;
-        const int j1 = e0 + 4 > n ? static_cast<int>(n - e0) : 4;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (j < j0 || j >= j1) continue;
-          T v = vp ? vp[j] : T(0);
-          const T o = update_element<T>(to_compute(wp[j]), to_compute(gp[j]), to_compute(sp[j]), &v, xi.n[j],
-                                        !mp || mp[j] != 0, lr_c, nbeta_c, gamma_c, h);
-          wp[j] = to_storage(o, static_cast<S*>(nullptr), rbits.w[j]);
-          if (vp && h.update_statistic) vp[j] = v;
-        }
+      update_group<S, T>(a, h, w + row, grad + row, w_star, h.preconditioned ? stat + row : nullptr,
+                         a.has_mask ? a.mask : nullptr, n, a.index_offset, g_first + t, chain, lr_c, nbeta_c, gamma_c);
+    }
+  }
+}
+
+// All segments of a multi-segment update in one launch. table: the Segment rows [S] followed by
+// first_block [S + 1] (int64): the virtual blocks of kThreads groups of segment s are
+// [first_block[s], first_block[s + 1]). blockIdx.x strides over the virtual blocks (a binary search
+// finds the segment), y over chains. stat_stride: the statistic's row length (n_local).
+template <typename S, typename T>
+__global__ void __launch_bounds__(kThreads) sgld_update_segments_kernel(UpdateArgs a, const int64_t* __restrict__ table,
+                                                                       int64_t num_segments, int64_t stat_stride) {
+  const Hyper<T> h = make_hyper<T>(a);
+  const Segment* segs = reinterpret_cast<const Segment*>(table);
+  const int64_t* first_block = table + 5 * num_segments;
+  const int64_t total_blocks = first_block[num_segments];
+  const S* w_star = static_cast<const S*>(a.w_star);
+  T* stat = static_cast<T*>(a.stat);
+
+  for (int64_t c = blockIdx.y; c < a.num_chains; c += gridDim.y) {
+    const uint32_t chain = static_cast<uint32_t>(a.chain_ids[c]);
+    const T lr_c = static_cast<const T*>(a.lr)[c];
+    const T nbeta_c = static_cast<const T*>(a.nbeta)[c];
+    const T gamma_c = static_cast<const T*>(a.gamma)[c];
+    for (int64_t vb = blockIdx.x; vb < total_blocks; vb += gridDim.x) {
+      int64_t lo = 0, hi = num_segments - 1;  // the last s with first_block[s] <= vb
+      while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (first_block[mid] <= vb) lo = mid; else hi = mid - 1;
       }
+      const Segment seg = segs[lo];
+      const int64_t n = seg.n, off = seg.global_offset;
+      const int64_t num_groups = (off + n - 1) / 4 + 1 - off / 4;
+      const int64_t t = (vb - first_block[lo]) * kThreads + threadIdx.x;
+      if (t >= num_groups) continue;
+      S* w = reinterpret_cast<S*>(static_cast<uintptr_t>(seg.w));
+      const S* grad = reinterpret_cast<const S*>(static_cast<uintptr_t>(seg.grad));
+      const int64_t row = c * n;
+      update_group<S, T>(a, h, w + row, grad + row, w_star + seg.local_start,
+                         h.preconditioned ? stat + c * stat_stride + seg.local_start : nullptr,
+                         a.has_mask ? a.mask + seg.local_start : nullptr, n, off, off / 4 + t, chain, lr_c, nbeta_c,
+                         gamma_c);
     }
   }
 }
@@ -186,6 +236,24 @@ cudaError_t launch(const UpdateArgs& a, cudaStream_t stream) {
   if (blocks_x > 0x7FFFFFFF) blocks_x = 0x7FFFFFFF;
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(chains_y));
   sgld_update_kernel<S, T><<<grid, kThreads, 0, stream>>>(a, g_first, num_groups);
+  return cudaGetLastError();
+}
+
+template <typename S, typename T>
+cudaError_t launch_segments(const UpdateArgs& a, const int64_t* table, int64_t num_segments, int64_t total_blocks,
+                            cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t chains_y = a.num_chains < 65535 ? a.num_chains : 65535;
+  const int64_t target = static_cast<int64_t>(sms) * 16;
+  int64_t blocks_x = (target + chains_y - 1) / chains_y;
+  if (blocks_x > total_blocks) blocks_x = total_blocks;
+  if (blocks_x < 1) blocks_x = 1;
+  const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(chains_y));
+  sgld_update_segments_kernel<S, T><<<grid, kThreads, 0, stream>>>(a, table, num_segments, a.n);
   return cudaGetLastError();
 }
 
@@ -262,4 +330,63 @@ extern "C" int llc_philox_debug_cuda(uint64_t seed, uintptr_t chain_ids, int64_t
 extern "C" const char* llc_cuda_error_string(int code) {
   if (code == -1) return "invalid arguments";
   return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+// The threads' group count per virtual block of the segment kernel (the host builds first_block with it).
+extern "C" int llc_cuda_segment_block_groups() { return llc::kThreads; }
+
+// One update over several segments in one launch. table: device int64 [5 * S + S + 1]: the Segment
+// rows (sgld_update.h), then first_block (S + 1 values; first_block[S] = all virtual blocks), built
+// and checked by cuda_update.py. w_star, mask: [n_local]; stat: [C, n_local]. Return codes as above.
+extern "C" int llc_sgld_update_segments_cuda(uintptr_t table, int64_t num_segments, int64_t total_blocks,
+                                             uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t lr,
+                                             uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids,
+                                             int64_t num_chains, int64_t n_local, uint64_t seed, uint64_t step,
+                                             double stat_scale, int32_t sampler, int32_t update_statistic,
+                                             int32_t has_mask, int32_t has_box, double alpha, double one_minus_alpha,
+                                             double eps, double weight_decay, double box, double noise_level,
+                                             int32_t dtype, uintptr_t stream) {
+  using namespace llc;
+  if (num_chains < 0 || n_local < 0 || num_segments < 0 || total_blocks < 0 || step > 0xFFFFFFFFull ||
+      sampler < kSGLD || sampler > kRMSPropBC || (num_chains > 0 && n_local > INT64_MAX / num_chains))
+    return -1;
+  if (num_chains == 0 || num_segments == 0 || total_blocks == 0) return 0;
+  UpdateArgs a;
+  a.w = nullptr;
+  a.grad = nullptr;
+  a.w_star = reinterpret_cast<const void*>(w_star);
+  a.stat = reinterpret_cast<void*>(stat);
+  a.mask = has_mask ? reinterpret_cast<const uint8_t*>(mask) : nullptr;
+  a.lr = reinterpret_cast<const void*>(lr);
+  a.nbeta = reinterpret_cast<const void*>(nbeta);
+  a.gamma = reinterpret_cast<const void*>(gamma);
+  a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
+  a.num_chains = num_chains;
+  a.n = n_local;
+  a.seed = seed;
+  a.step = static_cast<uint32_t>(step);
+  a.index_offset = 0;
+  a.stat_scale = stat_scale;
+  a.sampler = sampler;
+  a.update_statistic = update_statistic != 0;
+  a.has_mask = has_mask != 0;
+  a.has_box = has_box != 0;
+  a.alpha = alpha;
+  a.one_minus_alpha = one_minus_alpha;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.box = box;
+  a.noise_level = noise_level;
+  a.dtype = dtype;
+  const int64_t* t = reinterpret_cast<const int64_t*>(table);
+  if (!t || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
+      (a.has_mask && !a.mask))
+    return -1;
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32: return static_cast<int>(launch_segments<float, float>(a, t, num_segments, total_blocks, s));
+    case kFloat64: return static_cast<int>(launch_segments<double, double>(a, t, num_segments, total_blocks, s));
+    case kBFloat16: return static_cast<int>(launch_segments<uint16_t, float>(a, t, num_segments, total_blocks, s));
+    default: return -1;
+  }
 }

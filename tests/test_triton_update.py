@@ -544,6 +544,26 @@ _AOT_SCRIPT = textwrap.dedent("""
     compile(80, "*i16", "*fp32", False, True)
     compile(90, "*fp32", "*fp32", False, False)
     compile(90, "*fp64", "*fp64", True, False)
+
+    from llc_fast.kernels.triton_update import _sgld_update_segments_kernel as ks
+
+    def compile_segments(arch, weights, stat, f64, bf16):  # pointers loaded from the table, cast in the kernel
+        sig = {"seg_ptr": "*i64", "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8", "hp_ptr": stat,
+               "sp_ptr": "*fp64", "chain_ptr": "*i64"}
+        for name in ("lr", "nbeta", "gamma", "alpha", "one_minus_alpha", "scale", "eps", "wd", "box",
+                     "noise_level"):
+            sig[name] = "fp32"
+        sig.update(seed="u64", step="i64", n_local="i64", chain_base="i32", num_chains="i32")
+        consts = dict(GROUPS=GPU_GROUPS, SEARCH_STEPS=8, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
+                      HAS_MASK=True, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64)
+        sig.update({name: "constexpr" for name in consts})
+        out = triton.compile(ASTSource(fn=ks, signature=sig, constexprs=consts),
+                             target=GPUTarget("cuda", arch, 32), options={"num_warps": GPU_NUM_WARPS})
+        assert "mul.hi.u32" in out.asm["ptx"] and len(out.asm["cubin"]) > 0
+
+    compile_segments(80, "*i16", "*fp32", False, True)
+    compile_segments(90, "*fp32", "*fp32", False, False)
+    compile_segments(90, "*fp64", "*fp64", True, False)
     print("compiled")
 """)
 

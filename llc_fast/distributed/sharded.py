@@ -33,18 +33,20 @@ S > 1 (FSDP2)
     the noise (and bf16 rounding bits) it gets unsharded, so a chain is the same for any S, and a
     2-process run equals the 1-process run to float tolerance.
 
-    Launches: the kernels take one ``index_offset`` per call, i.e. one globally contiguous range, and
-    a rank's shards are contiguous per parameter but not across parameters (rank s holds a slice of
-    every parameter). So a step is one fused update per local shard segment; with S = 1 it is one
-    launch for the whole vector. Measured on CPU (2-process gloo run of a 12-layer, width-768 GPT-2,
+    Launches: a rank's shards are contiguous per parameter but not across parameters (rank s holds a
+    slice of every parameter), so the update takes them as a table of segments (each shard's own
+    [1, n] weights and gradient, its local start in the flat buffers, its global offset): one call of
+    the backend's multi-segment entry (``update_segments``: one OpenMP region on the CPU, one Triton
+    or CUDA launch on a GPU) per step; with S = 1 it is one launch for the whole vector. Before that
+    multi-segment entry, a step was one fused update per segment. Measured on CPU (2-process gloo run of a 12-layer, width-768 GPT-2,
     85.9M parameters, rank 0 holding 42.9M elements in 148 segments; C++ backend, one thread each;
     a shared 2-core machine, three runs): one step's per-segment launches took 72-122 ms, a single
     launch over a flat staging buffer holding the same elements 68-105 ms, and staging itself (copy
     the shards and gradients in, the weights back out, then one launch) 134-168 ms, besides holding
     a second copy of the weights and gradients. So the update writes FSDP's shards in place, one
     launch per segment (a few tens of microseconds of overhead each, ~10 ms per step for the ~290
-    segments of a 7B model, against seconds of forward and backward); a kernel taking a table of
-    (local start, global offset) segments would make it one launch without copies.
+    segments of a 7B model, against seconds of forward and backward). The multi-segment entry now
+    makes it one launch without copies (figures above predate it).
 
 Not supported with S > 1: ``mala_every`` (use S = 1). ``chain_batching``, ``max_batched_chains`` and
 ``batch_memory_bytes`` apply to S = 1 only (with S > 1 a group's chains run one after another).
@@ -71,7 +73,7 @@ from ..estimators import llc as _llc
 from ..estimators import validation as check
 from ..estimators.llc import LLCDivergenceWarning
 from ..estimators.result import LLCResult
-from ..kernels.dispatch import select_backend
+from ..kernels.dispatch import segments_update, select_backend
 from ..kernels.reference import compute_dtype
 from ..kernels.update_spec import SamplerSettings
 from ..state.flat import FlatLayout, FlatState, isolated_buffers
@@ -391,6 +393,12 @@ class ShardedChainState:
         self.stat = (torch.empty(self.numel, dtype=compute_dtype(dtype), device=device)
                      if settings.preconditioned else None)
         self.masks = self._local_masks(layout, mask or {}, device)
+        self.flat_mask = None  # [numel] 0/1 of all segments (1 where a parameter has no mask), or None
+        if any(m is not None for m in self.masks):
+            self.flat_mask = torch.ones(self.numel, dtype=torch.float32, device=device)
+            for seg, m in zip(self.segments, self.masks):
+                if m is not None:
+                    self.flat_mask[seg.local_offset: seg.local_offset + seg.numel].copy_(m)
         self._zeros = torch.zeros(max((s.numel for s in self.segments), default=0), dtype=dtype, device=device)
 
     def _star(self, seg: _Segment) -> torch.Tensor:
@@ -428,13 +436,17 @@ class ShardedChainState:
 
     @torch.no_grad()
     def update(self, update: Callable, **step_args) -> None:
-        """One fused update per local segment, each keyed by its global offset."""
-        for seg, mask in zip(self.segments, self.masks):
+        """One fused update over all local segments (``update``'s multi-segment entry: one kernel call or
+        launch per step; a backend without one falls back to one call per segment), each segment keyed by
+        its global offset."""
+        segments = []
+        for seg in self.segments:
             grad = seg.grad()
             if grad is None:  # a parameter the loss does not use: gradient 0, as unsharded
                 grad = self._zeros[: seg.numel].view(1, -1)
-            update(seg.weights(), grad, self._star(seg), self._stat(seg), mask=mask, index_offset=seg.global_offset,
-                   **step_args)
+            segments.append((seg.weights(), grad, seg.local_offset, seg.global_offset))
+        stat = None if self.stat is None else self.stat.view(1, -1)
+        segments_update(update)(segments, self.w_star, stat, mask=self.flat_mask, **step_args)
 
 
 def _check_mask(layout: FlatLayout, mask: dict) -> None:

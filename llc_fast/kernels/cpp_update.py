@@ -39,7 +39,7 @@ from types import ModuleType
 import torch
 
 from . import philox
-from .reference import check_update_args, compute_dtype
+from .reference import check_segments, check_update_args, compute_dtype
 from .update_spec import SAMPLERS, SamplerSettings, StepCounters, per_chain
 
 EXTENSION_NAME = "llc_fast_sgld_cpu"
@@ -273,6 +273,96 @@ def prepare_update_args(
     return args
 
 
+def prepare_segments_args(
+    segments, w_star, stat, *, lr, nbeta, gamma, settings, counters, seed, chain_ids, mask, device_type
+) -> dict | None:
+    """``prepare_update_args`` for a multi-segment update (``cpu_update_segments``).
+
+    Returns None when there is nothing to update, else the keyword arguments of the extensions'
+    ``sgld_update_segments``: ``segments`` points at an int64 [S, 5] table (w pointer, grad
+    pointer, n, local_start, global_offset) on the host, ``table`` is that tensor (the CUDA
+    backend copies it to the device), and ``_keep`` holds the tensors the pointers point into.
+    """
+    if not isinstance(settings, SamplerSettings):
+        raise ValueError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
+    if not isinstance(counters, StepCounters):
+        raise ValueError(f"counters must be a StepCounters, got {type(counters).__name__}")
+    segs = check_segments(segments, w_star, stat, mask, settings)
+    tensors = [("w_star", w_star), ("mask", mask)] + ([("stat", stat)] if settings.preconditioned else [])
+    for k, (w, grad, _, _) in enumerate(segs):
+        tensors += [(f"segment {k} w", w), (f"segment {k} grad", grad)]
+    for name, t in tensors:
+        if t is not None and t.device.type != device_type:
+            raise ValueError(f"{name} must be on {device_type}, got {t.device}")
+    if device_type == "cuda":
+        devices = {t.device for _, t in tensors if t is not None}
+        if len(devices) != 1:
+            raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    n_local = w_star.shape[0]
+    if not segs:
+        return None
+    num_chains = segs[0][0].shape[0]
+    seed = _check_int("seed", seed, 0, philox.MAX_SEED)
+    step = _check_int("counters.step", counters.step, 0, philox.MAX_STEP)
+    for k, (w, _, _, offset) in enumerate(segs):
+        _check_int(f"segment {k} global_offset", offset, 0, MAX_INDEX - w.shape[1])
+    if not isinstance(chain_ids, torch.Tensor):
+        chain_ids = torch.as_tensor(chain_ids)
+    if chain_ids.is_floating_point() or chain_ids.is_complex() or chain_ids.dtype == torch.bool:
+        raise ValueError(f"chain_ids must be an integer tensor, got {chain_ids.dtype}")
+    if chain_ids.shape != (num_chains,):
+        raise ValueError(f"chain_ids must have shape ({num_chains},), got {tuple(chain_ids.shape)}")
+    device = w_star.device
+    ids = chain_ids.to(device=device, dtype=torch.int64).contiguous()
+    if num_chains and not (0 <= int(ids.min()) and int(ids.max()) <= philox.MAX_CHAIN):
+        raise ValueError(f"chain indices must lie in [0, 2**31), got {chain_ids.tolist()}")
+    segs = [s for s in segs if s[0].shape[1] > 0]
+    if num_chains == 0 or not segs:
+        return None
+    cdt = compute_dtype(w_star.dtype)
+    hyper = {name: per_chain(v, num_chains, device, cdt).contiguous() for name, v in
+             (("lr", lr), ("nbeta", nbeta), ("gamma", gamma))}
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+        elif mask.dtype != torch.uint8:
+            mask = (mask != 0).to(torch.uint8)
+    table = torch.tensor([[w.data_ptr(), g.data_ptr(), w.shape[1], start, offset] for w, g, start, offset in segs],
+                         dtype=torch.int64)
+    pre = settings.preconditioned
+    args = dict(
+        segments=table.data_ptr(),
+        num_segments=len(segs),
+        w_star=w_star.data_ptr(),
+        stat=stat.data_ptr() if pre else 0,
+        mask=mask.data_ptr() if mask is not None else 0,
+        lr=hyper["lr"].data_ptr(),
+        nbeta=hyper["nbeta"].data_ptr(),
+        gamma=hyper["gamma"].data_ptr(),
+        chain_ids=ids.data_ptr(),
+        num_chains=num_chains,
+        n_local=n_local,
+        seed=seed,
+        step=step,
+        stat_scale=settings.statistic_scale(counters.stat_step) if pre else 1.0,
+        sampler=SAMPLER_CODES[settings.sampler],
+        update_statistic=bool(counters.update_statistic),
+        has_mask=mask is not None,
+        has_box=settings.box is not None,
+        alpha=float(settings.rmsprop_alpha),
+        one_minus_alpha=1.0 - settings.rmsprop_alpha,
+        eps=float(settings.rmsprop_eps),
+        weight_decay=float(settings.weight_decay),
+        box=float(settings.box) if settings.box is not None else 0.0,
+        noise_level=float(settings.noise_level),
+        dtype=DTYPE_CODES[w_star.dtype],
+    )
+    args["table"] = table
+    args["_keep"] = (ids, mask, table, *hyper.values())
+    args["_numel"] = num_chains * sum(w.shape[1] for w, _, _, _ in segs)
+    return args
+
+
 def cpu_update(
     w: torch.Tensor,
     grad: torch.Tensor,
@@ -308,6 +398,44 @@ def cpu_update(
     threads = max(1, min(torch.get_num_threads(), w.numel() // ELEMENTS_PER_THREAD))
     ext.sgld_update(**args, num_threads=threads)
     del keep
+
+
+def cpu_update_segments(
+    segments,
+    w_star: torch.Tensor,
+    stat: torch.Tensor | None,
+    *,
+    lr: float | torch.Tensor,
+    nbeta: float | torch.Tensor,
+    gamma: float | torch.Tensor,
+    settings: SamplerSettings,
+    counters: StepCounters,
+    seed: int,
+    chain_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """``reference.reference_update_segments`` by one call of the compiled kernel: OpenMP over
+    (segment, chain, block) work items in one parallel region, the same result as one
+    ``cpu_update`` per segment (the same arithmetic, element by element).
+
+    segments: (w_k [C, n_k], grad_k [C, n_k], local_start_k, global_offset_k); w_star [N_local],
+    stat [C, N_local], mask [N_local]: segment k is columns [local_start_k, local_start_k + n_k).
+    """
+    ext = load_cpu_extension()
+    args = prepare_segments_args(
+        segments, w_star, stat, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings, counters=counters, seed=seed,
+        chain_ids=chain_ids, mask=mask, device_type="cpu",
+    )
+    if args is None:
+        return
+    keep, numel = args.pop("_keep"), args.pop("_numel")
+    args.pop("table")
+    threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
+    ext.sgld_update_segments(**args, num_threads=threads)
+    del keep
+
+
+cpu_update.update_segments = cpu_update_segments
 
 
 def load_cpu_update():

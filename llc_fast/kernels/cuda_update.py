@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .cpp_update import build_root, csrc_dir, prepare_update_args
+from .cpp_update import build_root, csrc_dir, prepare_segments_args, prepare_update_args
 from .update_spec import SamplerSettings, StepCounters
 
 CUDA_SOURCE = "sgld_update_cuda.cu"
@@ -84,6 +84,11 @@ def _load_library(arch: str) -> ctypes.CDLL:
             lib.llc_sgld_update_cuda.argtypes = [ptr] * 9 + [i64, i64, u64, u64, f64, i32, i32, i32, i32] + [f64] * 6 + [
                 i64, i32, ptr]
             lib.llc_sgld_update_cuda.restype = ctypes.c_int
+            lib.llc_sgld_update_segments_cuda.argtypes = [ptr, i64, i64] + [ptr] * 7 + [i64, i64, u64, u64, f64] + [
+                i32] * 4 + [f64] * 6 + [i32, ptr]
+            lib.llc_sgld_update_segments_cuda.restype = ctypes.c_int
+            lib.llc_cuda_segment_block_groups.argtypes = []
+            lib.llc_cuda_segment_block_groups.restype = ctypes.c_int
             lib.llc_philox_debug_cuda.argtypes = [u64, ptr, i64, u64, i64, i64, ctypes.c_uint32, ptr, ptr, ptr, ptr]
             lib.llc_philox_debug_cuda.restype = ctypes.c_int
             lib.llc_cuda_error_string.argtypes = [ctypes.c_int]
@@ -138,6 +143,59 @@ def cuda_update(
     # The temporaries in keep (ids, mask, per-chain values) are freed through torch's caching
     # allocator, which orders their reuse after this stream's kernel.
     del keep
+
+
+def cuda_update_segments(
+    segments,
+    w_star: torch.Tensor,
+    stat: torch.Tensor | None,
+    *,
+    lr: float | torch.Tensor,
+    nbeta: float | torch.Tensor,
+    gamma: float | torch.Tensor,
+    settings: SamplerSettings,
+    counters: StepCounters,
+    seed: int,
+    chain_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """``reference.reference_update_segments`` in ONE launch of the CUDA kernel, on the current stream.
+
+    The segment table (int64: the [S, 5] rows of ``prepare_segments_args``, then the S + 1 first
+    virtual blocks of 256 groups) is copied to the device each call; blockIdx.x finds its segment
+    by a binary search over it.
+    """
+    args = prepare_segments_args(
+        segments, w_star, stat, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings, counters=counters, seed=seed,
+        chain_ids=chain_ids, mask=mask, device_type="cuda",
+    )
+    if args is None:
+        return
+    keep, table = args.pop("_keep"), args.pop("table")
+    args.pop("_numel")
+    lib = _load_library(_arch(w_star.device))
+    per_block = lib.llc_cuda_segment_block_groups()
+    ns, offsets = table[:, 2], table[:, 4]
+    groups = (offsets + ns - 1) // 4 + 1 - offsets // 4
+    first = torch.zeros(len(table) + 1, dtype=torch.int64)
+    first[1:] = torch.cumsum((groups + per_block - 1) // per_block, 0)
+    total_blocks = int(first[-1])
+    host = torch.cat([table.reshape(-1), first]).pin_memory()
+    device_table = host.to(w_star.device, non_blocking=True)
+    with torch.cuda.device(w_star.device):
+        stream = torch.cuda.current_stream(w_star.device).cuda_stream
+        code = lib.llc_sgld_update_segments_cuda(
+            device_table.data_ptr(), args["num_segments"], total_blocks, args["w_star"], args["stat"], args["mask"],
+            args["lr"], args["nbeta"], args["gamma"], args["chain_ids"], args["num_chains"], args["n_local"],
+            args["seed"], args["step"], args["stat_scale"], args["sampler"], int(args["update_statistic"]),
+            int(args["has_mask"]), int(args["has_box"]), args["alpha"], args["one_minus_alpha"], args["eps"],
+            args["weight_decay"], args["box"], args["noise_level"], args["dtype"], stream,
+        )
+    _check(lib, code, "the CUDA multi-segment SGLD update")
+    del keep, device_table
+
+
+cuda_update.update_segments = cuda_update_segments
 
 
 def cuda_philox_debug(seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int, stream: int = 0):

@@ -2,6 +2,12 @@
 
 Every backend implements ``reference.reference_update``'s signature and math. ``backends()``
 lists them with the reason a backend cannot run here; ``select_backend`` picks one.
+
+Each backend's update function also carries its multi-segment form as the attribute
+``update_segments`` (``reference.reference_update_segments``'s signature and math: several
+separately allocated [C, n_k] weight/gradient segments, one flat w*/statistic/mask buffer, in one
+call or launch); ``segments_update(update)`` returns it, or a per-segment loop for a function
+without one.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import reference_update
+from .reference import reference_update, segments_by_loop
 
 UpdateFn = Callable[..., None]
 
@@ -109,3 +115,15 @@ def select_backend(name: str, device: torch.device) -> tuple[str, UpdateFn]:
         f"backend {name!r} cannot update tensors on {device}: " + "; ".join(reasons)
         + ". Pass backend='torch' (the reference) or see llc_fast.backends()."
     )
+
+
+def segments_update(update: UpdateFn) -> UpdateFn:
+    """The multi-segment form of a single-buffer update function: its ``update_segments`` attribute
+    (one kernel call or launch for all segments), else one call of ``update`` per segment."""
+    fn = getattr(update, "update_segments", None)
+    return fn if fn is not None else segments_by_loop(update)
+
+
+def has_fused_segments(update: UpdateFn) -> bool:
+    """Whether ``update`` has a multi-segment entry of its own (not the per-segment loop fallback)."""
+    return getattr(update, "update_segments", None) is not None

@@ -111,3 +111,90 @@ def reference_update(
             w[:, sl] = philox.stochastic_round_to_bf16(new, words)
         else:
             w[:, sl] = new
+
+
+# --- several segments in one call (a sharded rank's local shards) --------------------------------
+
+
+def check_segments(segments, w_star, stat, mask, settings: SamplerSettings) -> list[tuple]:
+    """Check the arguments of a multi-segment update; returns the segments as a list of
+    (w, grad, local_start, global_offset) with ints. Raises ValueError naming what is wrong.
+
+    segments: (w_k [C, n_k], grad_k [C, n_k], local_start_k, global_offset_k); w_star [N_local],
+    stat [C, N_local] (or None for SGLD), mask [N_local] or None. Segment k occupies
+    [local_start_k, local_start_k + n_k) of the flat buffers; the ranges must not overlap.
+    """
+    segs = []
+    for k, seg in enumerate(segments):
+        try:
+            w, grad, local_start, global_offset = seg
+        except (TypeError, ValueError):
+            raise ValueError(f"segment {k} must be (w, grad, local_start, global_offset)") from None
+        segs.append((w, grad, int(local_start), int(global_offset)))
+    if w_star.ndim != 1:
+        raise ValueError(f"w_star must be the flat [N_local] buffer, got shape {tuple(w_star.shape)}")
+    n_local = w_star.shape[0]
+    chains = segs[0][0].shape[0] if segs and segs[0][0].ndim == 2 else None
+    ranges = []
+    for k, (w, grad, start, offset) in enumerate(segs):
+        if w.ndim != 2 or w.shape[0] != chains:
+            raise ValueError(f"segment {k}: w must be [{chains}, n], got shape {tuple(w.shape)}")
+        if w.dtype != w_star.dtype:
+            raise ValueError(f"segment {k}: w is {w.dtype} but w_star is {w_star.dtype}")
+        n = w.shape[1]
+        if not (0 <= start and start + n <= n_local):
+            raise ValueError(f"segment {k}: local range [{start}, {start + n}) is outside w_star's [0, {n_local})")
+        if offset < 0:
+            raise ValueError(f"segment {k}: global_offset must be >= 0, got {offset}")
+        if w.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise ValueError(f"parameters must be float32, float64 or bfloat16, got {w.dtype}")
+        if grad.shape != w.shape or grad.dtype != w.dtype:
+            raise ValueError(f"segment {k}: grad must match w ({tuple(w.shape)}, {w.dtype}), got "
+                             f"{tuple(grad.shape)}, {grad.dtype}")
+        if not (w.is_contiguous() and grad.is_contiguous()):
+            raise ValueError(f"segment {k}: w and grad must be contiguous")
+        ranges.append((start, start + n, k))
+    ranges.sort()
+    for (_, e0, k0), (s1, _, k1) in zip(ranges, ranges[1:]):
+        if s1 < e0:
+            raise ValueError(f"segments {k0} and {k1} overlap in the local buffers")
+    if settings.preconditioned:
+        if stat is None or stat.ndim != 2 or (segs and stat.shape[0] != chains) or stat.shape[1] != n_local:
+            raise ValueError(f"stat must be [C, {n_local}], got {None if stat is None else tuple(stat.shape)}")
+        if stat.dtype != compute_dtype(w_star.dtype) or not stat.is_contiguous():
+            raise ValueError(f"stat must be contiguous {compute_dtype(w_star.dtype)}, got {stat.dtype}")
+    if mask is not None and (mask.shape != (n_local,) or not mask.is_contiguous()):
+        raise ValueError(f"mask must be a contiguous [{n_local}], got {tuple(mask.shape)}")
+    if not w_star.is_contiguous():
+        raise ValueError("w_star must be contiguous")
+    return segs
+
+
+def segments_by_loop(update):
+    """The multi-segment update made of one call of the single-buffer ``update`` per segment (the
+    definition of the multi-segment semantics, and the fallback of a backend without its own)."""
+
+    def update_segments(segments, w_star, stat, *, lr, nbeta, gamma, settings, counters, seed, chain_ids,
+                        mask=None) -> None:
+        segs = check_segments(segments, w_star, stat, mask, settings)
+        for w, grad, start, offset in segs:
+            n = w.shape[1]
+            sl = slice(start, start + n)
+            st = None
+            if settings.preconditioned:
+                st = stat[:, sl]
+                if not st.is_contiguous():
+                    st = st.contiguous()
+            update(w, grad, w_star[sl], st, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings, counters=counters,
+                   seed=seed, chain_ids=chain_ids, mask=None if mask is None else mask[sl], index_offset=offset)
+            if st is not None and st.data_ptr() != stat[:, sl].data_ptr():
+                stat[:, sl].copy_(st)
+
+    update_segments.__name__ = f"{getattr(update, '__name__', 'update')}_segments_by_loop"
+    return update_segments
+
+
+#: The multi-segment reference: ``reference_update`` once per segment (w*, stat and mask sliced to the
+#: segment's local range, ``index_offset`` = its global offset).
+reference_update_segments = segments_by_loop(reference_update)
+reference_update.update_segments = reference_update_segments

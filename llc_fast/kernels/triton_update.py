@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import philox
-from .reference import check_update_args, compute_dtype
+from .reference import check_segments, check_update_args, compute_dtype
 from .update_spec import SamplerSettings, StepCounters, per_chain
 
 # Groups of four elements per program: 256 groups = 1024 elements with 8 warps on a GPU; the
@@ -126,6 +126,90 @@ def _stochastic_round_bf16_bits(x, words):
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _load_hyper(hp_ptr, sp_ptr, c, num_chains, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box,
+                noise_level, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr):
+    """Chain c's (lr, nbeta, gamma) and the shared settings, from the scalar arguments or the tables."""
+    if HP_PTR:  # per-chain values, [3, C] in the compute dtype
+        lr_c = tl.load(hp_ptr + c)
+        nbeta_c = tl.load(hp_ptr + num_chains + c)
+        gamma_c = tl.load(hp_ptr + 2 * num_chains + c)
+    else:
+        lr_c = lr
+        nbeta_c = nbeta
+        gamma_c = gamma
+    if SP_PTR:  # float64: alpha, 1 - alpha, scale, eps, weight decay, box, noise level
+        alpha = tl.load(sp_ptr + 0)
+        one_minus_alpha = tl.load(sp_ptr + 1)
+        scale = tl.load(sp_ptr + 2)
+        eps = tl.load(sp_ptr + 3)
+        wd = tl.load(sp_ptr + 4)
+        box = tl.load(sp_ptr + 5)
+        noise_level = tl.load(sp_ptr + 6)
+    return lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level
+
+
+@triton.jit
+def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptrs, valid, groups, chain,
+                 lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level, seed, step,
+                 PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
+                 HAS_MASK: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr):
+    """One [GROUPS, 4] tile of one chain: the pointers address the tile's elements (``valid`` marks the
+    real ones), ``groups`` are the tile's global groups of four."""
+    if IS_BF16:
+        wc = _bf16_bits_to_f32(tl.load(w_ptrs, mask=valid, other=0))
+        g = _bf16_bits_to_f32(tl.load(g_ptrs, mask=valid, other=0))
+        ws = _bf16_bits_to_f32(tl.load(ws_ptrs, mask=valid, other=0))
+    else:
+        wc = tl.load(w_ptrs, mask=valid, other=0.0)
+        g = tl.load(g_ptrs, mask=valid, other=0.0)
+        ws = tl.load(ws_ptrs, mask=valid, other=0.0)
+
+    # G = 1 / (sqrt(V * s_t) + eps); the statistic takes this step's gradient before use.
+    if PRECOND:
+        v = tl.load(v_ptrs, mask=valid, other=0.0)
+        if UPDATE_V:
+            v = alpha * v + one_minus_alpha * (g * g)
+            tl.store(v_ptrs, v, mask=valid)
+        if IS_F64:
+            precond = 1.0 / (tl.sqrt(v * scale) + eps)
+        else:
+            precond = tl.div_rn(1.0, tl.sqrt_rn(v * scale) + eps)
+        drift_coef = (-(0.5 * lr_c)) * precond
+        if IS_F64:
+            noise_coef = noise_level * tl.sqrt(lr_c * precond)
+        else:
+            noise_coef = noise_level * tl.sqrt_rn(lr_c * precond)
+    else:
+        drift_coef = -(0.5 * lr_c)
+        if IS_F64:
+            noise_coef = noise_level * tl.sqrt(lr_c)
+        else:
+            noise_coef = noise_level * tl.sqrt_rn(lr_c)
+
+    drift = nbeta_c * g + gamma_c * (wc - ws)
+    if HAS_WD:
+        drift = drift + wd * wc
+    xi = _noise_tile(seed, groups, step, chain)
+    if IS_F64:
+        xi = xi.to(tl.float64)
+    delta = drift_coef * drift + noise_coef * xi
+    if HAS_MASK:
+        delta = delta * tl.load(m_ptrs, mask=valid, other=0).to(wc.dtype)
+    new = wc + delta
+    if HAS_BOX:
+        new = tl.maximum(new, ws - box, propagate_nan=tl.PropagateNan.ALL)
+        new = tl.minimum(new, ws + box, propagate_nan=tl.PropagateNan.ALL)
+
+    if IS_BF16:
+        words = _rounding_tile(seed, groups, step, chain)
+        tl.store(w_ptrs, _stochastic_round_bf16_bits(new, words), mask=valid)
+    else:
+        tl.store(w_ptrs, new, mask=valid)
+
+
+
+
 @triton.jit(do_not_specialize=["seed", "step", "n", "g_first", "chain_base"])
 def _sgld_update_kernel(
     w_ptr, g_ptr, ws_ptr, v_ptr, m_ptr, hp_ptr, sp_ptr, chain_ptr,
@@ -153,73 +237,76 @@ def _sgld_update_kernel(
     else:
         chain = chain_base + c
 
-    if HP_PTR:  # per-chain values, [3, C] in the compute dtype
-        lr_c = tl.load(hp_ptr + c)
-        nbeta_c = tl.load(hp_ptr + num_chains + c)
-        gamma_c = tl.load(hp_ptr + 2 * num_chains + c)
-    else:
-        lr_c = lr
-        nbeta_c = nbeta
-        gamma_c = gamma
-    if SP_PTR:  # float64: alpha, 1 - alpha, scale, eps, weight decay, box, noise level
-        alpha = tl.load(sp_ptr + 0)
-        one_minus_alpha = tl.load(sp_ptr + 1)
-        scale = tl.load(sp_ptr + 2)
-        eps = tl.load(sp_ptr + 3)
-        wd = tl.load(sp_ptr + 4)
-        box = tl.load(sp_ptr + 5)
-        noise_level = tl.load(sp_ptr + 6)
+    lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level = _load_hyper(
+        hp_ptr, sp_ptr, c, num_chains, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
+        HP_PTR, SP_PTR)
+    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + idx, v_ptr + offs, m_ptr + idx, valid, groups, chain,
+                 lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level, seed, step,
+                 PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, IS_BF16, IS_F64)
 
-    if IS_BF16:
-        wc = _bf16_bits_to_f32(tl.load(w_ptr + offs, mask=valid, other=0))
-        g = _bf16_bits_to_f32(tl.load(g_ptr + offs, mask=valid, other=0))
-        ws = _bf16_bits_to_f32(tl.load(ws_ptr + idx, mask=valid, other=0))
-    else:
-        wc = tl.load(w_ptr + offs, mask=valid, other=0.0)
-        g = tl.load(g_ptr + offs, mask=valid, other=0.0)
-        ws = tl.load(ws_ptr + idx, mask=valid, other=0.0)
 
-    # G = 1 / (sqrt(V * s_t) + eps); the statistic takes this step's gradient before use.
-    if PRECOND:
-        v = tl.load(v_ptr + offs, mask=valid, other=0.0)
-        if UPDATE_V:
-            v = alpha * v + one_minus_alpha * (g * g)
-            tl.store(v_ptr + offs, v, mask=valid)
-        if IS_F64:
-            precond = 1.0 / (tl.sqrt(v * scale) + eps)
-        else:
-            precond = tl.div_rn(1.0, tl.sqrt_rn(v * scale) + eps)
-        drift_coef = (-(0.5 * lr_c)) * precond
-        if IS_F64:
-            noise_coef = noise_level * tl.sqrt(lr_c * precond)
-        else:
-            noise_coef = noise_level * tl.sqrt_rn(lr_c * precond)
-    else:
-        drift_coef = -(0.5 * lr_c)
-        if IS_F64:
-            noise_coef = noise_level * tl.sqrt(lr_c)
-        else:
-            noise_coef = noise_level * tl.sqrt_rn(lr_c)
+#: Columns of the Triton segment table (int64 [P, 6], P a power of two, rows past the segments padded
+#: with first_block = 2**62): w pointer, grad pointer, n, local_start, global_offset, first block.
+SEG_COLS = tl.constexpr(6)
 
-    drift = nbeta_c * g + gamma_c * (wc - ws)
-    if HAS_WD:
-        drift = drift + wd * wc
-    xi = _noise_tile(seed, groups, step, chain)
-    if IS_F64:
-        xi = xi.to(tl.float64)
-    delta = drift_coef * drift + noise_coef * xi
-    if HAS_MASK:
-        delta = delta * tl.load(m_ptr + idx, mask=valid, other=0).to(wc.dtype)
-    new = wc + delta
-    if HAS_BOX:
-        new = tl.maximum(new, ws - box, propagate_nan=tl.PropagateNan.ALL)
-        new = tl.minimum(new, ws + box, propagate_nan=tl.PropagateNan.ALL)
 
-    if IS_BF16:
-        words = _rounding_tile(seed, groups, step, chain)
-        tl.store(w_ptr + offs, _stochastic_round_bf16_bits(new, words), mask=valid)
+@triton.jit(do_not_specialize=["seed", "step", "n_local", "chain_base"])
+def _sgld_update_segments_kernel(
+    seg_ptr, ws_ptr, v_ptr, m_ptr, hp_ptr, sp_ptr, chain_ptr,
+    lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
+    seed, step, n_local, chain_base, num_chains,
+    GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
+    HAS_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr,
+    IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+):
+    """All segments of a multi-segment update in one launch. Program pid updates chain pid % C on
+    block pid // C of the blocks of all segments, numbered segment after segment; its segment is
+    found by a binary search over the table's first-block column (SEARCH_STEPS = log2 of its rows)."""
+    pid = tl.program_id(0)
+    c = (pid % num_chains).to(tl.int64)
+    blk = (pid // num_chains).to(tl.int64)
+    s = blk * 0  # the last segment whose first block is <= blk (row 0 starts at block 0)
+    for i in tl.static_range(SEARCH_STEPS):
+        cand = s + (1 << (SEARCH_STEPS - 1 - i))
+        first = tl.load(seg_ptr + cand * SEG_COLS + 5)
+        s = tl.where(first <= blk, cand, s)
+    row = seg_ptr + s * SEG_COLS
+    w_addr = tl.load(row + 0)
+    g_addr = tl.load(row + 1)
+    n = tl.load(row + 2)
+    local_start = tl.load(row + 3)
+    offset = tl.load(row + 4)
+    block = blk - tl.load(row + 5)
+    if IS_BF16:  # bfloat16 moves as int16 bit patterns
+        w_ptr = w_addr.to(tl.pointer_type(tl.int16))
+        g_ptr = g_addr.to(tl.pointer_type(tl.int16))
+    elif IS_F64:
+        w_ptr = w_addr.to(tl.pointer_type(tl.float64))
+        g_ptr = g_addr.to(tl.pointer_type(tl.float64))
     else:
-        tl.store(w_ptr + offs, new, mask=valid)
+        w_ptr = w_addr.to(tl.pointer_type(tl.float32))
+        g_ptr = g_addr.to(tl.pointer_type(tl.float32))
+
+    lead = offset % 4
+    lane = tl.arange(0, 4)[None, :]
+    local_group = block * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
+    groups = offset // 4 + local_group
+    idx = local_group[:, None] * 4 + lane - lead
+    valid = (idx >= 0) & (idx < n)
+    offs = c * n + idx
+    flat = local_start + idx
+
+    if CHAIN_PTR:
+        chain = tl.load(chain_ptr + c).to(tl.int64)
+    else:
+        chain = chain_base + c
+    lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level = _load_hyper(
+        hp_ptr, sp_ptr, c, num_chains, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
+        HP_PTR, SP_PTR)
+    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + flat, v_ptr + (c * n_local + flat), m_ptr + flat, valid, groups,
+                 chain, lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level, seed, step,
+                 PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, IS_BF16, IS_F64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +342,36 @@ def _chain_ids(chain_ids, num_chains: int, device: torch.device):
         if torch.equal(ids, base + torch.arange(num_chains, dtype=torch.int64)):
             return None, base
     return chain_ids.to(device=device, dtype=torch.int64).contiguous(), 0
+
+
+def _hyper_args(lr, nbeta, gamma, settings, counters, num_chains, device, cdt, is_f64):
+    """(hp table or None, (lr, nbeta, gamma) scalars, sp table or None, the 7 setting scalars)."""
+    # Hyperparameters: float32 scalar arguments where possible, else device tensors.
+    scalars = not is_f64 and all(_is_number(v) for v in (lr, nbeta, gamma))
+    if scalars:
+        hp = None
+        lr_s, nbeta_s, gamma_s = (_f32(v) for v in (lr, nbeta, gamma))
+    else:
+        hp = torch.stack([
+            torch.full((num_chains,), float(v), dtype=cdt, device=device) if _is_number(v)
+            else per_chain(v, num_chains, device, cdt)
+            for v in (lr, nbeta, gamma)
+        ]).contiguous()
+        lr_s = nbeta_s = gamma_s = 0.0
+    alpha = settings.rmsprop_alpha
+    values = [
+        alpha, 1.0 - alpha, settings.statistic_scale(counters.stat_step) if settings.preconditioned else 1.0,
+        settings.rmsprop_eps, settings.weight_decay, settings.box if settings.box is not None else 0.0,
+        settings.noise_level,
+    ]
+    if is_f64:
+        sp = torch.tensor(values, dtype=torch.float64).to(device)
+        values = [0.0] * len(values)
+    else:
+        sp = None
+        values = [_f32(v) for v in values]
+
+    return hp, (lr_s, nbeta_s, gamma_s), sp, values
 
 
 def triton_update(
@@ -303,30 +420,8 @@ def triton_update(
     is_bf16 = w.dtype == torch.bfloat16
     chain_tensor, chain_base = _chain_ids(chain_ids, num_chains, device)
 
-    # Hyperparameters: float32 scalar arguments where possible, else device tensors.
-    scalars = not is_f64 and all(_is_number(v) for v in (lr, nbeta, gamma))
-    if scalars:
-        hp = None
-        lr_s, nbeta_s, gamma_s = (_f32(v) for v in (lr, nbeta, gamma))
-    else:
-        hp = torch.stack([
-            torch.full((num_chains,), float(v), dtype=cdt, device=device) if _is_number(v)
-            else per_chain(v, num_chains, device, cdt)
-            for v in (lr, nbeta, gamma)
-        ]).contiguous()
-        lr_s = nbeta_s = gamma_s = 0.0
-    alpha = settings.rmsprop_alpha
-    values = [
-        alpha, 1.0 - alpha, settings.statistic_scale(counters.stat_step) if settings.preconditioned else 1.0,
-        settings.rmsprop_eps, settings.weight_decay, settings.box if settings.box is not None else 0.0,
-        settings.noise_level,
-    ]
-    if is_f64:
-        sp = torch.tensor(values, dtype=torch.float64).to(device)
-        values = [0.0] * len(values)
-    else:
-        sp = None
-        values = [_f32(v) for v in values]
+    hp, (lr_s, nbeta_s, gamma_s), sp, values = _hyper_args(lr, nbeta, gamma, settings, counters, num_chains, device,
+                                                           cdt, is_f64)
 
     if num_chains == 0 or n == 0:
         return
@@ -369,3 +464,112 @@ def triton_update(
         IS_BF16=is_bf16, IS_F64=is_f64,
         num_warps=GPU_NUM_WARPS,
     )
+
+
+def _prepare_mask(mask, device, cdt):
+    if mask is None:
+        return None
+    if mask.device != device:
+        mask = mask.to(device)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    elif mask.dtype in (torch.bfloat16, torch.float16):  # no half-precision loads in the kernel
+        mask = mask.to(cdt)
+    return mask
+
+
+def triton_update_segments(
+    segments,
+    w_star: torch.Tensor,
+    stat: torch.Tensor | None,
+    *,
+    lr: float | torch.Tensor,
+    nbeta: float | torch.Tensor,
+    gamma: float | torch.Tensor,
+    settings: SamplerSettings,
+    counters: StepCounters,
+    seed: int,
+    chain_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """``reference.reference_update_segments`` in ONE launch over all segments.
+
+    segments: (w_k [C, n_k], grad_k [C, n_k], local_start_k, global_offset_k); w_star [N_local],
+    stat [C, N_local], mask [N_local]: segment k is columns [local_start_k, local_start_k + n_k) of
+    them, and its element j gets the noise of global index global_offset_k + j. The kernel reads
+    a small int64 table (one row per segment: pointers as integers, sizes, offsets, first block)
+    copied to the device each call; the offset's remainder mod 4 is a runtime value here, so a
+    segment's loads are not known to be aligned (the single-buffer kernel's LEAD is a constant).
+    """
+    segs = check_segments(segments, w_star, stat, mask, settings)
+    seed, step = int(seed), int(counters.step)
+    device = w_star.device
+    interpreting = _interpreting()
+    if device.type != "cuda" and not interpreting:
+        raise ValueError(f"triton_update_segments needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    for k, (w, grad, _, offset) in enumerate(segs):
+        if w.device != device or grad.device != device:
+            raise ValueError(f"segment {k} must be on {device}, got {w.device} and {grad.device}")
+        if offset + w.shape[1] > 2**62:
+            raise ValueError(f"global element indices must stay below 2**62, got segment {k} at {offset}")
+    if settings.preconditioned and stat.device != device:
+        raise ValueError(f"stat must be on {device}, got {stat.device}")
+    if not 0 <= seed <= philox.MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    if not 0 <= step <= philox.MAX_STEP:
+        raise ValueError(f"step must lie in [0, 2**32), got {step}")
+    segs = [sg for sg in segs if sg[0].shape[1] > 0]
+    if not segs:
+        return
+    num_chains = segs[0][0].shape[0]
+    n_local = w_star.shape[0]
+    dtype = w_star.dtype
+    cdt = compute_dtype(dtype)
+    is_f64 = dtype == torch.float64
+    is_bf16 = dtype == torch.bfloat16
+    chain_tensor, chain_base = _chain_ids(chain_ids, num_chains, device)
+    hp, (lr_s, nbeta_s, gamma_s), sp, values = _hyper_args(lr, nbeta, gamma, settings, counters, num_chains, device,
+                                                           cdt, is_f64)
+    if num_chains == 0:
+        return
+
+    seg_groups = [(offset % 4 + w.shape[1] + 3) // 4 for w, _, _, offset in segs]
+    if interpreting:
+        groups = min(INTERPRETER_GROUPS, max(16, triton.next_power_of_2(max(seg_groups))))
+    else:
+        groups = GPU_GROUPS
+    rows, first = [], 0
+    for (w, grad, start, offset), ng in zip(segs, seg_groups):
+        rows.append([w.data_ptr(), grad.data_ptr(), w.shape[1], start, offset, first])
+        first += triton.cdiv(ng, groups)
+    total_blocks = first
+    if total_blocks * num_chains > MAX_PROGRAMS:
+        raise ValueError(f"{num_chains} chains x {total_blocks} blocks exceed one launch ({MAX_PROGRAMS} programs)")
+    search_steps = max(1, (len(rows) - 1).bit_length())
+    rows += [[0, 0, 0, 0, 0, 2**62]] * ((1 << search_steps) - len(rows))
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+
+    ws_arg = w_star.view(torch.int16) if is_bf16 else w_star
+    mask = _prepare_mask(mask, device, cdt)
+    dummy = ws_arg
+    _sgld_update_segments_kernel[(total_blocks * num_chains,)](
+        table, ws_arg,
+        stat if settings.preconditioned else dummy,
+        mask if mask is not None else dummy,
+        hp if hp is not None else dummy,
+        sp if sp is not None else dummy,
+        chain_tensor if chain_tensor is not None else dummy,
+        lr_s, nbeta_s, gamma_s, *values,
+        seed, step, n_local, chain_base, num_chains,
+        GROUPS=groups, SEARCH_STEPS=search_steps,
+        PRECOND=settings.preconditioned, UPDATE_V=settings.preconditioned and counters.update_statistic,
+        HAS_WD=settings.weight_decay != 0.0, HAS_BOX=settings.box is not None, HAS_MASK=mask is not None,
+        HP_PTR=hp is not None, SP_PTR=sp is not None, CHAIN_PTR=chain_tensor is not None,
+        IS_BF16=is_bf16, IS_F64=is_f64,
+        num_warps=GPU_NUM_WARPS,
+    )
+
+
+triton_update.update_segments = triton_update_segments
