@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,8 +37,10 @@ sys.path.insert(0, str(HERE.parent))  # run from a fresh clone without installin
 sys.path.insert(0, str(HERE))
 
 import llc_fast  # noqa: E402
-from bench_update import (_cpu_busy, _cpu_name, _loadavg, _other_cores, eager_rmsprop_sgld_step,  # noqa: E402
-                          eager_sgld_step, wait_quiet)
+from llc_fast.kernels.dispatch import select_backend  # noqa: E402
+from llc_fast.kernels.update_spec import SamplerSettings  # noqa: E402
+from bench_update import (BUSY_CORES, _cpu_busy, _make_call, _cpu_name, _loadavg, _other_cores, eager_rmsprop_sgld_step,  # noqa: E402
+                          eager_sgld_step, provenance, wait_quiet)
 
 
 def make_model(widths, seed: int) -> nn.Module:
@@ -132,12 +136,18 @@ def main(argv=None) -> int:
     ap.add_argument("--samplers", nargs="+", default=["sgld", "rmsprop_sgld"], choices=["sgld", "rmsprop_sgld"])
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"], help="llc_fast backends to compare")
     ap.add_argument("--no-eager", action="store_true", help="skip the devinterp-style eager-update baseline")
+    ap.add_argument("--chain-batching", default="sequential",
+                    help="estimate_llc's chain_batching ('sequential': one chain at a time, like devinterp and the "
+                         "baselines here; 'auto'/'vmap': chains batched in one vmapped pass)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--gamma", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each run wait up to S seconds until other processes keep < 0.25 cores busy")
+    ap.add_argument("--rounds", type=int, default=3, help="repeat every measurement this many times (median)")
+    ap.add_argument("--retry-busy", type=int, default=2, metavar="K",
+                    help="run a measurement up to K more times while other processes kept > 0.25 cores busy")
     ap.add_argument("--output", type=Path, help="write the results as JSON")
     args = ap.parse_args(argv)
 
@@ -156,80 +166,150 @@ def main(argv=None) -> int:
         llc_fast=llc_fast.__version__, torch_threads=threads, cpu_count=os.cpu_count(), loadavg_start=_loadavg(),
         model=f"MLP {args.widths} (ReLU), {num_params} parameters, float32", samples=args.samples,
         batch_size=args.batch_size, chains=args.chains, draws=args.draws, lr=args.lr, nbeta=nbeta, gamma=args.gamma,
-        seed=args.seed,
+        seed=args.seed, **provenance(),
     )
+    extra = {}  # options of newer estimate_llc versions
+    if "chain_batching" in inspect.signature(llc_fast.estimate_llc).parameters:
+        extra["chain_batching"] = args.chain_batching
+    header["estimate_llc_extra"] = extra
     print(f"# bench_step  {header['date']}")
     print(f"# command: {header['command']}")
     print(f"# device: {header['device']} (cpu); torch {header['torch']}, llc_fast {header['llc_fast']}; "
           f"torch threads: {threads} (os.cpu_count() = {header['cpu_count']}); load average: {header['loadavg_start']}")
+    print(f"# code: git {header['git_commit']}" + (" + uncommitted changes in csrc/ or llc_fast/kernels/"
+          if header["kernels_dirty"] else "") + f"; csrc sha256 {header['csrc_sha256']}, llc_fast/kernels sha256 "
+          f"{header['kernels_py_sha256']}; C++ flags: {header.get('cpp_flags')}")
     print(f"# model: {header['model']}; data: {args.samples} random samples, batch {args.batch_size}, cross-entropy")
     print(f"# estimate_llc: {args.chains} chains x {args.draws} draws, lr={args.lr}, nbeta={nbeta:.1f}, "
-          f"gamma={args.gamma}, seed={args.seed}, progress=False")
+          f"gamma={args.gamma}, seed={args.seed}, progress=False"
+          + "".join(f", {k}={v!r}" for k, v in extra.items()))
     print()
 
-    def quiet():
-        if args.wait_quiet > 0:
-            waited, ok = wait_quiet(args.wait_quiet)
-            if waited >= 1:
-                print(f"# waited {waited:.0f} s for other processes to go quiet" + ("" if ok else " (they did not)"))
-
-    results = []
-    # warm-up: builds/loads the C++ kernel and touches the code paths once
-    for b in args.backends:
-        llc_fast.estimate_llc(model, loader, loss_fn, lr=args.lr, nbeta=nbeta, gamma=args.gamma, num_chains=1,
-                              num_draws=3, seed=args.seed, progress=False, backend=b)
-    manual_loop(model, loader, chains=1, steps=3)
-
-    quiet()
-    c0 = _cpu_busy()
-    fb = manual_loop(model, loader, chains=args.chains, steps=steps)
-    results.append(dict(sampler="-", run="fwd+bwd", s_per_step=fb, other_cores=_other_cores(c0)))
-    print(f"fwd+bwd only: {fb * 1e3:.2f} ms per step")
-    for sampler in args.samplers:
-        for b in args.backends:
-            quiet()
+    def measure(label, fn):
+        """Run ``fn() -> (s_per_step, info)`` after waiting for a quiet machine; again (up to
+        --retry-busy times) if other processes kept > 0.25 cores busy meanwhile."""
+        for attempt in range(1 + args.retry_busy):
+            if args.wait_quiet > 0:
+                waited, ok = wait_quiet(args.wait_quiet)
+                if waited >= 1:
+                    print(f"# waited {waited:.0f} s for other processes to go quiet" + ("" if ok else " (they did not)"))
             c0 = _cpu_busy()
+            sec, info = fn()
+            other = _other_cores(c0)
+            print(f"  {label}: {sec * 1e3:.2f} ms" + (f" ({info['note']})" if info.get("note") else "")
+                  + (f"; other processes kept {other:.2f} cores busy" if other is not None and other > BUSY_CORES else ""))
+            if other is None or other <= BUSY_CORES or attempt == args.retry_busy:
+                return sec, other, info
+            print("#   timing it again")
+
+    def run_llc(sampler, b):
+        def fn():
             r = llc_fast.estimate_llc(model, loader, loss_fn, sampler=sampler, lr=args.lr, nbeta=nbeta,
                                       gamma=args.gamma, num_chains=args.chains, num_draws=args.draws, seed=args.seed,
-                                      progress=False, backend=b)
-            s = r.timing["sampling_s"] / r.timing["steps"]
-            results.append(dict(sampler=sampler, run=f"estimate_llc backend={r.config['backend']}", s_per_step=s,
-                                other_cores=_other_cores(c0), llc_mean=r.llc_mean, timing=r.timing))
-            print(f"{sampler} {b}: {s * 1e3:.2f} ms per step (llc {r.llc_mean:.4g})")
-        if not args.no_eager:
-            quiet()
-            c0 = _cpu_busy()
-            upd = EagerUpdate(model, sampler, lr=args.lr, nbeta=nbeta, gamma=args.gamma)
-            s = manual_loop(model, loader, chains=args.chains, steps=steps, update=upd)
-            results.append(dict(sampler=sampler, run="fwd+bwd + eager update (devinterp-style)", s_per_step=s,
-                                other_cores=_other_cores(c0)))
-            print(f"{sampler} eager: {s * 1e3:.2f} ms per step")
+                                      progress=False, backend=b, **extra)
+            return r.timing["sampling_s"] / r.timing["steps"], dict(
+                llc_mean=r.llc_mean, engine=r.config.get("engine"), backend=r.config["backend"],
+                note=f"llc {r.llc_mean:.4g}")
+        return fn
+
+    def update_alone(sampler, name):
+        """Seconds per call of the update alone on this model's flat buffer (eager: its parameter tensors)."""
+        shapes = [tuple(p.shape) for p in model.parameters()]
+        n = sum(p.numel() for p in model.parameters())
+        settings = SamplerSettings(sampler=sampler)
+        w_star = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        w = w_star.clone().view(1, n)
+        grad = torch.randn(1, n) * 1e-2
+        stat = torch.zeros(1, n) if settings.preconditioned and name != "eager" else None
+        fn = None if name == "eager" else select_backend(name, torch.device("cpu"))[1]
+        call = _make_call(name, fn, w, grad, w_star, stat, settings, shapes, lr=args.lr, nbeta=nbeta, gamma=args.gamma)
+
+        def run():
+            for _ in range(2):
+                call()
+            times = []
+            t_end = time.perf_counter() + 0.5
+            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 50):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times), dict(note="update alone, median of %d calls" % len(times))
+        return run
+
+    # warm-up: builds/loads the C++ kernel and touches every code path once
+    for b in args.backends:
+        llc_fast.estimate_llc(model, loader, loss_fn, lr=args.lr, nbeta=nbeta, gamma=args.gamma, num_chains=1,
+                              num_draws=3, seed=args.seed, progress=False, backend=b, **extra)
+    manual_loop(model, loader, chains=1, steps=3)
+
+    # Per sampler and round, side by side: fwd+bwd alone, each backend, the eager loop, the updates alone.
+    FB, EAGER = "fwd+bwd only (no update)", "fwd+bwd + eager update (devinterp-style)"
+    samples: dict[tuple[str, str], list] = {}  # (sampler, run) -> [(seconds, other cores, info)]
+    for sampler in args.samplers:
+        for rnd in range(args.rounds):
+            print(f"{sampler}, round {rnd + 1} of {args.rounds}:")
+            todo = [(FB, lambda: (manual_loop(model, loader, chains=args.chains, steps=steps), {}))]
+            todo += [(f"estimate_llc backend={b}", run_llc(sampler, b)) for b in args.backends]
+            if not args.no_eager:
+                upd = EagerUpdate(model, sampler, lr=args.lr, nbeta=nbeta, gamma=args.gamma)
+                todo.append((EAGER, lambda upd=upd: (manual_loop(model, loader, chains=args.chains, steps=steps,
+                                                                 update=upd), {})))
+            todo += [(f"update alone: {b}", update_alone(sampler, b))
+                     for b in list(args.backends) + ([] if args.no_eager else ["eager"])]
+            for run, fn in todo:
+                samples.setdefault((sampler, run), []).append(measure(run, fn))
+
+    results = []
+    for (sampler, run), got in samples.items():
+        secs = [g[0] for g in got]
+        others = [g[1] for g in got if g[1] is not None]
+        info = {k: v for k, v in got[-1][2].items() if k != "note"}
+        results.append(dict(sampler=sampler, run=run, s_per_step=statistics.median(secs), s_min=min(secs),
+                            s_max=max(secs), rounds=len(secs), other_cores=max(others) if others else None, **info))
 
     header["loadavg_end"] = _loadavg()
     print()
-    print("# ms/step: seconds per step x 1000 (estimate_llc: result.timing['sampling_s'] / result.timing['steps']);")
-    print("# update share = (ms/step - fwd+bwd ms/step) / ms/step; other = CPU cores busy with other processes meanwhile")
-    line = f"{'sampler':>12}  {'run':<44} {'ms/step':>8} {'vs fused':>8} {'update share':>12} {'other':>5}"
+    print("# ms: median over rounds of seconds per chain-step x 1000 (estimate_llc: result.timing['sampling_s'] /")
+    print("# result.timing['steps']); 'update alone' rows: ms per call of the update by itself on the same flat buffer")
+    print("# (eager: on the model's parameter tensors). range = fastest .. slowest round. vs fused: / backend=cpu's ms.")
+    print("# beyond fwd+bwd = ms - fwd+bwd ms (the update plus the sampling loop's own work); other = most CPU cores")
+    print("# other processes kept busy during any round")
+    line = (f"{'sampler':>12}  {'run':<42} {'ms':>8} {'range':>15} {'vs fused':>8} {'beyond fwd+bwd':>14} "
+            f"{'share':>6} {'other':>5}")
     print(line)
     print("-" * len(line))
-    for rr in results:
-        fused = next((x["s_per_step"] for x in results if x["sampler"] == rr["sampler"]
-                      and x["run"] == "estimate_llc backend=cpu"), None)
-        rr["ratio_to_fused"] = rr["s_per_step"] / fused if fused else None
-        rr["update_share"] = (rr["s_per_step"] - fb) / rr["s_per_step"] if rr["run"] != "fwd+bwd" else None
-        ratio = f"{rr['ratio_to_fused']:.2f}x" if rr["ratio_to_fused"] else ""
-        share = f"{rr['update_share']:.0%}" if rr["update_share"] is not None else ""
-        other = "" if rr["other_cores"] is None else f"{rr['other_cores']:.2f}"
-        print(f"{rr['sampler']:>12}  {rr['run']:<44} {rr['s_per_step'] * 1e3:>8.2f} {ratio:>8} {share:>12} {other:>5}")
-    print()
+    for sampler in args.samplers:
+        same = {x["run"]: x for x in results if x["sampler"] == sampler}
+        fused, fb = same.get("estimate_llc backend=cpu"), same[FB]["s_per_step"]
+        fused_alone = same.get("update alone: cpu")
+        for rr in [x for x in results if x["sampler"] == sampler]:
+            alone = rr["run"].startswith("update alone")
+            ref = fused_alone if alone else fused
+            rr["ratio_to_fused"] = rr["s_per_step"] / ref["s_per_step"] if ref else None
+            rr["beyond_fwd_bwd_s"] = None if alone or rr["run"] == FB else rr["s_per_step"] - fb
+            ratio = f"{rr['ratio_to_fused']:.2f}x" if rr["ratio_to_fused"] else ""
+            beyond = "" if rr["beyond_fwd_bwd_s"] is None else f"{rr['beyond_fwd_bwd_s'] * 1e3:+.2f}"
+            share = "" if rr["beyond_fwd_bwd_s"] is None else f"{rr['beyond_fwd_bwd_s'] / rr['s_per_step']:.0%}"
+            other = "" if rr["other_cores"] is None else f"{rr['other_cores']:.2f}"
+            rng = f"{rr['s_min'] * 1e3:.2f}..{rr['s_max'] * 1e3:.2f}"
+            print(f"{sampler:>12}  {rr['run']:<42} {rr['s_per_step'] * 1e3:>8.2f} {rng:>15} {ratio:>8} {beyond:>14} "
+                  f"{share:>6} {other:>5}")
+        print()
     for sampler in args.samplers:
         get = {x["run"]: x["s_per_step"] for x in results if x["sampler"] == sampler}
-        fused, ref = get.get("estimate_llc backend=cpu"), get.get("estimate_llc backend=torch")
+        fused, ref, eager, fb = (get.get("estimate_llc backend=cpu"), get.get("estimate_llc backend=torch"),
+                                 get.get(EAGER), get[FB])
+        parts = []
         if fused and ref:
-            print(f"# {sampler}: backend='torch' / backend='cpu' = {ref / fused:.2f}x per step")
-        eager = get.get("fwd+bwd + eager update (devinterp-style)")
+            parts.append(f"backend='torch' / backend='cpu' = {ref / fused:.2f}x per step")
         if fused and eager:
-            print(f"# {sampler}: eager loop / backend='cpu' = {eager / fused:.2f}x per step")
+            parts.append(f"eager loop / backend='cpu' = {eager / fused:.2f}x")
+        if fused:
+            parts.append(f"fwd+bwd alone = {fb / fused:.0%} of a backend='cpu' step")
+        alone = {b: get.get(f"update alone: {b}") for b in ("cpu", "torch", "eager")}
+        if alone["cpu"]:
+            parts.append("update alone: " + ", ".join(f"{b} {v * 1e3:.2f} ms" for b, v in alone.items() if v))
+        print(f"# {sampler}: " + "; ".join(parts))
     print(f"# load average at end: {header['loadavg_end']}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

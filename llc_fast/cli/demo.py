@@ -10,11 +10,14 @@ DEMO_RANK = 1
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     from .. import estimate_llc
     from ..oracles import dln_dataset, dln_learning_coefficient, make_dln, mse_loss
 
+    # a 24-parameter model: extra intra-op threads only add synchronisation (and on a loaded machine, stalls)
+    torch.set_num_threads(1)
     widths, rank = DEMO_WIDTHS, DEMO_RANK
     exact = float(dln_learning_coefficient(widths, rank).llc)
     model = make_dln(widths, rank, seed=args.seed)
