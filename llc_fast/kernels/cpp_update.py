@@ -173,6 +173,23 @@ def _build_cpu_extension() -> ModuleType:
         ) from e
 
 
+def scalar_args(settings: SamplerSettings, counters: StepCounters) -> dict:
+    """The scalar arguments every kernel entry takes (host float64; the kernel rounds them once)."""
+    pre = settings.preconditioned
+    return dict(
+        stat_scale=settings.statistic_scale(counters.stat_step) if pre else 1.0,
+        sampler=SAMPLER_CODES[settings.sampler],
+        update_statistic=bool(counters.update_statistic),
+        has_box=settings.box is not None,
+        alpha=float(settings.rmsprop_alpha),
+        one_minus_alpha=1.0 - settings.rmsprop_alpha,
+        eps=float(settings.rmsprop_eps),
+        weight_decay=float(settings.weight_decay),
+        box=float(settings.box) if settings.box is not None else 0.0,
+        noise_level=float(settings.noise_level),
+    )
+
+
 def load_cpu_extension() -> ModuleType:
     """The compiled module (built on first use, then cached): ``sgld_update``, ``philox_debug``,
     ``philox4x32`` and ``stochastic_round_debug``. Raises RuntimeError if it cannot be built."""
@@ -255,17 +272,8 @@ def prepare_update_args(
         n=n,
         seed=seed,
         step=step,
-        stat_scale=settings.statistic_scale(counters.stat_step) if pre else 1.0,
-        sampler=SAMPLER_CODES[settings.sampler],
-        update_statistic=bool(counters.update_statistic),
         has_mask=mask is not None,
-        has_box=settings.box is not None,
-        alpha=float(settings.rmsprop_alpha),
-        one_minus_alpha=1.0 - settings.rmsprop_alpha,
-        eps=float(settings.rmsprop_eps),
-        weight_decay=float(settings.weight_decay),
-        box=float(settings.box) if settings.box is not None else 0.0,
-        noise_level=float(settings.noise_level),
+        **scalar_args(settings, counters),
         index_offset=index_offset,
         dtype=DTYPE_CODES[w.dtype],
     )
@@ -344,17 +352,8 @@ def prepare_segments_args(
         n_local=n_local,
         seed=seed,
         step=step,
-        stat_scale=settings.statistic_scale(counters.stat_step) if pre else 1.0,
-        sampler=SAMPLER_CODES[settings.sampler],
-        update_statistic=bool(counters.update_statistic),
         has_mask=mask is not None,
-        has_box=settings.box is not None,
-        alpha=float(settings.rmsprop_alpha),
-        one_minus_alpha=1.0 - settings.rmsprop_alpha,
-        eps=float(settings.rmsprop_eps),
-        weight_decay=float(settings.weight_decay),
-        box=float(settings.box) if settings.box is not None else 0.0,
-        noise_level=float(settings.noise_level),
+        **scalar_args(settings, counters),
         dtype=DTYPE_CODES[w_star.dtype],
     )
     args["table"] = table
