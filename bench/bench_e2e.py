@@ -1,7 +1,8 @@
 """End to end against devinterp 2.0.1: the same LLC estimate, timed in both libraries.
 
     .venv/bin/python bench/bench_e2e.py [--quick] [--threads N] [--cases regression,dln,mlp,gpt2]
-                                        [--wait-quiet S] [--output FILE.json]
+                                        [--repeats R] [--retries K] [--busy CORES] [--wait-quiet S]
+                                        [--output FILE.json]
 
 For four models it runs ``llc_fast.estimate_llc`` and devinterp 2.0.1's estimator on the same
 model, the same batches in the same order, and the same hyperparameters, chains, burn-in and
@@ -38,8 +39,10 @@ Conventions chosen so the two estimates should agree:
   (``match_sampling_input_ids_across_chains=True``). llc_fast is given that epoch as a list of
   batches (cycled in order) with ``shared_batches=True``, so both read identical batches in
   identical order; L(w*) is averaged over the same first ``num_init_loss_batches`` batches.
-  devinterp pays for its DataLoader over the HF dataset at every step (its API builds it); the
-  time per batch is measured and printed so its share is visible.
+  devinterp pays for its DataLoader at every step (its API builds it). It is given the cheapest
+  dataset its API takes, a map-style torch dataset of {"input_ids": row} items (``IdsDataset``);
+  the loader's time per batch, and what it would be over a HuggingFace ``Dataset`` of the same
+  rows (devinterp's documented input), are measured and printed.
 * nbeta, lr, gamma, chains, burn-in and draws are the same; both take burn-in + draws forward
   passes per chain and the draw at step t is the loss after t updates (step 0 is w*).
 * devinterp 2.0.1 averages burn-in draws into ``llc_mean``; the devinterp column recomputes
@@ -377,8 +380,8 @@ def run_devinterp(case: Case, ds, *, chains: int, draws: int, burnin: int) -> di
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_devinterp_"))
     try:
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             samples = sample(case.model, ds, {}, lr=case.lr, n_beta=case.nbeta, loss_fn=case.per_token_loss,
                              num_chains=chains, num_draws=draws, batch_size=case.batch_size, num_burnin_steps=burnin,
                              num_steps_bw_draws=1, num_init_loss_batches=case.init_batches, init_seed=INIT_SEED,
@@ -393,7 +396,8 @@ def run_devinterp(case: Case, ds, *, chains: int, draws: int, burnin: int) -> di
     init = float(res.init_loss)
     per_chain = case.nbeta * (trace[:, burnin:].mean(axis=1) - init)
     return dict(seconds=seconds, per_chain=per_chain, init_loss=init, own_llc_mean=float(res.llc_mean),
-                own_llc_std_ddof0=float(res.llc_std), input_ids=ids, trace=trace)
+                own_llc_std_ddof0=float(res.llc_std), input_ids=ids, trace=trace,
+                warnings=sorted({str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)}))
 
 
 def run_llc_fast(case: Case, batches: list, *, chains: int, draws: int, burnin: int) -> dict:
@@ -506,7 +510,7 @@ def run_case(case: Case, args, log) -> dict:
                        own_llc_mean_with_burnin=dev["own_llc_mean"], own_llc_std_ddof0=dev["own_llc_std_ddof0"],
                        clean=dev["clean"], all_seconds=[o["seconds"] for o in devs], all_other_cores=[o["other_cores"] for o in devs],
                        llc_mean_per_repeat=[_mean_se(o["per_chain"])[0] for o in devs],
-                       loader_s_per_batch=loader_s, hf_loader_s_per_batch=hf_loader_s, other_cores=dev["other_cores"], waited_s=dev["waited_s"]),
+                       warnings=dev["warnings"], loader_s_per_batch=loader_s, hf_loader_s_per_batch=hf_loader_s, other_cores=dev["other_cores"], waited_s=dev["waited_s"]),
         fwd_bwd=dict(steps_per_s=floor["rate"], other_cores=floor["other_cores"], clean=floor["clean"]),
         speedup=f_rate / d_rate, agreement_sigma=agree, same_batches=same_batches,
         reference=case.reference, reference_note=case.reference_note, notes=case.notes,
@@ -585,7 +589,7 @@ def main(argv=None) -> int:
     with contextlib.redirect_stderr(io.StringIO()):
         import devinterp  # noqa: F401  (~6 s: transformers, datasets, xarray, zarr)
         from importlib.metadata import version
-        import devinterp.slt.llc  # noqa: F401
+        import devinterp.slt.sampling  # noqa: F401
     _silence_devinterp_progress()
     t_import = time.perf_counter() - t_import
     header = dict(
@@ -645,7 +649,8 @@ def main(argv=None) -> int:
             f"({d['loader_s_per_batch'] * d['steps_per_s']:.0%} of its step; over a HuggingFace Dataset of the same "
             f"rows it would be {d['hf_loader_s_per_batch'] * 1e3:.2f} ms)"
             + (f"; llc_fast warnings: {'; '.join(sorted(set(f['warnings'])))}" if f["warnings"] else "")
-            + (f"; diverged chains {f['diverged']}" if f["diverged"] else ""))
+            + (f"; diverged chains {f['diverged']}" if f["diverged"] else "")
+            + (f"; devinterp warnings: {'; '.join(d['warnings'])}" if d["warnings"] else ""))
     log(f"# load average at end: {header['loadavg_end']}; total {header['total_s']:.0f} s")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
