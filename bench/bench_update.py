@@ -171,7 +171,6 @@ def copy_bandwidth(device: torch.device, numel: int, *, repeats: int) -> tuple[f
     med, times = time_calls(lambda: dst.copy_(src), device, warmup=2, min_repeats=repeats,
                             max_repeats=max(repeats, 50), target_s=1.0)
     nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
     return nbytes / med, nbytes / min(times), nbytes
 
 
@@ -388,12 +387,12 @@ def main(argv=None) -> int:
     print(f"# copy bandwidth: {_copy_text(copy)}")
     print(f"# each point also times {COPY_SAMPLES_PER_POINT} such copies between its updates; its 'of copy' is relative "
           "to that point's own copy bandwidth ('copy' column)")
-    copy_src = torch.randn(copy_numel, device=device)
-    copy_dst = torch.empty_like(copy_src)
-    copy_bytes = 2 * copy_src.numel() * copy_src.element_size()
+    copy_buf = {"src": torch.randn(copy_numel, device=device)}
+    copy_buf["dst"] = torch.empty_like(copy_buf["src"])
+    copy_bytes = 2 * copy_buf["src"].numel() * copy_buf["src"].element_size()
 
     def copy_call():
-        copy_dst.copy_(copy_src)
+        copy_buf["dst"].copy_(copy_buf["src"])
     if device.type == "cpu":
         print("# on the CPU the update also computes a Philox-4x32-10 block and log/sin/cos per 4 elements (bf16: a "
               "second Philox block for stochastic rounding), so it can be compute-bound: read Gelem/s next to the "
@@ -415,7 +414,6 @@ def main(argv=None) -> int:
     for n in sizes:
         shapes = transformer_split(n, args.eager_layers)
         for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
             for sampler in args.samplers:
                 for name, cap in caps.items():
                     key = (name, sampler, dtype_name)
@@ -430,7 +428,7 @@ def main(argv=None) -> int:
     header["wall_s"] = time.perf_counter() - t_start
     print()
     print(f"# done in {header['wall_s']:.0f} s; load average at end: {header['loadavg_end']}")
-    del copy_src, copy_dst
+    copy_buf.clear()
     copy_end = measure_copy(device, copy_numel, args, repeats=max(repeats, 10))
     header["copy_end"] = copy_end
     print(f"# copy bandwidth again at the end: {_copy_text(copy_end)}")
