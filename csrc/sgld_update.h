@@ -49,6 +49,26 @@ struct UpdateArgs {
   int32_t dtype;
 };
 
+// Fill the scalar settings of UpdateArgs (everything but the tensors and sizes); callers check ranges.
+inline void set_scalars(UpdateArgs& a, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
+                        bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
+                        double eps, double weight_decay, double box, double noise_level, int32_t dtype) {
+  a.seed = seed;
+  a.step = static_cast<uint32_t>(step);
+  a.stat_scale = stat_scale;
+  a.sampler = sampler;
+  a.update_statistic = update_statistic;
+  a.has_mask = has_mask;
+  a.has_box = has_box;
+  a.alpha = alpha;
+  a.one_minus_alpha = one_minus_alpha;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.box = box;
+  a.noise_level = noise_level;
+  a.dtype = dtype;
+}
+
 // One segment of a multi-segment update (a sharded rank's local shard of one parameter): its own
 // [C, n] weights and gradient, and where it sits in the flat per-rank buffers ([N_local] w* and
 // mask, [C, N_local] statistic: columns [local_start, local_start + n)) and in the global flat

@@ -516,20 +516,8 @@ void fill_settings(UpdateArgs& a, uint64_t seed, uint64_t step, double stat_scal
   if (step > 0xFFFFFFFFull) throw std::invalid_argument("sgld_update: bad step");
   if (sampler < kSGLD || sampler > kRMSPropBC) throw std::invalid_argument("sgld_update: bad sampler code");
   if (dtype != kFloat32 && dtype != kFloat64 && dtype != kBFloat16) throw std::invalid_argument("sgld_update: bad dtype code");
-  a.seed = seed;
-  a.step = static_cast<uint32_t>(step);
-  a.stat_scale = stat_scale;
-  a.sampler = sampler;
-  a.update_statistic = update_statistic;
-  a.has_mask = has_mask;
-  a.has_box = has_box;
-  a.alpha = alpha;
-  a.one_minus_alpha = one_minus_alpha;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.box = box;
-  a.noise_level = noise_level;
-  a.dtype = dtype;
+  set_scalars(a, seed, step, stat_scale, sampler, update_statistic, has_mask, has_box, alpha, one_minus_alpha, eps,
+              weight_decay, box, noise_level, dtype);
 }
 
 void run_update(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stat_stride, int32_t num_threads) {

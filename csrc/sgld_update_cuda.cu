@@ -285,21 +285,9 @@ extern "C" int llc_sgld_update_cuda(uintptr_t w, uintptr_t grad, uintptr_t w_sta
   a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
   a.num_chains = num_chains;
   a.n = n;
-  a.seed = seed;
-  a.step = static_cast<uint32_t>(step);
   a.index_offset = index_offset;
-  a.stat_scale = stat_scale;
-  a.sampler = sampler;
-  a.update_statistic = update_statistic != 0;
-  a.has_mask = has_mask != 0;
-  a.has_box = has_box != 0;
-  a.alpha = alpha;
-  a.one_minus_alpha = one_minus_alpha;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.box = box;
-  a.noise_level = noise_level;
-  a.dtype = dtype;
+  set_scalars(a, seed, step, stat_scale, sampler, update_statistic != 0, has_mask != 0, has_box != 0, alpha,
+              one_minus_alpha, eps, weight_decay, box, noise_level, dtype);
   if (!a.w || !a.grad || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
       (a.has_mask && !a.mask))
     return -1;
@@ -363,21 +351,9 @@ extern "C" int llc_sgld_update_segments_cuda(uintptr_t table, int64_t num_segmen
   a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
   a.num_chains = num_chains;
   a.n = n_local;
-  a.seed = seed;
-  a.step = static_cast<uint32_t>(step);
   a.index_offset = 0;
-  a.stat_scale = stat_scale;
-  a.sampler = sampler;
-  a.update_statistic = update_statistic != 0;
-  a.has_mask = has_mask != 0;
-  a.has_box = has_box != 0;
-  a.alpha = alpha;
-  a.one_minus_alpha = one_minus_alpha;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.box = box;
-  a.noise_level = noise_level;
-  a.dtype = dtype;
+  set_scalars(a, seed, step, stat_scale, sampler, update_statistic != 0, has_mask != 0, has_box != 0, alpha,
+              one_minus_alpha, eps, weight_decay, box, noise_level, dtype);
   const int64_t* t = reinterpret_cast<const int64_t*>(table);
   if (!t || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
       (a.has_mask && !a.mask))
