@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         w = w_star.clone().view(1, n)
         grad = torch.randn(1, n) * 1e-2
         stat = torch.zeros(1, n) if settings.preconditioned and name != "eager" else None
-        fn = None if name == "eager" else select_backend(name, torch.device("cpu"))[1]
+        fn = None if name == "eager" else select_backend(name, torch.device("cpu")).update
         call = _make_call(name, fn, w, grad, w_star, stat, settings, shapes, lr=args.lr, nbeta=nbeta, gamma=args.gamma)
 
         def run():

@@ -347,7 +347,7 @@ def main(argv=None) -> int:
         if not info.available:
             skipped.append(f"{info.name} ({info.reason})")
             continue
-        updates[info.name] = select_backend(info.name, device)[1]
+        updates[info.name] = select_backend(info.name, device).update
 
     # --- header -------------------------------------------------------------------------------
     header = {

@@ -86,7 +86,7 @@ def test_rmsprop_with_frozen_preconditioner_matches_discretised_chain(sampler):
     layout = FlatLayout(model)
     settings = SamplerSettings(sampler)
     schedule = Schedule(num_draws=D, num_burnin_steps=400, freeze_preconditioner_at=100)
-    _, update = select_backend("auto", torch.device("cpu"))
+    update = select_backend("auto", torch.device("cpu")).update
     diffs, variances, expectations = [], [], []
     for chain in range(C):
         state = FlatState(layout, 1, device=torch.device("cpu"), preconditioned=True,

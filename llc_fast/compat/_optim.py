@@ -127,7 +127,7 @@ class SGMCMC(torch.optim.Optimizer):
         self._settings: dict[tuple, SamplerSettings] = {}
         self._buckets = self._build_buckets()
         self._chain_ids = {b.device: torch.tensor([chain], dtype=torch.int64, device=b.device) for b in self._buckets}
-        self._update = {b.device: select_backend(backend, b.device)[1] for b in self._buckets}
+        self._update = {b.device: select_backend(backend, b.device).update for b in self._buckets}
 
     # ----------------------------------------------------------------------------------------------
     def _build_buckets(self) -> list[_Bucket]:

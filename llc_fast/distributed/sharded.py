@@ -168,7 +168,8 @@ def _estimate(a: dict, *, shard_group_size, batch_split, guard) -> LLCResult:
     if sharded and a["mala_every"]:
         raise NotImplementedError("mala_every is not supported on sharded models yet; use shard_group_size=1 "
                                   "(chains in parallel, whole models) to record MALA acceptance")
-    backend_name, update = select_backend(a["backend"], device)
+    chosen = select_backend(a["backend"], device)
+    backend_name, update = chosen.name, chosen.update
     if a["mask"]:
         _check_mask(layout, a["mask"])  # before the model is sharded in place
     num_chains = a["num_chains"]

@@ -108,7 +108,8 @@ def estimate_llc(
     settings, hyper, schedule, n = checked_inputs(locals())
     layout = check.check_model(model, device)
     device = torch.device(device) if device is not None else layout.device
-    backend_name, update = select_backend(backend, device)
+    chosen = select_backend(backend, device)
+    backend_name, update = chosen.name, chosen.update
     flat_mask = layout.flat_mask(mask, device) if mask else None
 
     config = dict(

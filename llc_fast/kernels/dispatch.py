@@ -94,8 +94,21 @@ def backend_names() -> tuple[str, ...]:
     return ("auto",) + tuple(b.name for b in _REGISTRY)
 
 
-def select_backend(name: str, device: torch.device) -> tuple[str, UpdateFn]:
-    """The update function for ``name`` ("auto" = the fastest that runs on ``device``)."""
+@dataclass(frozen=True)
+class Backend:
+    """A loaded backend: ``update`` (``reference_update``'s signature) and ``update_segments``
+    (``reference_update_segments``'s: one call or launch over several segments)."""
+
+    name: str
+    update: UpdateFn
+
+    @property
+    def update_segments(self) -> UpdateFn:
+        return segments_update(self.update)
+
+
+def select_backend(name: str, device: torch.device) -> Backend:
+    """The backend for ``name`` ("auto" = the fastest that runs on ``device``)."""
     if name not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
     candidates = [b for b in _REGISTRY if name in ("auto", b.name)]
@@ -110,7 +123,7 @@ def select_backend(name: str, device: torch.device) -> tuple[str, UpdateFn]:
         if isinstance(loaded, Exception):
             reasons.append(f"{b.name}: {loaded}")
             continue
-        return b.name, loaded
+        return Backend(b.name, loaded)
     raise RuntimeError(
         f"backend {name!r} cannot update tensors on {device}: " + "; ".join(reasons)
         + ". Pass backend='torch' (the reference) or see llc_fast.backends()."
