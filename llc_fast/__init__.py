@@ -6,9 +6,11 @@
 __version__ = "0.1.0"
 
 from . import oracles  # noqa: E402
-from .estimators import (AllChainsDivergedError, CalibrationResult, LLCDivergenceWarning, LLCResult,  # noqa: E402
-                         calibrate, estimate_llc)
+from .api import estimate_llc  # noqa: E402
+from .config import LLCConfig, default_nbeta  # noqa: E402
+from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult  # noqa: E402
 from .kernels import backends  # noqa: E402
+from .studies import CalibrationResult, calibrate  # noqa: E402
 
-__all__ = ["estimate_llc", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends", "oracles",
-           "calibrate", "CalibrationResult", "__version__"]
+__all__ = ["estimate_llc", "LLCConfig", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends",
+           "oracles", "calibrate", "CalibrationResult", "default_nbeta", "__version__"]

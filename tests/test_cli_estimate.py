@@ -11,7 +11,7 @@ import torch
 
 from llc_fast import LLCResult
 from llc_fast.cli import main
-from llc_fast.distributed.hf import load_tokens
+from llc_fast.integrations.hf import load_tokens
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")

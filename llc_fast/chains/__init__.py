@@ -1,4 +1,6 @@
 """Chains: data streams, forward/backward engines and the sampling loop."""
-from .runner import ChainHyper, ChainTrace, Schedule, run_chains
+from .runner import ChainRun, run_chains, sample_local
+from .schedule import ChainHyper, Schedule
+from .trace import ChainTrace
 
-__all__ = ["ChainHyper", "ChainTrace", "Schedule", "run_chains"]
+__all__ = ["ChainHyper", "ChainRun", "ChainTrace", "Schedule", "run_chains", "sample_local"]

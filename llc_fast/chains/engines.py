@@ -1,10 +1,15 @@
 """Forward/backward engines: the loss and its gradient for a group of chains.
 
-``SequentialEngine`` runs each chain on the real module, one after another, with gradients
-landing in the flat gradient buffer. ``VmapEngine`` runs all chains of a group in one forward
-and backward pass over the stacked flat weights (torch.func ``vmap`` of ``grad_and_value``),
-keeping the ``loss_fn(model, batch)`` contract: inside, the module's parameters are the chain's
-slices of the flat vector, so tied weights stay tied.
+An engine answers two questions for the sampling loop (``runner.run_chains``):
+``loss_and_grad(num_rows, batches)`` -> (losses [G], gradients [G, N] or None when they were left in
+the state's own gradient storage), and ``loss_at_w_star(batch)`` -> L(w*) of one batch (a float).
+
+``SequentialEngine`` runs each chain on the real module, one after another, with gradients landing
+in the flat gradient buffer. ``VmapEngine`` runs all chains of a group in one forward and backward
+pass over the stacked flat weights (torch.func ``vmap`` of ``grad_and_value``), keeping the
+``loss_fn(model, batch)`` contract: inside, the module's parameters are the chain's slices of the
+flat vector, so tied weights stay tied. The FSDP engine (sharded models) is in
+``llc_fast.distributed.engine``.
 """
 from __future__ import annotations
 
@@ -16,14 +21,40 @@ from torch.func import grad_and_value, vmap
 from ..state.flat import FlatState, swapped_parameters
 
 
+def checked_loss(loss, where: str) -> torch.Tensor:
+    """The loss_fn's return value, checked to be a real scalar tensor; returned as a 0-d tensor."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__} {where}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return the scalar mean loss of the batch, got a tensor of shape {tuple(loss.shape)} "
+            f"{where}; reduce it (e.g. loss.mean())"
+        )
+    return loss.reshape(())
+
+
+def checked_finite(value: float, where: str) -> float:
+    if not torch.isfinite(torch.tensor(value)):
+        raise ValueError(f"loss_fn returned a non-finite value ({value}) {where}: check the model and data")
+    return value
+
+
 class SequentialEngine:
+    """One chain after another on the real module (any model; gradients into ``state.grad``)."""
+
     name = "sequential"
+    batched = False
 
     def __init__(self, model: torch.nn.Module, state: FlatState, loss_fn: Callable):
         self.model, self.state, self.loss_fn = model, state, loss_fn
 
-    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses [G] and gradients [G, N] (the state's flat gradient buffer) of rows 0..G-1."""
+    def loss_at_w_star(self, batch) -> float:
+        """L(w*) of one batch (row 0 of the state holds w* before sampling)."""
+        with torch.no_grad(), self.state.install(0):
+            return float(checked_loss(self.loss_fn(self.model, batch), "at w*"))
+
+    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, None]:
+        """Losses [G] of rows 0..G-1; their gradients are left in ``state.grad[:G]``."""
         grad = self.state.grad[:num_rows]
         grad.zero_()
         losses = []
@@ -32,7 +63,7 @@ class SequentialEngine:
                 loss = self.loss_fn(self.model, batches[row])
                 loss.backward()
             losses.append(loss.detach().reshape(()))
-        return torch.stack(losses), grad
+        return torch.stack(losses), None
 
 
 class Unstackable(ValueError):
@@ -70,11 +101,14 @@ def _tensor_dims(batch, dim):
     return None
 
 
-class VmapEngine:
+class VmapEngine(SequentialEngine):
+    """All rows of a group in one vmapped forward and backward pass."""
+
     name = "vmap"
+    batched = True
 
     def __init__(self, model: torch.nn.Module, state: FlatState, loss_fn: Callable):
-        self.model, self.state, self.loss_fn = model, state, loss_fn
+        super().__init__(model, state, loss_fn)
         layout = state.layout
         sizes = [s.numel for s in layout.slots]
         shapes = [s.shape for s in layout.slots]
@@ -104,3 +138,20 @@ class VmapEngine:
         except Unstackable:
             parts = [self._call(w[r : r + 1], batches[r], None) for r in range(num_rows)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).contiguous()
+
+
+def local_engine(model, state: FlatState, loss_fn: Callable, chain_batching: str, probe_batches) -> tuple:
+    """(engine, fallback reason) for one process: vmap when asked or when it works ("auto": one trial
+    forward/backward on ``probe_batches()``, the group's first batches), else sequential."""
+    if chain_batching == "sequential" or state.num_chains == 1:
+        return SequentialEngine(model, state, loss_fn), ""
+    engine = VmapEngine(model, state, loss_fn)
+    if chain_batching == "vmap":
+        return engine, ""
+    batches = probe_batches()
+    try:
+        engine.loss_and_grad(len(batches), batches)
+        return engine, ""
+    except Exception as e:  # any failure means: run this model one chain at a time
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return SequentialEngine(model, state, loss_fn), reason

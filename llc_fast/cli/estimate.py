@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace, launch):
     import torch.distributed as dist
 
     from .. import estimate_llc
-    from ..distributed import hf
+    from ..integrations import hf
     from ..distributed.mesh import check_shard_group_size
     from ..distributed.planner import GiB, MemoryPlanError, device_capacity, model_spec, plan_memory
     from ..distributed.sharded import estimate_llc_sharded

@@ -31,6 +31,19 @@ def world_size() -> int:
     return 1
 
 
+def launched_world_size() -> int:
+    """``world_size()``, but under torchrun (WORLD_SIZE > 1) without ``init_process_group`` raise: every
+    process would otherwise run the whole estimate on its own."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world_size() == 1 and world.isdigit() and int(world) > 1:
+        raise RuntimeError(
+            f"this process runs under torchrun (WORLD_SIZE={world}) but torch.distributed is not initialised, so "
+            "each of the processes would run the whole estimate. Add this line before estimate_llc: "
+            "llc_fast.distributed.init_from_env()   (or torch.distributed.init_process_group('gloo' or 'nccl'))"
+        )
+    return world_size()
+
+
 def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
@@ -72,10 +85,6 @@ class ChainMesh:
         if self.device_mesh is None:
             raise RuntimeError("no device mesh: S == 1 or the model was sharded by the caller")
         return self.device_mesh["shard"]
-
-    def describe(self) -> str:
-        return (f"{self.world_size} processes = {self.num_chain_groups} chain group(s) x {self.shard_group_size} "
-                f"shard rank(s)")
 
 
 def chain_assignment(num_chains: int, num_groups: int) -> list[list[int]]:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .units import bytes_per, transformer_blocks, unit_param_counts
+from ..state.memory import bytes_per, row_bytes
+from .units import transformer_blocks, unit_param_counts
 
 GiB = 1 << 30
 FIXED_OVERHEAD = 1 * GiB
@@ -231,27 +232,28 @@ def plan_memory(
     if world_size % s:
         raise ValueError(f"shard_group_size {s} does not divide world_size {world_size}")
     e = bytes_per(param_dtype)
-    stat_e = 8 if param_dtype == torch.float64 else 4
     pre = sampler != "sgld"
     n = spec.num_params
     plan = MemoryPlan(spec, world_size, s, param_dtype, sampler, batch_size, seq_len, activation_checkpointing,
                       batched_chains if s == 1 else 1, capacity)
     parts = plan.parts
-    if s > 1:
+    if s > 1:  # one chain row of this rank's shards; FSDP's local shards are the chain's weights
         nr = spec.shard_numel(s)
-        parts["parameters"] = nr * e
+        row = row_bytes(nr, param_dtype, pre)
+        parts["parameters"] = row["weights"]
         parts["w*"] = nr * e
-        parts["statistic"] = nr * stat_e if pre else 0
-        parts["gradients"] = nr * e
+        parts["statistic"] = row["statistic"]
+        parts["gradients"] = row["gradients"]
         biggest = max(spec.block_params, default=0)
         parts["FSDP"] = e * (3 * biggest + 2 * spec.root_params)
         rows = 1
-    else:
+    else:  # the model itself and R chain rows
         rows = plan.batched_chains
-        parts["parameters"] = n * e * (1 + rows)
+        row = row_bytes(n, param_dtype, pre)
+        parts["parameters"] = n * e + rows * row["weights"]
         parts["w*"] = n * e
-        parts["statistic"] = rows * n * stat_e if pre else 0
-        parts["gradients"] = rows * n * e
+        parts["statistic"] = rows * row["statistic"]
+        parts["gradients"] = rows * row["gradients"]
         parts["FSDP"] = 0
     micro = -(-batch_size // s) if (s > 1 and split_batch) else batch_size
     parts["activations"] = rows * _activation_bytes(spec, micro, seq_len, e, activation_checkpointing, plan.notes)

@@ -68,6 +68,3 @@ def enable_activation_checkpointing(blocks: list[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
         block._llc_fast_checkpointed = True
 
-
-def bytes_per(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits // 8

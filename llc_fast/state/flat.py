@@ -66,6 +66,34 @@ class FlatLayout:
         self.dtype = self.params[0].dtype if self.params else None
         self.device = self.params[0].device if self.params else None
 
+    @classmethod
+    def for_sampling(cls, model) -> "FlatLayout":
+        """The layout of ``model``'s sampled parameters, checked: a module with trainable parameters of one
+        supported dtype, on one device. Every error says what to change."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        layout = cls(model)
+        if not layout.params:
+            raise ValueError(
+                "model has no trainable floating-point parameters to sample: set requires_grad=True on the "
+                "parameters whose LLC you want (and make sure they are float32, float64 or bfloat16)"
+            )
+        devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+        if len(devices) > 1:
+            raise ValueError(
+                f"model's parameters and buffers are on several devices {sorted(map(str, devices))}; move the model "
+                "to one device first (model.to(device)); sharded models use the distributed path"
+            )
+        dtypes = {p.dtype for p in layout.params}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"sampled parameters have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype "
+                "(model.float() or model.to(torch.bfloat16))"
+            )
+        if layout.dtype not in SUPPORTED_PARAM_DTYPES:
+            raise ValueError(f"sampled parameters are {layout.dtype}; cast the model to float32, float64 or bfloat16")
+        return layout
+
     def slot(self, name: str) -> ParamSlot:
         for s in self.slots:
             if s.name == name:
@@ -81,33 +109,49 @@ class FlatLayout:
         """Views of a flat [N] tensor shaped like each sampled parameter."""
         return [row[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
 
+    def checked_mask(self, mask: dict) -> dict[str, torch.Tensor]:
+        """A per-parameter dict of 0/1 masks, each checked and broadcast to its parameter's shape."""
+        out = {}
+        for name, m in mask.items():
+            s = self.slot(name)
+            m = torch.as_tensor(m)
+            try:
+                full = torch.broadcast_to(m, s.shape)
+            except RuntimeError as e:
+                raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, not broadcastable to "
+                                 f"{tuple(s.shape)}") from e
+            if not torch.all((m == 0) | (m == 1)):
+                raise ValueError(f"mask for {name!r} must hold only 0 and 1")
+            out[name] = full
+        return out
+
     def flat_mask(self, mask: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """A per-parameter dict of 0/1 masks as one [N] float mask (missing names: all ones)."""
         out = torch.ones(self.numel, device=device)
-        for name, m in mask.items():
+        for name, m in self.checked_mask(mask).items():
             s = self.slot(name)
-            m = torch.as_tensor(m, device=device)
-            try:
-                m = torch.broadcast_to(m, s.shape)
-            except RuntimeError as e:
-                raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, not broadcastable to {tuple(s.shape)}") from e
-            if not torch.all((m == 0) | (m == 1)):
-                raise ValueError(f"mask for {name!r} must hold only 0 and 1")
-            out[s.offset : s.offset + s.numel] = m.reshape(-1).to(out.dtype)
+            out[s.offset : s.offset + s.numel] = m.reshape(-1).to(device=device, dtype=out.dtype)
         return out
 
 
 class FlatState:
-    """The flat buffers of ``num_chains`` chains, all starting at w* (see module docstring)."""
+    """The flat buffers of ``num_chains`` chain rows, all starting at w* (see module docstring); the
+    single-process implementation of ``state.protocol.ChainState``.
+
+    mask: {param name: 0/1 tensor} or None; masked weights never move (``flat_mask`` [N] float or None).
+    """
+
+    supports_mala = True
 
     def __init__(self, layout: FlatLayout, num_chains: int, *, device: torch.device, preconditioned: bool,
-                 initial_statistic: float = 0.0):
+                 initial_statistic: float = 0.0, mask: dict | None = None):
         if layout.dtype not in SUPPORTED_PARAM_DTYPES:
             raise ValueError(f"sampled parameters are {layout.dtype}; cast the model to float32, float64 or bfloat16")
-        self.layout = layout
+        self.layout, self.device, self.initial_statistic = layout, torch.device(device), initial_statistic
+        self.flat_mask = layout.flat_mask(mask, device) if mask else None
         self.w_star = layout.flatten().to(device)
         self.w = self.w_star.expand(num_chains, -1).clone()
-        self.grad = torch.zeros_like(self.w)
+        self._grad = None
         self.stat = (
             torch.full(self.w.shape, initial_statistic, dtype=compute_dtype(layout.dtype), device=device)
             if preconditioned else None
@@ -117,11 +161,33 @@ class FlatState:
     def num_chains(self) -> int:
         return self.w.shape[0]
 
-    def reset(self, preconditioned_initial: float = 0.0) -> None:
+    @property
+    def grad(self) -> torch.Tensor:
+        """[C, N] gradient buffer, allocated on first use (the batched engine returns its own gradients)."""
+        if self._grad is None:
+            self._grad = torch.zeros_like(self.w)
+        return self._grad
+
+    def reset(self) -> None:
         """Put every chain back at w* (and the statistic at its start value)."""
         self.w.copy_(self.w_star.expand_as(self.w))
         if self.stat is not None:
-            self.stat.fill_(preconditioned_initial)
+            self.stat.fill_(self.initial_statistic)
+
+    def segments(self, num_rows: int, grad: torch.Tensor | None) -> list[tuple]:
+        """The update's segments for rows 0..num_rows-1: one, the whole flat vector (``grad`` None:
+        the gradients in ``self.grad``)."""
+        return [(self.w[:num_rows], self.grad[:num_rows] if grad is None else grad, 0, 0)]
+
+    def stat_rows(self, num_rows: int) -> torch.Tensor | None:
+        return None if self.stat is None else self.stat[:num_rows]
+
+    def isolation(self):
+        """While sampling: private copies of the module's buffers and unsampled parameters."""
+        return isolated_buffers(self.layout.model, self.device, sampled=self.layout.params)
+
+    def restore(self) -> None:
+        """Nothing to do: the module's own parameters are never written."""
 
     @contextlib.contextmanager
     def install(self, chain: int):
@@ -149,20 +215,22 @@ def swapped_parameters(layout: FlatLayout, replacements: list[torch.Tensor]):
 
 
 @contextlib.contextmanager
-def isolated_buffers(layout: FlatLayout, device: torch.device):
-    """Give the module private copies (on ``device``) of its buffers and unsampled parameters.
+def isolated_buffers(model: nn.Module, device: torch.device | None, *, sampled=None):
+    """Give the module private copies (on ``device``; None: where each is) of its buffers and, unless
+    ``sampled`` is None, of its parameters other than the ``sampled`` ones.
 
     Sampling may run the module in train mode (BatchNorm updates its running statistics) or
     on another device; the user's own buffers and frozen parameters stay untouched.
     """
-    sampled = {id(p) for p in layout.params}
+    tables = ("_buffers",) if sampled is None else ("_buffers", "_parameters")
+    sampled = {id(p) for p in sampled or ()}
     swaps = []
-    for module in layout.model.modules():
-        for table in (module._buffers, module._parameters):
+    for module in model.modules():
+        for table in (getattr(module, t) for t in tables):
             for name, t in table.items():
                 if t is None or id(t) in sampled:
                     continue
-                copy = t.detach().to(device, copy=True)
+                copy = t.detach().to(t.device if device is None else device, copy=True)
                 if isinstance(t, nn.Parameter):
                     copy = nn.Parameter(copy, requires_grad=False)
                 swaps.append((table, name, t, copy))

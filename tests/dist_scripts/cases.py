@@ -49,7 +49,7 @@ def gpt2_data():
 
 
 def lm_loss(model, batch):
-    from llc_fast.distributed.hf import causal_lm_loss
+    from llc_fast.integrations.hf import causal_lm_loss
 
     return causal_lm_loss(model, batch)
 

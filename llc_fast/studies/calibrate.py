@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import validation as check
-from .llc import AllChainsDivergedError, LLCDivergenceWarning, estimate_llc
-from .result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
+from ..api import estimate_llc
+from ..config import check_count, check_positive
+from ..estimators.llc import AllChainsDivergedError, LLCDivergenceWarning
+from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
 
 # A trace has flattened when |λ̂(second half) − λ̂(first half)| is at most FLAT_SE_MULTIPLE combined
 # standard errors, or at most FLAT_RTOL of the setting's |λ̂|. Each half is cut into FLAT_BLOCKS blocks
@@ -231,8 +232,8 @@ def calibrate(
     lrs = _grid("lrs", lrs, hint="lrs are SGLD step sizes, e.g. lrs=[1e-4, 3e-4, 1e-3].")
     gammas = _grid("gammas", gammas, allow_zero=True, hint="gammas are localization strengths, e.g. gammas=[1, 100].")
     nbetas_grid = [None] if nbetas is None else _grid("nbetas", nbetas, hint="nbetas are n*beta values, e.g. [10, 30].")
-    check.check_count("chains_per_setting", chains_per_setting, 1)
-    check.check_count("num_draws", num_draws, 2 * FLAT_BLOCKS)  # two halves of FLAT_BLOCKS blocks, for flattening
+    check_count("chains_per_setting", chains_per_setting, 1)
+    check_count("num_draws", num_draws, 2 * FLAT_BLOCKS)  # two halves of FLAT_BLOCKS blocks, for flattening
     taken = sorted(_RESERVED_KWARGS.keys() & estimate_kwargs.keys())
     if taken:
         raise TypeError(f"calibrate sets {taken[0]!r} itself from the grid: pass {_RESERVED_KWARGS[taken[0]]}= instead")
@@ -271,7 +272,7 @@ def _grid(name: str, values, *, allow_zero: bool = False, hint: str = "") -> lis
         values = [values]
     if not values:
         raise ValueError(f"{name} is empty: pass at least one value. {hint}".rstrip())
-    check.check_positive(name, list(values), allow_zero=allow_zero, hint=hint)
+    check_positive(name, list(values), allow_zero=allow_zero, hint=hint)
     return [float(v) for v in values]
 
 

@@ -1,0 +1,100 @@
+"""The public entry point: ``estimate_llc`` on one process, or under torchrun on all of them.
+
+The one local-or-distributed choice of the package is made here: with a process group of several
+ranks, the chains are sampled by ``llc_fast.distributed`` (FSDP2 shard groups, chain groups in
+parallel); otherwise by ``llc_fast.chains.runner.sample_local``. Both feed the same estimator.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .chains.runner import sample_local
+from .config import LLCConfig
+from .distributed.mesh import launched_world_size
+from .estimators.llc import estimate
+from .estimators.result import LLCResult
+
+
+def estimate_config(model, data, loss_fn: Callable, config: LLCConfig) -> LLCResult:
+    """``estimate_llc`` for a built ``LLCConfig``: sampled here, or across the torchrun processes."""
+    if launched_world_size() > 1:
+        from .distributed.sharded import sample_sharded
+
+        return estimate(model, data, loss_fn, config, sample=sample_sharded)
+    return estimate(model, data, loss_fn, config, sample=sample_local)
+
+
+def estimate_llc(
+    model: torch.nn.Module,
+    data,
+    loss_fn: Callable,
+    *,
+    sampler: str = "sgld",
+    lr: float | Sequence[float],
+    nbeta: float | Sequence[float] | None = None,
+    gamma: float | Sequence[float] = 1.0,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    num_burnin_steps: int = 0,
+    num_steps_bw_draws: int = 1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    rmsprop_alpha: float = 0.99,
+    rmsprop_eps: float = 0.1,
+    weight_decay: float = 0.0,
+    box: float | None = None,
+    noise_level: float = 1.0,
+    mask: dict[str, torch.Tensor] | None = None,
+    num_init_loss_batches: int = 16,
+    freeze_preconditioner_at: int | None = None,
+    backend: str = "auto",
+    shared_batches: bool = False,
+    chain_batching: str = "auto",
+    max_batched_chains: int | None = None,
+    batch_memory_bytes: int | None = None,
+    mala_every: int | None = None,
+) -> LLCResult:
+    """Estimate the LLC of ``model`` at its current weights w*.
+
+    data: a DataLoader or any re-iterable of batches; cycled as needed. Each chain reads its
+        own stream of batches (a shuffling loader is re-seeded per chain and pass).
+    loss_fn(model, batch) -> scalar tensor: the mean loss of the batch.
+    sampler: "sgld", "rmsprop_sgld" (devinterp's preconditioner) or "rmsprop_sgld_bc"
+        (bias-corrected, V starting at 1; Hitchcock & Hoogland 2025).
+    lr, nbeta, gamma: step size epsilon, inverse temperature times n, localization strength; each a
+        scalar or one value per chain. nbeta defaults to n/log n when the loader's dataset has a length.
+    num_draws draws per chain, taken every num_steps_bw_draws steps after num_burnin_steps.
+    weight_decay, box (clamp to w* +- box), noise_level, mask ({param name: 0/1 tensor}; masked
+        weights never move): optional parts of the update. rmsprop_alpha, rmsprop_eps: the
+        preconditioner's decay and floor; freeze_preconditioner_at: step from which V stays fixed.
+    num_init_loss_batches: batches averaged for L(w*). backend: "auto" or a name from llc_fast.backends().
+    shared_batches: all chains read the same batches (devinterp's default) instead of their own.
+    chain_batching: "auto" (chains batched in one vmapped forward/backward where the model allows,
+        else one at a time, with a warning saying why), "vmap" or "sequential". max_batched_chains
+        bounds how many chains share one pass (memory: about that many copies of the weights,
+        gradients and activations); the result does not depend on it.
+    mala_every: record the MALA acceptance of every k-th step after burn-in (one more forward and
+        backward each time); result.mala_acceptance is then [chains, records].
+    batch_memory_bytes: budget for the per-chain flat buffers of one batched group (weights,
+        gradients, RMSProp statistic); default: half the free memory on a GPU, no limit on CPU.
+        Activations come on top and scale with the group size too: lower max_batched_chains if a
+        batched pass runs out of memory.
+
+    Under torchrun (an initialised process group of several ranks) every rank calls this and the
+    chains run on all of them (``llc_fast.distributed.estimate_llc_sharded``, which takes the layout
+    options). The model's parameters are sampled if floating-point with requires_grad; the model itself
+    is left bitwise unchanged. Returns an LLCResult.
+    """
+    config = LLCConfig(
+        sampler=sampler, lr=lr, nbeta=nbeta, gamma=gamma, num_chains=num_chains, num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, seed=seed, device=device,
+        progress=progress, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps, weight_decay=weight_decay, box=box,
+        noise_level=noise_level, mask=mask, num_init_loss_batches=num_init_loss_batches,
+        freeze_preconditioner_at=freeze_preconditioner_at, backend=backend, shared_batches=shared_batches,
+        chain_batching=chain_batching, max_batched_chains=max_batched_chains, batch_memory_bytes=batch_memory_bytes,
+        mala_every=mala_every,
+    )
+    return estimate_config(model, data, loss_fn, config)

@@ -1,0 +1,171 @@
+"""LLCConfig: every option of an LLC run, validated once, before any work.
+
+``estimate_llc(model, data, loss_fn, **options)`` builds one ``LLCConfig(**options)``; every layer
+below reads its settings from it: the sampler settings (``settings``), the per-chain
+hyperparameters (``hyper``), the schedule of recorded steps (``schedule``). Each error says what
+was wrong and what to pass instead.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from . import __version__
+from .chains.data import check_reiterable, dataset_size
+from .chains.runner import CHAIN_BATCHING
+from .chains.schedule import ChainHyper, Schedule
+from .kernels.dispatch import backend_names
+from .kernels.update_spec import SamplerSettings
+
+BATCH_SPLIT = ("auto", "split", "replicate")
+
+
+def default_nbeta(n: int) -> float:
+    """Watanabe's nbeta = n / log n (beta* = 1/log n)."""
+    return n / math.log(n)
+
+
+def _values(x) -> list:
+    """A scalar or a per-chain sequence (list, tuple, numpy array, tensor) as a flat list."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(-1).tolist()
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1).tolist()
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False, hint: str = "") -> None:
+    """A scalar or per-chain sequence of real numbers, all finite and > 0 (>= 0 with allow_zero)."""
+    for v in _values(value):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name} must be a finite number {need}, got {v!r}. {hint}".rstrip())
+
+
+def check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _per_chain(name: str, value, num_chains: int) -> tuple[float, ...]:
+    values = _values(value)
+    if len(values) not in (1, num_chains):
+        raise ValueError(f"{name} must be a scalar or have one value per chain ({num_chains}), got {len(values)} "
+                         "values")
+    return tuple(float(v) for v in values) * (num_chains if len(values) == 1 else 1)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LLCConfig:
+    """The options of ``estimate_llc`` (see its docstring), checked on construction.
+
+    lr, nbeta, gamma are stored as one float per chain; nbeta is None until ``for_data`` resolves its
+    default n/log n from the data. shard_group_size, batch_split and failure_grace_s apply under torchrun.
+    """
+
+    sampler: str = "sgld"
+    lr: tuple
+    nbeta: tuple | None = None
+    gamma: tuple = 1.0
+    num_chains: int = 4
+    num_draws: int = 200
+    num_burnin_steps: int = 0
+    num_steps_bw_draws: int = 1
+    seed: int = 0
+    device: str | torch.device | None = None
+    progress: bool = True
+    rmsprop_alpha: float = 0.99
+    rmsprop_eps: float = 0.1
+    weight_decay: float = 0.0
+    box: float | None = None
+    noise_level: float = 1.0
+    mask: dict | None = None
+    num_init_loss_batches: int = 16
+    freeze_preconditioner_at: int | None = None
+    backend: str = "auto"
+    shared_batches: bool = False
+    chain_batching: str = "auto"
+    max_batched_chains: int | None = None
+    batch_memory_bytes: int | None = None
+    mala_every: int | None = None
+    shard_group_size: int | None = None
+    batch_split: str = "auto"
+    failure_grace_s: float = 10.0
+    dataset_size: int | None = None  # n, set by for_data when the data knows it
+
+    def __post_init__(self) -> None:
+        SamplerSettings(sampler=self.sampler, rmsprop_alpha=self.rmsprop_alpha, rmsprop_eps=self.rmsprop_eps,
+                        weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level)
+        for name in ("num_chains", "num_draws", "num_steps_bw_draws", "num_init_loss_batches"):
+            check_count(name, getattr(self, name), 1)
+        check_count("num_burnin_steps", self.num_burnin_steps, 0)
+        for name in ("freeze_preconditioner_at", "mala_every", "max_batched_chains", "batch_memory_bytes"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name), 1)
+        if self.chain_batching not in CHAIN_BATCHING:
+            raise ValueError(f"chain_batching must be one of {CHAIN_BATCHING}, got {self.chain_batching!r}")
+        if self.backend not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
+        if self.batch_split not in BATCH_SPLIT:
+            raise ValueError(f"batch_split must be one of {BATCH_SPLIT}, got {self.batch_split!r}")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        check_positive("lr", self.lr, hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
+        check_positive("gamma", self.gamma, allow_zero=True, hint="gamma is the localization strength (0 turns it off).")
+        object.__setattr__(self, "lr", _per_chain("lr", self.lr, self.num_chains))
+        object.__setattr__(self, "gamma", _per_chain("gamma", self.gamma, self.num_chains))
+        if self.nbeta is not None:
+            check_positive("nbeta", self.nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
+            object.__setattr__(self, "nbeta", _per_chain("nbeta", self.nbeta, self.num_chains))
+
+    def replace(self, **changes) -> "LLCConfig":
+        return replace(self, **changes)
+
+    def for_data(self, data) -> "LLCConfig":
+        """This config with the data checked and nbeta resolved (default n/log n, n = the data's size)."""
+        check_reiterable(data)
+        n = dataset_size(data)
+        if self.nbeta is not None:
+            return replace(self, dataset_size=n)
+        if n is None or n < 2:
+            raise ValueError(
+                "nbeta is required when the data's size is unknown: pass nbeta=n/log(n) for n training samples "
+                "(or a fixed value such as 10-30 for language models)"
+            )
+        return replace(self, nbeta=default_nbeta(n), dataset_size=n)
+
+    @property
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(sampler=self.sampler, rmsprop_alpha=self.rmsprop_alpha, rmsprop_eps=self.rmsprop_eps,
+                               weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level)
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(num_draws=self.num_draws, num_burnin_steps=self.num_burnin_steps,
+                        num_steps_bw_draws=self.num_steps_bw_draws,
+                        freeze_preconditioner_at=self.freeze_preconditioner_at, mala_every=self.mala_every)
+
+    @property
+    def hyper(self) -> ChainHyper:
+        """Per-chain lr, nbeta, gamma ([C] float64) and chain indices; needs nbeta resolved (``for_data``)."""
+        if self.nbeta is None:
+            raise ValueError("nbeta is not resolved: call LLCConfig.for_data(data) first")
+        return ChainHyper(*(torch.tensor(v, dtype=torch.float64) for v in (self.lr, self.nbeta, self.gamma)),
+                          chain_ids=torch.arange(self.num_chains, dtype=torch.int64))
+
+    def to_dict(self, **run_facts) -> dict:
+        """The settings as recorded in ``LLCResult.config``, plus ``run_facts`` (backend, engine, sizes...)."""
+        skip = {"progress", "batch_memory_bytes", "shard_group_size", "batch_split", "failure_grace_s", "mask"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        out.update(lr=list(self.lr), nbeta=list(self.nbeta), gamma=list(self.gamma), device=None,
+                   mask=sorted(self.mask) if self.mask else None)
+        out.update(run_facts)
+        out.update(llc_fast_version=__version__, torch_version=torch.__version__)
+        return out

@@ -1,0 +1,1 @@
+"""Integrations with other libraries: HuggingFace causal LMs and token data (``hf``)."""

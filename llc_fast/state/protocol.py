@@ -1,0 +1,33 @@
+"""ChainState: what the sampling loop needs of a sampler state, whatever holds the weights.
+
+Implemented by ``flat.FlatState`` (one process: [C, N] flat buffers, module parameters as views)
+and ``sharded.ShardedChainState`` (one chain's local FSDP shards on one rank).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class ChainState(Protocol):
+    num_chains: int            # rows the state holds (chains run together)
+    supports_mala: bool        # the weights of a group are one [G, N] tensor (MALA needs it)
+    w_star: torch.Tensor       # [N_local] the trained weights
+    flat_mask: torch.Tensor | None  # [N_local] 0/1, None: every weight is sampled
+
+    def reset(self) -> None:
+        """Every row back at w*, the statistic at its start value."""
+
+    def segments(self, num_rows: int, grad: torch.Tensor | None) -> list[tuple]:
+        """(w [G, n], grad [G, n], local_start, global_offset) of rows 0..G-1 for the fused update;
+        ``grad`` is what the engine returned (None: the gradients live in the state)."""
+
+    def stat_rows(self, num_rows: int) -> torch.Tensor | None:
+        """[G, N_local] RMSProp statistic of rows 0..G-1, or None for SGLD."""
+
+    def isolation(self):
+        """Context manager: the module's buffers (and frozen parameters) are private copies meanwhile."""
+
+    def restore(self) -> None:
+        """After sampling: leave the model holding w* (bitwise)."""
