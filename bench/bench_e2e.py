@@ -2,87 +2,34 @@
 
     .venv/bin/python bench/bench_e2e.py [--quick] [--threads N] [--cases regression,dln,mlp,gpt2]
                                         [--repeats R] [--retries K] [--busy CORES] [--wait-quiet S]
-                                        [--output FILE.json]
+                                        [--output FILE.json] [--log FILE.txt]
 
-For four models it runs ``llc_fast.estimate_llc`` and devinterp 2.0.1's estimator on the same
-model, the same batches in the same order, and the same hyperparameters, chains, burn-in and
-draws, and reports chains x steps per second of each, their ratio, and the two estimates with
-their standard errors:
+For four models (regression y = 3x + 2, a deep linear network, a 1.07M-parameter MLP, a small
+GPT-2) it runs ``llc_fast.estimate_llc`` and devinterp 2.0.1's estimator (``sample`` then
+``compute_llc``, what ``devinterp.slt.llc.llc`` does; sampler ``sgmcmc_sgld`` with
+``localization=gamma``) on the same model, the same batches in the same order (devinterp's first
+epoch, cycled, checked against the batch ids it records) and the same lr, nbeta, gamma, chains,
+burn-in and draws, and reports chains x steps per second of each whole call, their ratio, and both
+estimates with standard errors (ddof = 1; devinterp's recomputed from its own trace and init loss
+with burn-in left out, since 2.0.1 averages burn-in into ``llc_mean``, printed too; chains sharing
+batches are correlated, so both standard errors are optimistic).
 
-* regression: y = 3x + 2 on 100 points at the least-squares solution, full batch,
-  nbeta = 100/ln 100, lr = 0.002, gamma = 1 (the stationary expectation of the discretised chain
-  is exact, ``llc_fast.oracles.quadratic_sgld_expectation``, printed as the reference);
-* dln: a deep linear network from ``llc_fast.oracles.make_dln`` with ``dln_dataset`` data and
-  minibatches (reference: Aoyagi's learning coefficient);
-* mlp: a ~1.07M-parameter MLP 784-1024-256-10 (ReLU), trained briefly with Adam on random data
-  (4096 samples, random labels), batch 256, cross-entropy, 8 chains;
-* gpt2: a small GPT-2 (``transformers.GPT2LMHeadModel`` from a ``GPT2Config``, random init, built
-  offline, eager attention, no dropout) on random token ids, next-token cross-entropy.
-
-How devinterp is called. devinterp 2.0.1 has one estimator, ``devinterp.slt.llc.llc`` (=
-``sample`` followed by ``compute_llc``; 1.x's ``estimate_learning_coeff_with_summary`` is gone).
-It takes a HuggingFace ``Dataset`` with an ``input_ids`` column and ``loss_fn(model, input_ids)``
-returning a per-token loss of shape (batch, seq - 1). The GPT-2 case uses that path as intended
-(devinterp's default loss). For the other models each row of ``input_ids`` is a sample index
-[i, i] (so seq - 1 = 1), and the loss function looks the sample up and returns its loss as a
-(batch, 1) tensor: the mean devinterp backpropagates is then exactly the batch's mean loss. The
-script calls ``sample`` and ``compute_llc`` itself (what ``llc`` does) to keep the sampled batch
-ids, and checks that devinterp saw the very batches llc_fast was given. Sampler: devinterp's
-``sgmcmc_sgld`` with ``localization=gamma``, ``n_beta``, ``lr``; ``output_path`` is a fresh
-temporary directory (devinterp writes its traces to zarr, part of its cost); its per-chain
-progress bar, which 2.0.1 cannot switch off, is replaced by a disabled one.
-
-Conventions chosen so the two estimates should agree:
-
-* batches: devinterp builds ``DataLoader(dataset, batch_size, shuffle=True, drop_last=True)``
-  seeded with ``init_seed`` and cycles its first epoch for every chain
-  (``match_sampling_input_ids_across_chains=True``). llc_fast is given that epoch as a list of
-  batches (cycled in order) with ``shared_batches=True``, so both read identical batches in
-  identical order; L(w*) is averaged over the same first ``num_init_loss_batches`` batches.
-  devinterp pays for its DataLoader at every step (its API builds it). It is given the cheapest
-  dataset its API takes, a map-style torch dataset of {"input_ids": row} items (``IdsDataset``);
-  the loader's time per batch, and what it would be over a HuggingFace ``Dataset`` of the same
-  rows (devinterp's documented input), are measured and printed.
-* nbeta, lr, gamma, chains, burn-in and draws are the same; both take burn-in + draws forward
-  passes per chain and the draw at step t is the loss after t updates (step 0 is w*).
-* devinterp 2.0.1 averages burn-in draws into ``llc_mean``; the devinterp column recomputes
-  nbeta * (mean of its post-burn-in loss trace - its init_loss) from devinterp's own trace and
-  init loss (devinterp's own ``llc_mean`` is printed below the table and kept in the JSON).
-* standard errors: std over chains with ddof = 1 divided by sqrt(chains) for both (devinterp's
-  ``llc_std`` uses ddof = 0). Agreement = |difference| / sqrt(se1^2 + se2^2). Chains that share
-  batches are correlated, so these standard errors are optimistic; the two libraries also share
-  the batches, so their difference is less noisy than the two se suggest.
-
-Timing: wall-clock seconds of the whole estimator call (init loss included; devinterp's also
-includes writing and reading its zarr store), after an untimed warm-up of each library on the
-same model (llc_fast's C++ kernel is built and vmap traced there). steps/s = chains x
-(burn-in + draws) / seconds. Torch threads are set explicitly (``--threads``, default: all
-cores) and are the same for both. Each library is called ``--repeats`` times (2; 1 with
-``--quick``) and the fastest call is reported. On a shared machine other processes can slow a
-call many times over (two torch processes with two threads each on two cores): ``other`` is
-the number of cores other processes kept busy during the reported call, a call during which
-they kept ``--busy`` cores (0.3) or more busy is retried (up to ``--retries`` more calls, 4;
-0 with ``--quick``), and a figure whose every try was contended is marked ``!``.
-``--wait-quiet S`` also waits up to S seconds for the machine to go quiet before each call.
-"fwd+bwd" is the rate of the model's forward and backward passes alone (one chain, no update),
-the floor both libraries pay per chain-step; "bound" = that rate / devinterp's, the speedup a
-sampler costing nothing but those passes would reach.
-
-``--quick`` (a smoke run, under a minute) takes so few steps that devinterp's fixed cost per
-call (zarr store, deep copies) dominates: its speedups are not steady-state figures.
+devinterp gets the cheapest dataset its API takes (``IdsDataset``: sample-index or token-id rows,
+with a per-token loss view of the same data); its DataLoader cost per batch, and over a
+HuggingFace ``Dataset`` (its documented input), is printed. Timing: wall seconds of each whole
+call after an untimed warm-up of both, the fastest of ``--repeats`` calls that other processes
+left alone (``harness.LoadGuard``: calls during which they kept ``--busy`` cores busy are retried
+up to ``--retries`` times; figures whose every try was contended are marked ``!``). "fwd+bwd" is
+the rate of the model's forward+backward passes alone; "bound" = that / devinterp's rate.
+``--quick`` (under a minute) takes so few steps that devinterp's fixed costs dominate.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
-import json
 import math
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -94,66 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run from a fresh clone without installing
+from harness import (LoadGuard, add_common_options, environment, loadavg, print_environment, set_threads,
+                     transcript, write_results)
 
-import llc_fast  # noqa: E402
+import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.oracles import (  # noqa: E402
     dln_dataset, dln_learning_coefficient, make_dln, make_regression_example, mse_loss,
     quadratic_sgld_expectation)
-
-
-# --- machine load --------------------------------------------------------------------------------
-
-def _cpu_times() -> tuple[float, float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        busy = math.nan
-    t = os.times()
-    return busy, t.user + t.system, time.perf_counter()
-
-
-def _other_cores(start) -> float | None:
-    """Cores other processes kept busy on average since ``start``; None if unknown."""
-    busy1, own1, wall1 = _cpu_times()
-    busy0, own0, wall0 = start
-    if math.isnan(busy1) or wall1 - wall0 < 0.05:
-        return None
-    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
-
-
-def _wait_quiet(max_wait: float, threshold: float = 0.25, window: float = 0.5) -> float:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait:
-        start = _cpu_times()
-        time.sleep(window)
-        other = _other_cores(start)
-        if other is None or other < threshold:
-            break
-    return time.perf_counter() - t0
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # --- the cases -----------------------------------------------------------------------------------
@@ -453,25 +347,16 @@ def run_case(case: Case, args, log) -> dict:
     run_llc_fast(case, batches, chains=chains, draws=2, burnin=0)
     run_devinterp(case, ds, chains=1, draws=2, burnin=0)
 
-    def timed(fn):
-        waited = _wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
-        start = _cpu_times()
-        out = fn()
-        out["other_cores"] = _other_cores(start)
-        out["waited_s"] = waited
-        return out
-
-    def clean(out) -> bool:
-        return out["other_cores"] is None or out["other_cores"] < args.busy
+    guard = LoadGuard(args.wait_quiet, args.retries, busy=args.busy, log=None)
 
     def best_of(fn, cost):
         """args.repeats calls that other processes left alone (retrying up to args.retries more), the
         cheapest reported; if none was left alone, the cheapest of all, marked not clean."""
-        outs = []
-        while len(outs) < args.repeats + args.retries and sum(map(clean, outs)) < args.repeats:
-            outs.append(timed(fn))
-        best = min([o for o in outs if clean(o)] or outs, key=cost)
-        best["clean"] = clean(best)
+        runs = guard.run(fn, want=args.repeats)
+        outs = [dict(a.value, other_cores=a.other, waited_s=a.waited) for a in runs]
+        clean = [o for o, a in zip(outs, runs) if guard.clean(a)]
+        best = min(clean or outs, key=cost)
+        best["clean"] = bool(clean)
         return best, outs
 
     floor, _ = best_of(lambda: dict(rate=fwd_bwd_steps_per_s(case, batches, 0.5 if args.quick else 1.0)),
@@ -546,19 +431,10 @@ def print_table(rows: list[dict], log) -> None:
             f"{fb / d['steps_per_s']:>6.2f}x {oth:>15}")
 
 
-def _python_name() -> str:
-    """The interpreter as typed from the repository root (.venv/bin/python), else its full path."""
-    rel = os.path.relpath(sys.executable, Path.cwd())
-    return rel if not rel.startswith("..") else sys.executable
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run (few draws; under a minute)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for both libraries (default: all cores)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each timed call wait up to S seconds until other processes keep < 0.25 cores busy")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed calls per library and case, the fastest reported (default: 2, 1 with --quick)")
     ap.add_argument("--retries", type=int, default=None,
@@ -566,7 +442,7 @@ def main(argv=None) -> int:
                          "(default: 4, 0 with --quick)")
     ap.add_argument("--busy", type=float, default=0.3, metavar="CORES",
                     help="a timed call during which other processes kept this many cores busy is retried")
-    ap.add_argument("--output", type=Path, help="write the results as JSON")
+    add_common_options(ap, each="timed call", retry_busy=False)
     args = ap.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 2
@@ -579,8 +455,12 @@ def main(argv=None) -> int:
         if k not in CASES:
             ap.error(f"unknown case {k!r}; choose from {', '.join(CASES)}")
 
-    torch.set_num_threads(args.threads if args.threads is not None else (os.cpu_count() or 1))
-    threads = torch.get_num_threads()
+    with transcript(args.log, argv):
+        return bench(args, argv, keys)
+
+
+def bench(args, argv, keys) -> int:
+    set_threads(args.threads)
 
     def log(line=""):
         print(line, flush=True)
@@ -588,24 +468,15 @@ def main(argv=None) -> int:
     t_import = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):
         import devinterp  # noqa: F401  (~6 s: transformers, datasets, xarray, zarr)
-        from importlib.metadata import version
         import devinterp.slt.sampling  # noqa: F401
     _silence_devinterp_progress()
     t_import = time.perf_counter() - t_import
-    header = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=" ".join([_python_name()] + sys.argv) if argv is None else " ".join(argv),
-        device=_cpu_name(), platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-        llc_fast=llc_fast.__version__, devinterp=version("devinterp"), torch_threads=threads,
-        cpu_count=os.cpu_count(), loadavg_start=_loadavg(), quick=args.quick, repeats=args.repeats,
-        retries=args.retries, busy_threshold=args.busy,
-    )
-    log(f"# bench_e2e  {header['date']}")
-    log(f"# command: {header['command']}")
-    log(f"# device: {header['device']} (cpu, {header['cpu_count']} cores); python {header['python']}, "
-        f"torch {header['torch']}, llc_fast {header['llc_fast']}, devinterp {header['devinterp']}")
-    log(f"# torch threads: {threads} (torch.set_num_threads, same for both libraries); load average at start: "
-        f"{header['loadavg_start']}; devinterp import {t_import:.1f} s (not timed)")
+    packages = ("torch", "llc_fast", "devinterp")
+    header = environment(torch.device("cpu"), argv, packages, quick=args.quick, repeats=args.repeats,
+                         retries=args.retries, busy_threshold=args.busy)
+    print_environment("bench_e2e", header, packages, log=log)
+    log(f"# torch threads are the same for both libraries (torch.set_num_threads); devinterp import {t_import:.1f} s "
+        "(not timed)")
     log()
 
     rows = []
@@ -621,7 +492,7 @@ def main(argv=None) -> int:
         row = run_case(case, args, log)
         rows.append(row)
         log(f"  ({time.perf_counter() - t0:.0f} s for this case, warm-ups and set-up included)")
-    header["loadavg_end"] = _loadavg()
+    header["loadavg_end"] = loadavg()
     header["total_s"] = time.perf_counter() - t_all
 
     log()
@@ -653,9 +524,7 @@ def main(argv=None) -> int:
             + (f"; devinterp warnings: {'; '.join(d['warnings'])}" if d["warnings"] else ""))
     log(f"# load average at end: {header['loadavg_end']}; total {header['total_s']:.0f} s")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(dict(header=header, rows=rows), indent=1, default=float))
-        log(f"# wrote {args.output}")
+        write_results(args.output, header, rows)
     return 0
 
 

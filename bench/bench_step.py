@@ -1,46 +1,33 @@
 """End to end: seconds per SGLD step of ``llc_fast.estimate_llc`` with the fused C++ update against the reference.
 
-    .venv/bin/python bench/bench_step.py [--chains 2] [--draws 100] [--threads N] [--output step.json]
+    .venv/bin/python bench/bench_step.py [--chains 2] [--draws 100] [--rounds 3] [--quick] [--threads N]
+                                          [--output step.json] [--log step.txt]
 
 On the CPU, for a ~1.07M-parameter MLP (784-1024-256-10, ReLU) on random data (4096 samples,
-batch 256, cross-entropy), runs ``estimate_llc`` with ``backend="cpu"`` (the fused C++ kernel)
-and ``backend="torch"`` (the reference update) with the same seed and hyperparameters, for the
-samplers sgld and rmsprop_sgld, and reports seconds per step from ``result.timing``.
-
-Two baselines use the same model, data, batch size and number of steps:
-
-* fwd+bwd: the forward and backward passes alone (no update): the floor any sampler pays, so
-  (step - fwd+bwd) is the update's (and the loop's) share of a step;
-* eager: the forward and backward passes followed by the devinterp-style eager update of
-  ``bench_update.py`` (separate torch ops per parameter tensor), i.e. what a devinterp user's
-  step costs without devinterp's own extra bookkeeping (metrics, host syncs).
+batch 256, cross-entropy), runs ``estimate_llc`` with ``backend="cpu"`` and ``backend="torch"``
+(same seed and hyperparameters) for sgld and rmsprop_sgld and reports seconds per step from
+``result.timing``. Baselines on the same model, data, batch and steps: fwd+bwd alone (the floor
+of any sampler); fwd+bwd + the devinterp-style eager update of ``bench_update.py``; and each
+update alone on the model's flat buffer. Timing and load guard: ``harness.py``.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import inspect
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run from a fresh clone without installing
-sys.path.insert(0, str(HERE))
+from harness import (LoadGuard, add_common_options, environment, loadavg, print_environment, set_threads,  # noqa: E402
+                     time_calls, transcript, validate, write_results)
 
-import llc_fast  # noqa: E402
+import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels.dispatch import select_backend  # noqa: E402
 from llc_fast.kernels.update_spec import SamplerSettings  # noqa: E402
-from bench_update import (BUSY_CORES, _cpu_busy, _make_call, _cpu_name, _loadavg, _other_cores, eager_rmsprop_sgld_step,  # noqa: E402
-                          eager_sgld_step, provenance, wait_quiet)
+from bench_update import _make_call, eager_rmsprop_sgld_step, eager_sgld_step  # noqa: E402
 
 
 def make_model(widths, seed: int) -> nn.Module:
@@ -131,8 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", default="784,1024,256,10", help="MLP layer widths (default: 1.07M parameters)")
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--chains", type=int, default=2)
-    ap.add_argument("--draws", type=int, default=100)
+    ap.add_argument("--chains", type=int, default=None, help="chains per estimate_llc call (default 2; 1 with --quick)")
+    ap.add_argument("--draws", type=int, default=None, help="draws per chain (default 100; 10 with --quick)")
     ap.add_argument("--samplers", nargs="+", default=["sgld", "rmsprop_sgld"], choices=["sgld", "rmsprop_sgld"])
     ap.add_argument("--backends", nargs="+", default=["cpu", "torch"], help="llc_fast backends to compare")
     ap.add_argument("--no-eager", action="store_true", help="skip the devinterp-style eager-update baseline")
@@ -142,65 +129,55 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--gamma", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="before each run wait up to S seconds until other processes keep < 0.25 cores busy")
-    ap.add_argument("--rounds", type=int, default=3, help="repeat every measurement this many times (median)")
-    ap.add_argument("--retry-busy", type=int, default=2, metavar="K",
-                    help="run a measurement up to K more times while other processes kept > 0.25 cores busy")
-    ap.add_argument("--output", type=Path, help="write the results as JSON")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="repeat every measurement this many times (median; default 3, 1 with --quick)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run (1 chain x 10 draws, 1 round, no busy retries; seconds, not steady-state figures)")
+    add_common_options(ap, each="run")
+    ap.set_defaults(retry_busy=None)
     args = ap.parse_args(argv)
+    for name, full, quick in (("chains", 2, 1), ("draws", 100, 10), ("rounds", 3, 1), ("retry_busy", 2, 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    with transcript(args.log, argv):
+        return bench(args, argv)
 
-    torch.set_num_threads(args.threads if args.threads is not None else (os.cpu_count() or 1))
-    threads = torch.get_num_threads()
+
+def bench(args, argv) -> int:
+    set_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     model = make_model(widths, args.seed)
     loader = make_loader(args.samples, widths, args.batch_size, args.seed)
     num_params = sum(p.numel() for p in model.parameters())
     nbeta = args.samples / math.log(args.samples)
     steps = args.draws  # num_burnin_steps=0, num_steps_bw_draws=1: num_draws forward passes per chain
-    header = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=" ".join([Path(sys.executable).name] + sys.argv) if argv is None else " ".join(argv),
-        device=_cpu_name() or platform.processor(), platform=platform.platform(), torch=torch.__version__,
-        llc_fast=llc_fast.__version__, torch_threads=threads, cpu_count=os.cpu_count(), loadavg_start=_loadavg(),
-        model=f"MLP {args.widths} (ReLU), {num_params} parameters, float32", samples=args.samples,
-        batch_size=args.batch_size, chains=args.chains, draws=args.draws, lr=args.lr, nbeta=nbeta, gamma=args.gamma,
-        seed=args.seed, **provenance(),
-    )
     extra = {}  # options of newer estimate_llc versions
     if "chain_batching" in inspect.signature(llc_fast.estimate_llc).parameters:
         extra["chain_batching"] = args.chain_batching
-    header["estimate_llc_extra"] = extra
-    print(f"# bench_step  {header['date']}")
-    print(f"# command: {header['command']}")
-    print(f"# device: {header['device']} (cpu); torch {header['torch']}, llc_fast {header['llc_fast']}; "
-          f"torch threads: {threads} (os.cpu_count() = {header['cpu_count']}); load average: {header['loadavg_start']}")
-    print(f"# code: git {header['git_commit']}" + (" + uncommitted changes in csrc/ or llc_fast/kernels/"
-          if header["kernels_dirty"] else "") + f"; csrc sha256 {header['csrc_sha256']}, llc_fast/kernels sha256 "
-          f"{header['kernels_py_sha256']}; C++ flags: {header.get('cpp_flags')}")
+    packages = ("torch", "llc_fast")
+    header = environment(
+        torch.device("cpu"), argv, packages, model=f"MLP {args.widths} (ReLU), {num_params} parameters, float32",
+        samples=args.samples, batch_size=args.batch_size, chains=args.chains, draws=args.draws, lr=args.lr,
+        nbeta=nbeta, gamma=args.gamma, seed=args.seed, quick=args.quick, estimate_llc_extra=extra)
+    print_environment("bench_step", header, packages)
     print(f"# model: {header['model']}; data: {args.samples} random samples, batch {args.batch_size}, cross-entropy")
     print(f"# estimate_llc: {args.chains} chains x {args.draws} draws, lr={args.lr}, nbeta={nbeta:.1f}, "
           f"gamma={args.gamma}, seed={args.seed}, progress=False"
           + "".join(f", {k}={v!r}" for k, v in extra.items()))
     print()
+    guard = LoadGuard(args.wait_quiet, args.retry_busy)
 
     def measure(label, fn):
-        """Run ``fn() -> (s_per_step, info)`` after waiting for a quiet machine; again (up to
-        --retry-busy times) if other processes kept > 0.25 cores busy meanwhile."""
-        for attempt in range(1 + args.retry_busy):
-            if args.wait_quiet > 0:
-                waited, ok = wait_quiet(args.wait_quiet)
-                if waited >= 1:
-                    print(f"# waited {waited:.0f} s for other processes to go quiet" + ("" if ok else " (they did not)"))
-            c0 = _cpu_busy()
-            sec, info = fn()
-            other = _other_cores(c0)
+        """``fn() -> (s_per_step, info)`` under the load guard; returns (seconds, other cores, info)."""
+        def report(a, again):
+            sec, info = a.value
             print(f"  {label}: {sec * 1e3:.2f} ms" + (f" ({info['note']})" if info.get("note") else "")
-                  + (f"; other processes kept {other:.2f} cores busy" if other is not None and other > BUSY_CORES else ""))
-            if other is None or other <= BUSY_CORES or attempt == args.retry_busy:
-                return sec, other, info
-            print("#   timing it again")
+                  + (f"; other processes kept {a.other:.2f} cores busy" if not guard.clean(a) else ""))
+            if again:
+                print("#   timing it again")
+
+        last = guard.run(fn, report=report)[-1]
+        return last.value[0], last.other, last.value[1]
 
     def run_llc(sampler, b):
         def fn():
@@ -225,21 +202,17 @@ def main(argv=None) -> int:
         call = _make_call(name, fn, w, grad, w_star, stat, settings, shapes, lr=args.lr, nbeta=nbeta, gamma=args.gamma)
 
         def run():
-            for _ in range(2):
-                call()
-            times = []
-            t_end = time.perf_counter() + 0.5
-            while len(times) < 5 or (time.perf_counter() < t_end and len(times) < 50):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times), dict(note="update alone, median of %d calls" % len(times))
+            med, times = time_calls(call, torch.device("cpu"), warmup=2, min_repeats=5, max_repeats=50, target_s=0.5)
+            return med, dict(note="update alone, median of %d calls" % len(times))
         return run
 
-    # warm-up: builds/loads the C++ kernel and touches every code path once
+    # validate, then time: warm-up calls build/load the C++ kernel and touch every code path once
     for b in args.backends:
-        llc_fast.estimate_llc(model, loader, loss_fn, lr=args.lr, nbeta=nbeta, gamma=args.gamma, num_chains=1,
-                              num_draws=3, seed=args.seed, progress=False, backend=b, **extra)
+        err = validate(lambda: llc_fast.estimate_llc(model, loader, loss_fn, lr=args.lr, nbeta=nbeta, gamma=args.gamma,
+                                                     num_chains=1, num_draws=3, seed=args.seed, progress=False,
+                                                     backend=b, **extra))
+        if err:
+            raise SystemExit(f"bench_step: estimate_llc(backend={b!r}) failed its warm-up: {err}")
     manual_loop(model, loader, chains=1, steps=3)
 
     # Per sampler and round, side by side: fwd+bwd alone, each backend, the eager loop, the updates alone.
@@ -267,7 +240,7 @@ def main(argv=None) -> int:
         results.append(dict(sampler=sampler, run=run, s_per_step=statistics.median(secs), s_min=min(secs),
                             s_max=max(secs), rounds=len(secs), other_cores=max(others) if others else None, **info))
 
-    header["loadavg_end"] = _loadavg()
+    header["loadavg_end"] = loadavg()
     print()
     print("# ms: median over rounds of seconds per chain-step x 1000 (estimate_llc: result.timing['sampling_s'] /")
     print("# result.timing['steps']); 'update alone' rows: ms per call of the update by itself on the same flat buffer")
@@ -312,9 +285,7 @@ def main(argv=None) -> int:
         print(f"# {sampler}: " + "; ".join(parts))
     print(f"# load average at end: {header['loadavg_end']}")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(dict(header=header, results=results), indent=1, default=str))
-        print(f"# wrote {args.output}")
+        write_results(args.output, header, results, key="results")
     return 0
 
 

@@ -1,74 +1,51 @@
-"""Achieved bandwidth of one SGLD update: llc_fast's backends against a devinterp-style eager loop.
+"""Achieved bandwidth of one SGLD update: llc_fast's backends against a devinterp-style eager loop
+and, as an anchor, torch's fused AdamW.
 
     .venv/bin/python bench/bench_update.py [--device cpu|cuda] [--sizes 2^16 2^20 ...] [--quick]
-                                            [--threads N] [--output results.csv|results.json]
+                                            [--threads N] [--output results.csv|results.json] [--log FILE.txt]
 
-For each size N (elements of one chain, C = 1), sampler (sgld, rmsprop_sgld) and dtype (float32,
-bfloat16), times one update of
+For each size N (elements of one chain, C = 1), sampler and dtype it times, side by side, one call of:
 
-* every backend of ``llc_fast.backends()`` that runs on the device (CPU: "cpu" = the C++ kernel,
-  "torch" = the reference update; the Triton interpreter is never timed. CUDA: "cuda", "triton",
-  "torch");
-* "eager": the update a devinterp user runs today, one torch op at a time in a Python loop over
-  the model's parameter tensors (``eager_sgld_step`` / ``eager_rmsprop_sgld_step`` below), on a
-  flat buffer split into the tensors of a small transformer (``transformer_split``). It is a lean
-  version of devinterp's loop: 6 kernels per tensor for SGLD with localization (devinterp: 14) and
-  14 for RMSProp-SGLD (devinterp: 21), no metrics and no host syncs, so speedups over it understate
-  the speedup over devinterp itself. For bfloat16 it computes in bfloat16 and keeps V in bfloat16,
-  as devinterp does with a bfloat16 model (the fused update computes in float32 and rounds
-  stochastically: not the same numerics, the same job).
+* every backend of ``llc_fast.backends()`` that runs on the device (never the Triton interpreter);
+* "eager": devinterp's update, one torch op at a time over the tensors of a small transformer
+  (``transformer_split``); leaner than devinterp's own loop (no metrics, no host syncs);
+* "adamw": ``torch._fused_adamw_`` (what ``torch.optim.AdamW(fused=True).step()`` runs, with its
+  step-counter increment) on a flat buffer of the same N and dtype, as a trusted fused kernel.
 
-Bytes are those an ideal fused update must move: SGLD reads w, grad, w* and writes w (4 tensors
-of the weights' dtype); RMSProp-SGLD also reads and writes V (float32). The eager loop is charged
-the same bytes, so its GB/s is useful bytes per second and directly comparable. The device's copy
-bandwidth (``dst.copy_(src)``, bytes read + written) is measured in the same run and each result
-is reported as a fraction of it (each point times a few copies between its updates and uses its own
-figure: on a shared machine copy bandwidth drifts by 2x within minutes). The copy is counted as
-2 bytes moved per byte copied; on a CPU its stores into dst also cost a read (write-allocate),
-which an in-place update of w does not pay, so a fused update may exceed 100%. On the CPU the
-update's arithmetic (a Philox-4x32-10 block and log/sin/cos per group of four elements, and for
-bfloat16 a second Philox block for stochastic rounding) can make it compute-bound, so elements per
-second are reported as well.
-
-Timing: warm-up call(s), then the median of several repeats (CUDA events on a GPU,
-``time.perf_counter`` on the CPU), the backends' calls interleaved round by round. On the CPU a
-(backend, sampler, dtype) is not run at sizes where one call is projected to take more than
-``--max-call-s`` seconds, nor above ``--cap`` (default: the reference above 2^24); the table says so.
-On a shared CPU, other processes wreck multi-threaded timings (an OpenMP or ATen parallel region
-waits for its slowest thread); each point records how many cores other processes kept busy
-('other'), ``--wait-quiet S`` waits for a quiet machine before each point and ``--retry-busy K``
-times a busy point again; rows still busy are marked.
+Bytes are what each update must move at the least, counted per element:
+SGLD reads w, grad, w* and writes w (4 x the weights' dtype: 16 B in float32, 8 in bfloat16);
+RMSProp-SGLD also reads and writes V (float32, +8 B); the eager loop and the reference are
+charged the same. AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
+exp_avg_sq (7 x the param dtype, its state having the param's dtype: 28 B float32, 14 B bfloat16;
+the 4-byte step counter is not counted). Copy bandwidth (``dst.copy_(src)``, read + written) is
+timed within each point; a CPU copy's stores also pay a write-allocate read, so an in-place update
+may exceed 100% of it. The CPU update also computes Philox noise, so Gelem/s is reported too.
+Timing, load guard and result files: ``harness.py``; bench/README.md has the details.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
-import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone without installing
+from harness import (LoadGuard, add_common_options, available_memory, environment, loadavg, print_environment,
+                     set_threads, time_calls, time_interleaved, transcript, validate, write_results)
 
-import llc_fast  # noqa: E402
+import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels.dispatch import select_backend  # noqa: E402
 from llc_fast.kernels.update_spec import SamplerSettings, StepCounters  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 SAMPLERS = ("sgld", "rmsprop_sgld")
 COPY_SAMPLES_PER_POINT = 7  # copies timed within each point, interleaved with the updates
-BUSY_CORES = 0.25  # other processes using more CPU than this while a point is timed: "machine busy"
 # Hyperparameters of the timed step (typical of published LLC runs; the values do not change the work done).
 LR, NBETA, GAMMA = 1e-4, 30.0, 300.0
+ADAMW = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=1e-2, eps=1e-8)  # torch.optim.AdamW's defaults
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,10 +89,9 @@ def eager_rmsprop_sgld_step(params, grads, inits, square_avgs, *, lr, nbeta, loc
 def transformer_split(n: int, layers: int = 8) -> list[tuple[int, ...]]:
     """Shapes of the parameter tensors of a small transformer holding exactly ``n`` elements.
 
-    ``layers`` blocks of width d (LayerNorm weight+bias, qkv weight+bias, output projection,
-    LayerNorm, 4d MLP up and down, each with its bias: 12 tensors, 12 d^2 + 13 d elements), d the
-    largest multiple of 16 that lets the blocks fill most of ``n``; a final LayerNorm; the rest is
-    the token embedding. 8 blocks + 3 = 99 tensors at every size (fewer if n is tiny).
+    ``layers`` blocks of width d (12 tensors, 12 d^2 + 13 d elements), d the largest multiple of 16
+    that lets the blocks fill most of ``n``; a final LayerNorm; the rest is the token embedding.
+    8 blocks + 3 = 99 tensors at every size (fewer if n is tiny).
     """
     d = 16 * max(1, int(math.sqrt(n / (12 * layers))) // 16)
     block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
@@ -141,26 +117,8 @@ def split_views(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Timing
+# What one point measures
 # ------------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn, device: torch.device, *, warmup: int, min_repeats: int, max_repeats: int, target_s: float):
-    """Median seconds per call: ``warmup`` calls, then repeats until ``target_s`` has passed
-    (at least ``min_repeats``, at most ``max_repeats``). Returns (median, all times)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < target_s):
-        times.append(_time_one(fn, device))
-    return statistics.median(times), times
 
 
 def copy_bandwidth(device: torch.device, numel: int, *, repeats: int) -> tuple[float, float, int]:
@@ -174,22 +132,11 @@ def copy_bandwidth(device: torch.device, numel: int, *, repeats: int) -> tuple[f
     return nbytes / med, nbytes / min(times), nbytes
 
 
-def measure_copy(device: torch.device, numel: int, args, *, repeats: int) -> dict:
-    """``copy_bandwidth`` after waiting for a quiet machine, again (up to --retry-busy times) if other
-    processes were busy meanwhile; the attempt with the highest median is kept."""
-    best = None
-    for attempt in range(1 + (args.retry_busy if device.type == "cpu" else 0)):
-        if device.type == "cpu" and args.wait_quiet > 0:
-            wait_quiet(args.wait_quiet)
-        cpu0 = _cpu_busy()
-        med, fastest, nbytes = copy_bandwidth(device, numel, repeats=repeats)
-        other = _other_cores(cpu0) if device.type == "cpu" else None
-        res = dict(median_Bps=med, best_call_Bps=fastest, bytes=nbytes, numel=numel, other_cores=other)
-        if best is None or med > best["median_Bps"]:
-            best = res
-        if other is None or other <= BUSY_CORES:
-            break
-    return best
+def measure_copy(device: torch.device, numel: int, guard: LoadGuard, *, repeats: int) -> dict:
+    """``copy_bandwidth`` under the load guard; of the attempts, the one with the highest median is kept."""
+    best = max(guard.run(lambda: copy_bandwidth(device, numel, repeats=repeats)), key=lambda a: a.value[0])
+    med, fastest, nbytes = best.value
+    return dict(median_Bps=med, best_call_Bps=fastest, bytes=nbytes, numel=numel, other_cores=best.other)
 
 
 def _copy_text(c: dict) -> str:
@@ -198,25 +145,14 @@ def _copy_text(c: dict) -> str:
             f"float32, {fmt_size(c['numel'])} elements, {c['bytes'] / 2**20:.0f} MiB read + written per call{other})")
 
 
-def ideal_bytes(n: int, dtype: torch.dtype, sampler: str) -> int:
-    """Bytes a fused update must move: w, grad, w* read and w written; V read and written (RMSProp)."""
+def ideal_bytes(n: int, dtype: torch.dtype, sampler: str, backend: str = "") -> int:
+    """Bytes an update must move (module docstring): SGLD w, grad, w* read and w written, RMSProp V
+    read and written; AdamW param, exp_avg, exp_avg_sq read and written and grad read."""
     elem = torch.empty((), dtype=dtype).element_size()
+    if backend == "adamw":
+        return n * 7 * elem
     stat_elem = 8 if dtype == torch.float64 else 4
     return n * (4 * elem + (2 * stat_elem if sampler != "sgld" else 0))
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 def needed_memory(n: int, dtype: torch.dtype, sampler: str, backends: list[str], shapes) -> int:
@@ -225,6 +161,9 @@ def needed_memory(n: int, dtype: torch.dtype, sampler: str, backends: list[str],
     stat = (8 if dtype == torch.float64 else 4) if sampler != "sgld" else 0
     total = 2 * n * elem + n * 4  # grad, w*, and the float32 start point while the copies are made
     for name in backends:
+        if name == "adamw":  # param, exp_avg, exp_avg_sq
+            total += 3 * n * elem
+            continue
         total += n * elem + (n * (elem if name == "eager" else stat) if stat else 0)
     extra = 0
     if "eager" in backends:  # temporaries of the largest tensor
@@ -280,10 +219,10 @@ def main(argv=None) -> int:
     ap.add_argument("--min-size", type=parse_size, default=1 << 16)
     ap.add_argument("--max-size", type=parse_size, default=1 << 28)
     ap.add_argument("--step", type=int, default=1, help="exponent step of the default sizes (2: 2^16, 2^18, ...)")
-    ap.add_argument("--backends", nargs="+", help="subset of backends to time; 'eager' is the devinterp-style loop")
+    ap.add_argument("--backends", nargs="+", help="subset of backends to time; 'eager' is the devinterp-style loop, "
+                    "'adamw' torch's fused AdamW")
     ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    ap.add_argument("--threads", type=int, default=None, help="torch (and C++ kernel) threads; default: all cores")
     ap.add_argument("--repeats", type=int, default=None, help="minimum timed repeats per point (default 3)")
     ap.add_argument("--max-repeats", type=int, default=50)
     ap.add_argument("--target-s", type=float, default=None,
@@ -296,30 +235,26 @@ def main(argv=None) -> int:
     ap.add_argument("--copy-size", type=parse_size, default=None,
                     help="elements (float32) of the copy-bandwidth test (default 2^26 on CPU, 2^28 on CUDA)")
     ap.add_argument("--eager-layers", type=int, default=8, help="transformer blocks the eager loop's tensors come from")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help="on the CPU, before each point wait up to S seconds until other processes keep less than "
-                         "0.25 cores busy (a shared machine distorts multi-threaded timings badly)")
-    ap.add_argument("--retry-busy", type=int, default=2, metavar="K",
-                    help="on the CPU, time a point up to K more times while other processes kept > 0.25 cores busy")
     ap.add_argument("--quick", action="store_true", help="sizes 2^16, 2^20, 2^24 and fewer repeats: a smoke run")
-    ap.add_argument("--output", type=Path, help="write the rows as .csv or .json (with the header information)")
+    add_common_options(ap, each="point", output="write the rows as .csv or .json (with the header information)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    else:
-        torch.set_num_threads(os.cpu_count() or 1)
-    threads = torch.get_num_threads()
-    repeats = args.repeats or 3
     if args.cap is None:
         args.cap = ["torch=2^24"] if device.type == "cpu" else []
     try:
         caps = {k: parse_size(v) for k, v in (c.split("=", 1) for c in args.cap)}
     except ValueError:
         ap.error(f"--cap takes BACKEND=SIZE, e.g. torch=2^24; got {args.cap}")
+    with transcript(args.log, argv):
+        return bench(args, argv, device, caps)
+
+
+def bench(args, argv, device: torch.device, caps: dict) -> int:
+    threads = set_threads(args.threads)
+    repeats = args.repeats or 3
     target_s = args.target_s if args.target_s is not None else (0.2 if args.quick else 0.5)
     if args.sizes:
         sizes = sorted(set(args.sizes))
@@ -328,61 +263,42 @@ def main(argv=None) -> int:
     else:
         lo, hi = int(math.log2(args.min_size)), int(math.log2(args.max_size))
         sizes = [1 << k for k in range(lo, hi + 1, args.step)]
+    cpu = device.type == "cpu"
+    guard = LoadGuard(args.wait_quiet if cpu else 0.0, args.retry_busy if cpu else 0)
 
     # --- which update functions run here ----------------------------------------------------
-    infos = llc_fast.backends()
-    updates: dict[str, object] = {}  # eager first, so that each backend's row can show its speedup over it
-    if not args.backends or "eager" in args.backends:
-        updates["eager"] = None
+    wanted = lambda name: not args.backends or name in args.backends  # noqa: E731
+    updates: dict[str, object] = {"eager": None} if wanted("eager") else {}  # eager first: the speedups' base
     skipped: list[str] = []
-    for info in infos:
-        if args.backends and info.name not in args.backends:
+    for info in llc_fast.backends():
+        if not wanted(info.name):
             continue
-        if device.type == "cpu" and info.name == "triton":
+        if cpu and info.name == "triton":
             skipped.append("triton (on the CPU it would run in Triton's interpreter, which is for tests)")
-            continue
-        if device.type not in info.devices:
+        elif device.type not in info.devices:
             skipped.append(f"{info.name} (does not run on {device.type})")
-            continue
-        if not info.available:
+        elif not info.available:
             skipped.append(f"{info.name} ({info.reason})")
-            continue
-        updates[info.name] = select_backend(info.name, device).update
+        else:
+            updates[info.name] = select_backend(info.name, device).update
+    if wanted("adamw"):
+        updates["adamw"] = None
 
     # --- header -------------------------------------------------------------------------------
-    header = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv) if argv is None else " ".join(argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (_cpu_name() or platform.processor()),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "llc_fast": llc_fast.__version__,
-        "torch_threads": threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": _loadavg(),
-        "backends_timed": list(updates),
-        "backends_skipped": skipped,
-        "hyper": dict(lr=LR, nbeta=NBETA, gamma=GAMMA, chains=1),
-        **provenance(),
-    }
-    print(f"# bench_update  {header['date']}")
-    print(f"# command: {header['command']}")
-    print(f"# device: {header['device']} ({device.type}); {header['platform']}; python {header['python']}")
-    print(f"# torch {header['torch']}, triton {header['triton']}, llc_fast {header['llc_fast']}")
-    print(f"# code: git {header['git_commit']}" + (" + uncommitted changes in csrc/ or llc_fast/kernels/"
-          if header["kernels_dirty"] else "") + f"; csrc sha256 {header['csrc_sha256']}, llc_fast/kernels sha256 "
-          f"{header['kernels_py_sha256']}; C++ flags: {header.get('cpp_flags')}")
-    print(f"# torch threads: {threads} (os.cpu_count() = {header['cpu_count']}); load average at start: {header['loadavg_start']}")
+    header = environment(device, argv, backends_timed=list(updates), backends_skipped=skipped,
+                         hyper=dict(lr=LR, nbeta=NBETA, gamma=GAMMA, chains=1, adamw=ADAMW))
+    print_environment("bench_update", header)
     print(f"# timed: {', '.join(updates)}; skipped: {'; '.join(skipped) or 'none'}")
     print(f"# step: C = 1 chain, lr={LR}, nbeta={NBETA}, gamma={GAMMA}; eager = devinterp-style per-tensor loop over "
           f"{args.eager_layers} transformer blocks + embedding + final LayerNorm")
     print("# bytes = ideal fused traffic: SGLD 4 tensors (w, grad, w* read; w written), RMSProp +V read and written "
           "(float32); bf16 weights 2 bytes; the eager loop is charged the same bytes")
+    if "adamw" in updates:
+        print("# adamw = torch._fused_adamw_ (AdamW(fused=True)'s kernel) on the same N and dtype: 7 tensors of the "
+              "dtype (param, exp_avg, exp_avg_sq read and written, grad read); not an SGLD step, no 'vs eager'")
 
     copy_numel = args.copy_size or (1 << 28 if device.type == "cuda" else 1 << 26)
-    copy = measure_copy(device, copy_numel, args, repeats=max(repeats, 10))
+    copy = measure_copy(device, copy_numel, guard, repeats=max(repeats, 10))
     header["copy_start"] = copy
     print(f"# copy bandwidth: {_copy_text(copy)}")
     print(f"# each point also times {COPY_SAMPLES_PER_POINT} such copies between its updates; its 'of copy' is relative "
@@ -393,7 +309,7 @@ def main(argv=None) -> int:
 
     def copy_call():
         copy_buf["dst"].copy_(copy_buf["src"])
-    if device.type == "cpu":
+    if cpu:
         print("# on the CPU the update also computes a Philox-4x32-10 block and log/sin/cos per 4 elements (bf16: a "
               "second Philox block for stochastic rounding), so it can be compute-bound: read Gelem/s next to the "
               "fraction of copy bandwidth")
@@ -420,16 +336,16 @@ def main(argv=None) -> int:
                     if name in updates and n > cap and key not in capped:
                         capped[key] = f"capped: --cap {name}={fmt_size(cap)}"
                         print(f"# {name}/{sampler}/{dtype_name}: not run above {fmt_size(cap)} (--cap {name}={fmt_size(cap)})")
-                rows += run_point(n, dtype_name, sampler, shapes, updates, device, args, repeats=repeats,
+                rows += run_point(n, dtype_name, sampler, shapes, updates, device, args, guard, repeats=repeats,
                                   target_s=target_s, copy_call=copy_call, copy_bytes=copy_bytes,
                                   sec_per_elem=sec_per_elem, capped=capped)
 
-    header["loadavg_end"] = _loadavg()
+    header["loadavg_end"] = loadavg()
     header["wall_s"] = time.perf_counter() - t_start
     print()
     print(f"# done in {header['wall_s']:.0f} s; load average at end: {header['loadavg_end']}")
     copy_buf.clear()
-    copy_end = measure_copy(device, copy_numel, args, repeats=max(repeats, 10))
+    copy_end = measure_copy(device, copy_numel, guard, repeats=max(repeats, 10))
     header["copy_end"] = copy_end
     print(f"# copy bandwidth again at the end: {_copy_text(copy_end)}")
     point_copies = [r.copy_gbps for r in rows if r.copy_gbps is not None and math.isfinite(r.copy_gbps)]
@@ -438,18 +354,15 @@ def main(argv=None) -> int:
               f"{min(point_copies):.1f} .. {max(point_copies):.1f} GB/s")
     _print_summary(rows)
     if args.output:
-        _write(args.output, header, rows)
-        print(f"# wrote {args.output}")
+        write_results(args.output, header, [asdict(r) for r in rows])
     return 0
 
 
-def run_point(n, dtype_name, sampler, shapes, updates, device, args, *, repeats, target_s, copy_call, copy_bytes,
-              sec_per_elem, capped) -> list[Row]:
-    """Time every update at one (size, dtype, sampler), side by side: the repeats of the backends are
-    interleaved (one call of each per round), so that a burst of load from other processes hits all
-    of them alike. Each backend updates its own copy of w (and V) from the same start. Each round
-    also times one large copy (``copy_call``): the fractions of copy bandwidth are relative to the
-    copy bandwidth measured within the same point (a shared machine's varies by 2x over minutes)."""
+def run_point(n, dtype_name, sampler, shapes, updates, device, args, guard: LoadGuard, *, repeats, target_s,
+              copy_call, copy_bytes, sec_per_elem, capped) -> list[Row]:
+    """Time every update at one (size, dtype, sampler), side by side (``time_interleaved``), each on
+    its own copy of w (and V) from the same start, with ``copy_call`` timed in the same rounds: the
+    fractions of copy bandwidth are relative to this point's own copy figure."""
     dtype = DTYPES[dtype_name]
     settings = SamplerSettings(sampler=sampler)
     rows: list[Row] = []
@@ -480,7 +393,6 @@ def run_point(n, dtype_name, sampler, shapes, updates, device, args, *, repeats,
             skip(name, f"skipped: needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available")
         return rows
 
-    nbytes = ideal_bytes(n, dtype, sampler)
     gen = torch.Generator(device=device).manual_seed(n)
     w_star = torch.randn(n, device=device, generator=gen).to(dtype)
     w0 = (w_star.float() + 0.01 * torch.randn(n, device=device, generator=gen)).to(dtype)
@@ -488,43 +400,28 @@ def run_point(n, dtype_name, sampler, shapes, updates, device, args, *, repeats,
     calls, states, errors = {}, {}, {}
     for name in active:
         w = w0.view(1, n).clone()
-        stat = torch.zeros(1, n, device=device) if settings.preconditioned and name != "eager" else None
+        stat = torch.zeros(1, n, device=device) if settings.preconditioned and name not in ("eager", "adamw") else None
         states[name] = (w, stat)
         calls[name] = _make_call(name, updates[name], w, grad, w_star, stat, settings, shapes)
     del w0
 
-    times: dict[str, list[float]] = {}
     warmup = 1 if n >= 1 << 24 else 3
-    for attempt in range(1 + (args.retry_busy if device.type == "cpu" else 0)):
-        if device.type == "cpu" and args.wait_quiet > 0:
-            waited, quiet = wait_quiet(args.wait_quiet)
-            if waited >= 1:
-                print(f"# waited {waited:.0f} s for other processes to go quiet" + ("" if quiet else " (they did not)"))
-        times = {name: [] for name in active}
-        copy_times: list[float] = []
-        cpu0 = _cpu_busy()
+
+    def attempt():
+        """Validate then time: warm-up calls (a failing backend is reported), then the interleaved rounds."""
         for name in active:
-            if name in errors:
-                continue
-            try:
-                for _ in range(warmup):
-                    calls[name]()
-                synchronize(device)
-            except Exception as e:  # a backend that cannot do this dtype/sampler is reported, not fatal
-                errors[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-        running = [name for name in active if name not in errors]
-        while running:
-            if len(copy_times) < COPY_SAMPLES_PER_POINT:
-                copy_times.append(_time_one(copy_call, device))
-            for name in list(running):
-                times[name].append(_time_one(calls[name], device))
-                t = times[name]
-                if len(t) >= args.max_repeats or (len(t) >= repeats and sum(t) >= target_s):
-                    running.remove(name)
-        other = _other_cores(cpu0)
-        if other is None or other <= BUSY_CORES or attempt == args.retry_busy:
-            break
-        print(f"# {fmt_size(n)} {sampler} {dtype_name}: other processes kept {other:.2f} cores busy; timing it again")
+            if name not in errors and (err := validate(calls[name], warmup=warmup, device=device)):
+                errors[name] = err
+        ok = {name: calls[name] for name in active if name not in errors}
+        return time_interleaved(ok, device, min_repeats=repeats, max_repeats=args.max_repeats, target_s=target_s,
+                                extra=copy_call, extra_samples=COPY_SAMPLES_PER_POINT)
+
+    def report(a, again):
+        if again:
+            print(f"# {fmt_size(n)} {sampler} {dtype_name}: other processes kept {a.other:.2f} cores busy; timing it again")
+
+    last = guard.run(attempt, report=report)[-1]
+    (times, copy_times), other = last.value, last.other
 
     eager = statistics.median(times["eager"]) if times.get("eager") else None
     copy_bps = copy_bytes / statistics.median(copy_times) if copy_times else math.nan
@@ -533,14 +430,15 @@ def run_point(n, dtype_name, sampler, shapes, updates, device, args, *, repeats,
             skip(name, errors[name])
             continue
         med = statistics.median(times[name])
+        nbytes = ideal_bytes(n, dtype, sampler, name)
         sec_per_elem[(name, sampler, dtype_name)] = min(times[name]) / n  # the fastest call: robust to load
         w = states[name][0]
         note = "" if torch.isfinite(w.float()).all() else "WARNING: non-finite weights after the timed steps"
-        if other is not None and other > BUSY_CORES:
+        if not guard.clean(last):
             note = (note + "; " if note else "") + "machine busy with other processes"
+        speedup = eager / med if eager and name != "adamw" else None
         rows.append(Row(n, name, sampler, dtype_name, med * 1e3, min(times[name]) * 1e3, nbytes / med / 1e9,
-                        nbytes / med / copy_bps, copy_bps / 1e9, n / med, eager / med if eager else None,
-                        len(times[name]), other, note))
+                        nbytes / med / copy_bps, copy_bps / 1e9, n / med, speedup, len(times[name]), other, note))
         _print_row(rows[-1])
     del calls, states, w_star, grad
     gc.collect()
@@ -551,6 +449,8 @@ def run_point(n, dtype_name, sampler, shapes, updates, device, args, *, repeats,
 
 def _make_call(name, fn, w, grad, w_star, stat, settings: SamplerSettings, shapes, *, lr=LR, nbeta=NBETA, gamma=GAMMA):
     """A zero-argument callable doing one update of ``w`` with ``name``; each call takes the next step."""
+    if name == "adamw":
+        return _adamw_call(w[0], grad[0])
     if name == "eager":
         n = w.shape[1]
         params, grads, inits = split_views(w[0], shapes), split_views(grad[0], shapes), split_views(w_star, shapes)
@@ -578,51 +478,18 @@ def _make_call(name, fn, w, grad, w_star, stat, settings: SamplerSettings, shape
     return call
 
 
-def _time_one(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        fn()
-        t1.record()
-        t1.synchronize()
-        return t0.elapsed_time(t1) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def _adamw_call(param: torch.Tensor, grad: torch.Tensor):
+    """One ``torch.optim.AdamW(fused=True)`` step on one flat tensor, as its ``_fused_adamw`` does it:
+    the float32 step counter incremented, then ``torch._fused_adamw_`` (state in the param's dtype)."""
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    step = torch.zeros((), dtype=torch.float32, device=param.device)
 
+    def call():
+        torch._foreach_add_([step], 1)
+        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, maximize=False,
+                            **ADAMW)
 
-def _cpu_busy():
-    """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time) now."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except (OSError, ValueError):
-        busy = math.nan
-    t = os.times()
-    return busy, t.user + t.system, time.perf_counter()
-
-
-def wait_quiet(max_wait: float, threshold: float = BUSY_CORES, window: float = 0.5) -> tuple[float, bool]:
-    """Wait up to ``max_wait`` s until other processes use < ``threshold`` cores over ``window`` s."""
-    t0 = time.perf_counter()
-    while True:
-        start = _cpu_busy()
-        time.sleep(window)
-        other = _other_cores(start)
-        if other is None or other < threshold:
-            return time.perf_counter() - t0, True
-        if time.perf_counter() - t0 >= max_wait:
-            return time.perf_counter() - t0, False
-
-
-def _other_cores(start) -> float | None:
-    """Average cores that other processes kept busy since ``start`` (from /proc/stat); None if unknown."""
-    busy1, own1, wall1 = _cpu_busy()
-    busy0, own0, wall0 = start
-    if math.isnan(busy1) or wall1 - wall0 < 0.05:
-        return None
-    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+    return call
 
 
 COLUMNS = (f"{'size':>6} {'backend':>7} {'sampler':>12} {'dtype':>8} {'ms(med)':>10} {'ms(min)':>10} {'GB/s':>7} "
@@ -647,7 +514,7 @@ def _print_row(r: Row) -> None:
 
 
 def _print_summary(rows: list[Row]) -> None:
-    """The table again, grouped by sampler and dtype."""
+    """The table again, grouped by sampler and dtype, then each backend's GB/s over fused AdamW's."""
     print()
     print("# summary by sampler and dtype (vs eager = eager's median time / this backend's, same size, sampler, dtype;")
     print("# of copy = GB/s / copy, the copy bandwidth measured within the same point;")
@@ -659,85 +526,19 @@ def _print_summary(rows: list[Row]) -> None:
             print()
         last = (r.sampler, r.dtype)
         _print_row(r)
-
-
-def _write(path: Path, header: dict, rows: list[Row]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".csv":
-        with open(path, "w", newline="") as f:
-            for k, v in header.items():
-                f.write(f"# {k}: {v}\n")
-            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()) if rows else ["size"])
-            writer.writeheader()
-            for r in rows:
-                writer.writerow(asdict(r))
-    else:
-        with open(path, "w") as f:
-            json.dump({"header": header, "rows": [asdict(r) for r in rows]}, f, indent=1)
-
-
-def provenance() -> dict:
-    """What exactly was timed: the git commit, whether the kernels' sources differ from it, a hash of
-    the C++/CUDA sources and of llc_fast/kernels, and the C++ build flags (the kernels change often)."""
-    import hashlib
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    out: dict = {}
-
-    def git(*a):
-        try:
-            r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    out["git_commit"] = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "csrc", "llc_fast/kernels")
-    out["kernels_dirty"] = None if dirty is None else bool(dirty)
-    for label, pattern in (("csrc_sha256", "csrc/*"), ("kernels_py_sha256", "llc_fast/kernels/*.py")):
-        h = hashlib.sha256()
-        for f in sorted(root.glob(pattern)):
-            if f.is_file():
-                h.update(f.name.encode() + b"\0" + f.read_bytes())
-        out[label] = h.hexdigest()[:12]
-    try:
-        from llc_fast.kernels import cpp_update
-
-        if hasattr(cpp_update, "cpu_build_config"):
-            out["cpp_extension"], flags = cpp_update.cpu_build_config()
-        else:
-            out["cpp_extension"], flags = cpp_update.EXTENSION_NAME, cpp_update.CPU_CFLAGS
-        out["cpp_flags"] = " ".join(flags)
-    except Exception as e:  # pragma: no cover
-        out["cpp_flags"] = f"unknown ({type(e).__name__})"
-    return out
-
-
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return "not installed"
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _cpu_name() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    adamw = {(r.size, r.sampler, r.dtype): r.gbps for r in rows if r.backend == "adamw" and r.gbps}
+    ratios: dict[tuple, list[float]] = {}
+    for r in rows:
+        ref = adamw.get((r.size, r.sampler, r.dtype))
+        if ref and r.gbps and r.backend != "adamw" and "busy" not in r.note:
+            ratios.setdefault((r.sampler, r.dtype, r.backend), []).append(r.gbps / ref)
+    if ratios:
+        print()
+        print("# GB/s / fused AdamW's GB/s at the same point (each charged its own bytes): median (range) over the "
+              "sizes not marked busy")
+        for (sampler, dtype, backend), v in sorted(ratios.items()):
+            print(f"#   {sampler:>12} {dtype:>8} {backend:>7}: {statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f}, "
+                  f"{len(v)} sizes)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,380 @@
+"""Shared harness of the bench/ scripts: timing, the CPU-load guard, validate-then-time, the
+environment header, and the result files (.json/.csv, and a .txt transcript), written atomically."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
+
+BUSY_CORES = 0.25  # other processes keeping this many cores busy make a CPU timing "busy"
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_one(fn, device: torch.device) -> float:
+    """Seconds of one call: CUDA events on a GPU, ``time.perf_counter`` on the CPU."""
+    if device.type == "cuda":
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        fn()
+        t1.record()
+        t1.synchronize()
+        return t0.elapsed_time(t1) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_calls(fn, device: torch.device, *, warmup: int, min_repeats: int, max_repeats: int, target_s: float):
+    """``warmup`` calls, then repeats until ``target_s`` of wall time has passed (at least
+    ``min_repeats``, at most ``max_repeats``). Returns (median seconds, all times)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < target_s):
+        times.append(time_one(fn, device))
+    return statistics.median(times), times
+
+
+def time_interleaved(calls: dict, device: torch.device, *, min_repeats: int, max_repeats: int, target_s: float,
+                     extra=None, extra_samples: int = 0):
+    """Side-by-side timing: one call of each of ``calls`` per round (so a burst of outside load hits
+    all alike), each until it has ``min_repeats`` calls summing to ``target_s`` (or ``max_repeats``);
+    each round first times ``extra`` until it has ``extra_samples``. Returns ({name: times}, extra times)."""
+    times = {name: [] for name in calls}
+    extra_times: list[float] = []
+    running = list(calls)
+    while running:
+        if extra is not None and len(extra_times) < extra_samples:
+            extra_times.append(time_one(extra, device))
+        for name in list(running):
+            t = times[name]
+            t.append(time_one(calls[name], device))
+            if len(t) >= max_repeats or (len(t) >= min_repeats and sum(t) >= target_s):
+                running.remove(name)
+    return times, extra_times
+
+
+def validate(fn, *, warmup: int = 1, device: torch.device | None = None) -> str | None:
+    """Validate-then-time: ``warmup`` untimed calls; None if they ran, else a one-line error note
+    (a backend that cannot do a dtype or sampler is reported, not fatal)."""
+    try:
+        for _ in range(warmup):
+            fn()
+        if device is not None:
+            synchronize(device)
+    except Exception as e:
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    return None
+
+
+# --- the CPU-load guard ------------------------------------------------------------------------
+
+def cpu_times() -> tuple[float, float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time) now."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError):
+        busy = math.nan
+    t = os.times()
+    return busy, t.user + t.system, time.perf_counter()
+
+
+def other_cores(start) -> float | None:
+    """Average cores that other processes kept busy since ``start`` (``cpu_times()``); None if unknown."""
+    busy1, own1, wall1 = cpu_times()
+    busy0, own0, wall0 = start
+    if math.isnan(busy1) or wall1 - wall0 < 0.05:
+        return None
+    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+
+
+def wait_quiet(max_wait: float, threshold: float = BUSY_CORES, window: float = 0.5) -> tuple[float, bool]:
+    """Wait up to ``max_wait`` s until other processes use < ``threshold`` cores over ``window`` s.
+    Returns (seconds waited, whether it went quiet)."""
+    t0 = time.perf_counter()
+    while True:
+        start = cpu_times()
+        time.sleep(window)
+        other = other_cores(start)
+        if other is None or other < threshold:
+            return time.perf_counter() - t0, True
+        if time.perf_counter() - t0 >= max_wait:
+            return time.perf_counter() - t0, False
+
+
+@dataclass
+class Attempt:
+    value: Any  # what the measurement returned
+    other: float | None  # cores other processes kept busy meanwhile (None: unknown)
+    waited: float  # seconds waited for a quiet machine first
+
+
+class LoadGuard:
+    """Runs a measurement after waiting up to ``wait_s`` for a quiet machine, and again (up to
+    ``retries`` more times) while other processes kept ``busy`` cores or more busy during it."""
+
+    def __init__(self, wait_s: float = 0.0, retries: int = 0, busy: float = BUSY_CORES, log=print):
+        self.wait_s, self.retries, self.busy, self.log = wait_s, retries, busy, log
+
+    def clean(self, a: Attempt) -> bool:
+        return a.other is None or a.other < self.busy
+
+    def once(self, fn) -> Attempt:
+        waited = 0.0
+        if self.wait_s > 0:
+            waited, quiet = wait_quiet(self.wait_s)
+            if self.log and waited >= 1:
+                self.log(f"# waited {waited:.0f} s for other processes to go quiet" + ("" if quiet else " (they did not)"))
+        start = cpu_times()
+        value = fn()
+        return Attempt(value, other_cores(start), waited)
+
+    def run(self, fn, *, want: int = 1, report: Callable[[Attempt, bool], None] | None = None) -> list[Attempt]:
+        """Attempts until ``want`` were clean or ``want + retries`` were made; ``report(attempt, again)``
+        after each (``again``: another follows)."""
+        runs: list[Attempt] = []
+        while True:
+            runs.append(self.once(fn))
+            again = len(runs) < want + self.retries and sum(map(self.clean, runs)) < want
+            if report:
+                report(runs[-1], again)
+            if not again:
+                return runs
+
+
+# --- the environment ---------------------------------------------------------------------------
+
+def python_name() -> str:
+    """The interpreter as typed from the repository root (.venv/bin/python), else its full path."""
+    rel = os.path.relpath(sys.executable, Path.cwd())
+    return rel if not rel.startswith("..") else sys.executable
+
+
+def command_line(argv=None) -> str:
+    return " ".join([python_name()] + sys.argv) if argv is None else " ".join(argv)
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def version(mod: str) -> str:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        pass
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version(mod)
+    except Exception:
+        return "not installed"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the GPU, or MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def set_threads(threads: int | None) -> int:
+    """torch (and C++ kernel) threads: ``threads``, default all cores."""
+    torch.set_num_threads(threads if threads is not None else (os.cpu_count() or 1))
+    return torch.get_num_threads()
+
+
+def provenance() -> dict:
+    """What exactly was timed: the git commit, whether csrc/ or llc_fast/kernels differ from it,
+    hashes of both, and the C++ build flags."""
+    def git(*a):
+        try:
+            r = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=20)
+            return r.stdout.strip() if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    out: dict = {"git_commit": git("rev-parse", "--short", "HEAD") or "unknown"}
+    dirty = git("status", "--porcelain", "--", "csrc", "llc_fast/kernels")
+    out["kernels_dirty"] = None if dirty is None else bool(dirty)
+    for label, pattern in (("csrc_sha256", "csrc/*"), ("kernels_py_sha256", "llc_fast/kernels/*.py")):
+        h = hashlib.sha256()
+        for f in sorted(ROOT.glob(pattern)):
+            if f.is_file():
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+        out[label] = h.hexdigest()[:12]
+    try:
+        from llc_fast.kernels import cpp_update
+
+        if hasattr(cpp_update, "cpu_build_config"):
+            out["cpp_extension"], flags = cpp_update.cpu_build_config()
+        else:
+            out["cpp_extension"], flags = cpp_update.EXTENSION_NAME, cpp_update.CPU_CFLAGS
+        out["cpp_flags"] = " ".join(flags)
+    except Exception as e:  # pragma: no cover
+        out["cpp_flags"] = f"unknown ({type(e).__name__})"
+    return out
+
+
+def environment(device: torch.device, argv=None, packages=("torch", "triton", "llc_fast"), **extra) -> dict:
+    """The header of a result file: date, command, device, versions, threads, load, code provenance."""
+    return dict(
+        date=now(), command=command_line(argv),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        device_type=device.type, platform=platform.platform(), python=platform.python_version(),
+        **{p: version(p) for p in packages}, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+        loadavg_start=loadavg(), **provenance(), **extra)
+
+
+def print_environment(name: str, env: dict, packages=("torch", "triton", "llc_fast"), log=print) -> None:
+    log(f"# {name}  {env['date']}")
+    log(f"# command: {env['command']}")
+    log(f"# device: {env['device']} ({env['device_type']}, {env['cpu_count']} cores); {env['platform']}; "
+        f"python {env['python']}")
+    log("# " + ", ".join(f"{p} {env[p]}" for p in packages))
+    log(f"# code: git {env['git_commit']}" + (" + uncommitted changes in csrc/ or llc_fast/kernels/"
+        if env["kernels_dirty"] else "") + f"; csrc sha256 {env['csrc_sha256']}, llc_fast/kernels sha256 "
+        f"{env['kernels_py_sha256']}; C++ flags: {env.get('cpp_flags')}")
+    log(f"# torch threads: {env['torch_threads']} (os.cpu_count() = {env['cpu_count']}); load average at start: "
+        f"{env['loadavg_start']}")
+
+
+# --- command line and result files ------------------------------------------------------------
+
+def add_common_options(ap, *, each: str, output: str = "write the results as JSON", retry_busy: bool = True) -> None:
+    """--threads, --wait-quiet, [--retry-busy], --output, --log; ``each``: what is guarded ('point', 'run')."""
+    ap.add_argument("--threads", type=int, default=None, help="torch (and C++ kernel) threads; default: all cores")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help=f"on the CPU, before each {each} wait up to S seconds until other processes keep less than "
+                         f"{BUSY_CORES} cores busy (a shared machine distorts multi-threaded timings badly)")
+    if retry_busy:
+        ap.add_argument("--retry-busy", type=int, default=2, metavar="K",
+                        help=f"on the CPU, time a {each} up to K more times while other processes kept >= "
+                             f"{BUSY_CORES} cores busy")
+    ap.add_argument("--output", type=Path, help=output)
+    ap.add_argument("--log", type=Path, metavar="FILE.txt",
+                    help="also write everything printed to FILE.txt, after the command line and date (the format "
+                         "of bench/results/*.txt); written atomically when the run ends")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(o):
+    if hasattr(o, "tolist"):  # numpy scalars and arrays, tensors
+        return o.tolist()
+    try:
+        return float(o)
+    except (TypeError, ValueError):
+        return str(o)
+
+
+def write_results(path: Path, header: dict, rows: list[dict], key: str = "rows") -> None:
+    """``{"header": header, key: rows}`` as JSON, or (a .csv path) '# k: v' header lines and a CSV table."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        buf = io.StringIO()
+        buf.writelines(f"# {k}: {v}\n" for k, v in header.items())
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["size"], lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(path, buf.getvalue())
+    else:
+        write_atomic(path, json.dumps({"header": header, key: rows}, indent=1, default=_jsonable))
+    print(f"# wrote {path}")
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s):
+        for st in self.streams:
+            st.write(s)
+        return len(s)
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+
+@contextlib.contextmanager
+def transcript(path: Path | None, argv=None):
+    """While active, stdout is also kept and written atomically to ``path`` (if given) at the end,
+    after a '$ command' and a '# date:' line."""
+    if path is None:
+        yield
+        return
+    buf = io.StringIO()
+    buf.write(f"$ {command_line(argv)}\n# date: {now()}\n\n")
+    out = sys.stdout
+    sys.stdout = _Tee(out, buf)
+    try:
+        yield
+    finally:
+        sys.stdout = out
+        write_atomic(path, buf.getvalue())
+        print(f"# wrote {path}")
