@@ -85,6 +85,8 @@ def test_per_chain_losses_and_gradients_equal_the_real_module(case):
     v_loss, v_grad = VmapEngine(model, state, loss_fn).loss_and_grad(3, batches)
     v_grad = v_grad.clone()
     s_loss, s_grad = SequentialEngine(model, state, loss_fn).loss_and_grad(3, batches)
+    assert s_grad is None  # the sequential engine leaves the gradients in the state's buffer
+    s_grad = state.grad[:3]
     torch.testing.assert_close(v_loss, s_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(v_grad, s_grad, rtol=1e-4, atol=1e-6)
     for row in range(3):  # and the sequential engine is the real module with the chain's weights
@@ -135,13 +137,14 @@ def test_mala_acceptance_recorded_and_falls_with_step_size():
 
 def test_memory_budget_sets_the_group_size_not_the_result():
     model, loader, loss_fn = mlp_case()
-    per_chain = sum(p.numel() for p in model.parameters()) * 4 * 3  # w, grad, vmap gradient (fp32, SGLD)
+    from llc_fast.state.memory import row_bytes, rows_within
+    numel = sum(p.numel() for p in model.parameters())
+    per_chain = numel * 4 * 2  # weights and gradients of one row (fp32, SGLD: no statistic)
+    assert sum(row_bytes(numel, torch.float32, False).values()) == per_chain
+    assert sum(row_bytes(numel, torch.float32, True).values()) == per_chain + numel * 4
     small = llc_fast.estimate_llc(model, loader, loss_fn, batch_memory_bytes=2 * per_chain, **SETTINGS)
     full = llc_fast.estimate_llc(model, loader, loss_fn, **SETTINGS)
     np.testing.assert_allclose(small.loss_trace, full.loss_trace, rtol=2e-5, atol=1e-6)
-    from llc_fast.estimators.llc import _group_size
-    from llc_fast.kernels import SamplerSettings
-    layout = FlatLayout(model)
-    assert _group_size(layout, SamplerSettings(), 4, "auto", None, 2 * per_chain, torch.device("cpu")) == 2
-    assert _group_size(layout, SamplerSettings(), 4, "auto", 3, None, torch.device("cpu")) == 3
-    assert _group_size(layout, SamplerSettings(), 4, "sequential", None, None, torch.device("cpu")) == 1
+    assert rows_within(2 * per_chain + 1, numel, torch.float32, False, 4) == 2
+    assert rows_within(None, numel, torch.float32, False, 3) == 3
+    assert rows_within(1, numel, torch.float32, True, 4) == 1  # at least one row

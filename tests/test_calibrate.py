@@ -18,9 +18,9 @@ from test_oracle_estimates import FULL_BATCH, Replicated, discretised_quadratic_
 from torch.utils.data import DataLoader, TensorDataset
 
 from llc_fast import CalibrationResult, LLCDivergenceWarning, calibrate
-from llc_fast.estimators import default_nbeta
+from llc_fast import default_nbeta
 from llc_fast.cli import main
-from llc_fast.estimators.calibrate import ACCEPTANCE_TARGET, FLAT_BLOCKS, FLAT_RTOL, CalibrationRow, _recommend
+from llc_fast.studies.calibrate import ACCEPTANCE_TARGET, FLAT_BLOCKS, FLAT_RTOL, CalibrationRow, _recommend
 from llc_fast.oracles import quadratic_sgld_expectation
 
 R, NBETA = 400, 100.0

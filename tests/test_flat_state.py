@@ -61,5 +61,7 @@ def test_writes_to_flat_buffer_change_the_installed_module():
         state.w[0, :6] += 1.0  # the weight matrix
         after = model(x)
     torch.testing.assert_close(after, before + x.sum(1, keepdim=True))
-    state.reset(1.0)
+    state.stat.zero_()
+    state.reset()
     assert torch.equal(state.w[0], state.w_star)
+    assert torch.equal(state.stat, torch.ones(1, 8))  # back at its initial value

@@ -16,6 +16,8 @@ from torch import nn
 
 import llc_fast
 from llc_fast.chains import ChainHyper, Schedule, run_chains
+from llc_fast.chains.engines import SequentialEngine
+from llc_fast.chains.runner import initial_loss
 from llc_fast.kernels import SamplerSettings, select_backend
 from llc_fast.oracles import (one_variable_expectation, quadratic_sgld_expectation, sum_of_powers_expectation)
 from llc_fast.state import FlatLayout, FlatState
@@ -86,14 +88,16 @@ def test_rmsprop_with_frozen_preconditioner_matches_discretised_chain(sampler):
     layout = FlatLayout(model)
     settings = SamplerSettings(sampler)
     schedule = Schedule(num_draws=D, num_burnin_steps=400, freeze_preconditioner_at=100)
-    update = select_backend("auto", torch.device("cpu")).update
+    backend = select_backend("auto", torch.device("cpu"))
     diffs, variances, expectations = [], [], []
     for chain in range(C):
         state = FlatState(layout, 1, device=torch.device("cpu"), preconditioned=True,
                           initial_statistic=settings.initial_statistic)
         hyper = ChainHyper(torch.tensor([lr]), torch.tensor([nbeta]), torch.tensor([gamma]), torch.tensor([chain]))
-        trace = run_chains(model, state, FULL_BATCH, potential_loss, hyper, settings=settings,
-                                        schedule=schedule, seed=0, update=update, device=torch.device("cpu"))
+        engine = SequentialEngine(model, state, potential_loss)
+        init = initial_loss(engine, FULL_BATCH, seed=0, num_batches=1, device=torch.device("cpu"))
+        trace = run_chains(engine, state, FULL_BATCH, hyper, settings=settings, schedule=schedule, seed=0,
+                           backend=backend, device=torch.device("cpu"), init_loss=init)
         scale = settings.statistic_scale(schedule.freeze_preconditioner_at - 1)
         G = 1.0 / (np.sqrt(state.stat[0].numpy() * scale) + settings.rmsprop_eps)
         expected, var = discretised_quadratic_stats(np.tile(h.numpy(), R), nbeta, gamma, lr * G, D)

@@ -30,6 +30,16 @@ def first_bad_step(step_losses: np.ndarray, init_loss: float) -> int | None:
     return int(hits[0]) if hits.size else None
 
 
+def nan_from_first_bad(losses: np.ndarray) -> np.ndarray:
+    """A copy of [C, T] losses with each row NaN from its first non-finite value on."""
+    out = np.array(losses, dtype=np.float64, copy=True)
+    for row in out:
+        bad = np.flatnonzero(~np.isfinite(row))
+        if bad.size:
+            row[bad[0]:] = np.nan
+    return out
+
+
 @dataclass
 class ChainTrace:
     """loss_trace: float64 [C, D] (NaN from a chain's divergence on); burnin_loss_trace [C, B];

@@ -40,7 +40,7 @@ def load_script(path: str | Path) -> ModuleType:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from ..estimators.calibrate import calibrate
+    from ..studies.calibrate import calibrate
 
     try:
         script = load_script(args.script)

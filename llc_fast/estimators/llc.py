@@ -53,7 +53,7 @@ def divergence_advice(lr: float, nbeta: float, gamma: float) -> str:
     """What to change when a chain with these hyperparameters diverged."""
     if lr * gamma >= 1.0:  # the pull toward w* alone overshoots: -(lr/2)*gamma*(w - w*) flips the sign at 2
         return (f"lr*gamma = {lr * gamma:.3g} is too large (the localization step overshoots at lr*gamma >= 2): "
-                f"lower lr below {1.0 / gamma:.3g} or lower gamma")
+                f"use a smaller step size, lr < {1.0 / gamma:.3g}, or a smaller gamma")
     return (f"try a smaller step size than lr={lr:g} (the drift is lr/2*nbeta*grad with nbeta={nbeta:g}), or a "
             "larger gamma to hold the chain nearer w*")
 

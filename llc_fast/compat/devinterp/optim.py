@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.dispatch import select_backend
-from ..kernels.reference import SUPPORTED_PARAM_DTYPES, compute_dtype
-from ..kernels.update_spec import SamplerSettings, StepCounters
+from ...kernels.dispatch import select_backend
+from ...kernels.reference import SUPPORTED_PARAM_DTYPES, compute_dtype
+from ...kernels.update_spec import SamplerSettings, StepCounters
 
 __all__ = ["SGMCMC", "SGLD", "RMSpropSGLD"]
 

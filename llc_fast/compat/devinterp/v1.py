@@ -15,9 +15,9 @@ import warnings
 import numpy as np
 import torch
 
-from ..estimators.llc import estimate_llc
-from ._optim import SGMCMC, SGLD, sampler_name
-from .devinterp import (_V1_MESSAGE, ChainDivergedError, _divergence_handled, _resolve_masks, _seed_from,
+from ...api import estimate_llc
+from .optim import SGMCMC, SGLD, sampler_name
+from .common import (_V1_MESSAGE, ChainDivergedError, _divergence_handled, _resolve_masks, _seed_from,
                         _train_mode, _warn_once, default_nbeta)
 
 # optimizer_kwargs devinterp's samplers accept that only switch diagnostics on (no effect on the estimate)
