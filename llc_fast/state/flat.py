@@ -42,14 +42,17 @@ class FlatLayout:
     registered under several names) occupy one slot.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | None, named_parameters=None):
+        """named_parameters: (name, tensor) pairs to lay out instead of ``model``'s (model None: a plain
+        list of tensors, e.g. an optimizer's, with no module to bind)."""
         self.model = model
         self.slots: list[ParamSlot] = []
         self.params: list[nn.Parameter] = []
         self._index_of: dict[int, int] = {}
         offset = 0
-        for name, p in model.named_parameters():  # unique tensors, first name of each
-            if not (p.requires_grad and p.is_floating_point()):
+        named = model.named_parameters() if named_parameters is None else named_parameters
+        for name, p in named:  # unique tensors, first name of each
+            if not (p.requires_grad and p.is_floating_point()) or id(p) in self._index_of:
                 continue
             self._index_of[id(p)] = len(self.params)
             self.params.append(p)
@@ -59,7 +62,7 @@ class FlatLayout:
         # every (module, attribute) that refers to a sampled parameter, tied names included
         self.owners = [
             (module, attr, self._index_of[id(p)])
-            for module in model.modules()
+            for module in (model.modules() if model is not None else ())
             for attr, p in module._parameters.items()
             if p is not None and id(p) in self._index_of
         ]

@@ -6,10 +6,11 @@ mask, and alpha / eps for RMSProp) and follow the update of ``docs/update.md``, 
 (1.3.2 and 2.0.1) update with llc_fast's counter-based noise.
 
 On construction the sampled parameters (floating point, ``requires_grad``) of all param groups are
-copied into one flat buffer per (device, dtype); each parameter's ``.data`` becomes a view of its slice
-and its ``.grad`` a view of a flat gradient buffer, so backward accumulates straight into the flat
-buffer and ``step()`` is one fused kernel call per run of param groups with equal hyperparameters (one
-call in total for the usual ``SGLD(model.parameters(), ...)``). The noise of element i at step t is
+copied into one ``FlatState`` (``llc_fast.state``: one chain row, w*, statistic, mask) per (device,
+dtype); each parameter's ``.data`` becomes a view of its slice and its ``.grad`` a view of the flat
+gradient buffer, so backward accumulates straight into the flat buffer and ``step()`` is one fused
+kernel call per run of param groups with equal hyperparameters (one call in total for the usual
+``SGLD(model.parameters(), ...)``). The noise of element i at step t is
 keyed by (seed, chain, t, i) with i the element's index in the flat order (the order of
 ``model.named_parameters()`` for ``model.parameters()``), exactly as ``llc_fast.estimate_llc`` keys
 chain ``chain`` of a run with that seed: a manual loop over the same batches reproduces its chain.
@@ -27,8 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ...kernels.dispatch import select_backend
-from ...kernels.reference import SUPPORTED_PARAM_DTYPES, compute_dtype
+from ...kernels.reference import SUPPORTED_PARAM_DTYPES
 from ...kernels.update_spec import SamplerSettings, StepCounters
+from ...state.flat import FlatLayout, FlatState
 
 __all__ = ["SGMCMC", "SGLD", "RMSpropSGLD"]
 
@@ -39,21 +41,21 @@ _IGNORED_DIAGNOSTICS = ("save_noise", "save_mala_vars", "noise_norm", "grad_norm
 
 @dataclass
 class _Bucket:
-    """The flat buffers of the sampled parameters of one (device, dtype)."""
+    """The sampled parameters of one (device, dtype) and their flat state (one chain row)."""
 
     device: torch.device
     dtype: torch.dtype
     base: int  # index of element 0 in the optimizer's flat order (keys the noise)
     params: list = field(default_factory=list)
-    offsets: list = field(default_factory=list)
+    masks: list = field(default_factory=list)  # the mask of each param, or None
     groups: list = field(default_factory=list)  # param-group index of each param
     segments: list = field(default_factory=list)  # (group index, start, end), consecutive params of one group
-    w: torch.Tensor | None = None  # [1, N]
-    grad: torch.Tensor | None = None  # [1, N]
-    w_star: torch.Tensor | None = None  # [N]
-    stat: torch.Tensor | None = None  # [1, N]
-    mask: torch.Tensor | None = None  # [N] uint8, None when nothing is masked
+    state: FlatState | None = None
     views: list = field(default_factory=list)  # (data view, grad view) of each param
+
+    @property
+    def offsets(self) -> list[int]:
+        return [slot.offset for slot in self.state.layout.slots]
 
 
 class SGMCMC(torch.optim.Optimizer):
@@ -152,48 +154,36 @@ class SGMCMC(torch.optim.Optimizer):
         buckets = list(by_key.values())
         for b in buckets:
             b.base = base
-            n = sum(p.numel() for p, _ in b.params)
-            base += n
-            b.w = torch.empty(1, n, dtype=b.dtype, device=b.device)
-            b.grad = torch.zeros(1, n, dtype=b.dtype, device=b.device)
-            need_mask = any(m is not None for _, m in b.params)
-            b.mask = torch.ones(n, dtype=torch.uint8, device=b.device) if need_mask else None
-            off = 0
+            layout = FlatLayout(None, [(str(k), p) for k, (p, _) in enumerate(b.params)])
+            masks = {str(k): self._checked_mask(m, p) for k, (p, m) in enumerate(b.params) if m is not None}
+            b.state = FlatState(layout, 1, device=b.device, preconditioned=self._sampler != "sgld", mask=masks)
+            base += layout.numel
             plain = []
-            for (p, m), gi in zip(b.params, b.groups):
-                size = p.numel()
-                data, grad = b.w[0, off:off + size].view_as(p), b.grad[0, off:off + size].view_as(p)
-                with torch.no_grad():
-                    data.copy_(p.data)
-                    if p.grad is not None:
-                        grad.copy_(p.grad)
-                if m is not None:
-                    m = torch.as_tensor(m, device=b.device)
-                    if m.shape != p.shape:
-                        raise ValueError(f"mask shape {tuple(m.shape)} does not match parameter shape {tuple(p.shape)}")
-                    if not torch.all((m == 0) | (m == 1)):
-                        raise ValueError("masks must hold only 0/1 (or booleans)")
-                    b.mask[off:off + size] = m.reshape(-1).to(torch.uint8)
-                p.data = data
-                p.grad = grad
-                b.offsets.append(off)
+            for (p, _), gi, slot, data, grad in zip(b.params, b.groups, layout.slots, layout.views(b.state.w[0]),
+                                                    layout.views(b.state.grad[0])):
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+                p.data, p.grad = data, grad
                 b.views.append((data, grad))
-                if b.segments and b.segments[-1][0] == gi and b.segments[-1][2] == off:
-                    b.segments[-1] = (gi, b.segments[-1][1], off + size)
+                start, end = slot.offset, slot.offset + slot.numel
+                if b.segments and b.segments[-1][0] == gi and b.segments[-1][2] == start:
+                    b.segments[-1] = (gi, b.segments[-1][1], end)
                 else:
-                    b.segments.append((gi, off, off + size))
-                off += size
+                    b.segments.append((gi, start, end))
                 plain.append(p)
+                # devinterp's state names, as views of the flat buffers
+                self.state[p]["initial_param"] = b.state.w_star[start:end].view_as(p)
+                if b.state.stat is not None:
+                    self.state[p]["square_avg"] = b.state.stat[0, start:end].view_as(p)
             b.params = plain
-            b.w_star = b.w[0].clone()
-            if self._sampler != "sgld":
-                b.stat = torch.zeros(1, n, dtype=compute_dtype(b.dtype), device=b.device)
-            for p, off in zip(b.params, b.offsets):  # devinterp's state names, as views of the flat buffers
-                size = p.numel()
-                self.state[p]["initial_param"] = b.w_star[off:off + size].view_as(p)
-                if b.stat is not None:
-                    self.state[p]["square_avg"] = b.stat[0, off:off + size].view_as(p)
         return buckets
+
+    @staticmethod
+    def _checked_mask(mask, p) -> torch.Tensor:
+        mask = torch.as_tensor(mask)
+        if mask.shape != p.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match parameter shape {tuple(p.shape)}")
+        return mask
 
     def _resync(self) -> None:
         """Re-attach parameters whose .data or .grad was replaced (model.zero_grad(), model.to(...))."""
@@ -252,17 +242,17 @@ class SGMCMC(torch.optim.Optimizer):
                     runs[-1][2] = end
                 else:
                     runs.append([keys[gi], start, end])
-            update, chain_ids = self._update[b.device], self._chain_ids[b.device]
+            update, chain_ids, st = self._update[b.device], self._chain_ids[b.device], b.state
             for key, start, end in runs:
                 lr, nbeta, gamma = key[0], key[1], key[2]
-                whole = start == 0 and end == b.w.shape[1]
+                whole = start == 0 and end == st.w.shape[1]
                 sl = slice(start, end)
-                update(b.w if whole else b.w[:, sl], b.grad if whole else b.grad[:, sl],
-                       b.w_star if whole else b.w_star[sl],
-                       None if b.stat is None else (b.stat if whole else b.stat[:, sl]),
+                update(st.w if whole else st.w[:, sl], st.grad if whole else st.grad[:, sl],
+                       st.w_star if whole else st.w_star[sl],
+                       None if st.stat is None else (st.stat if whole else st.stat[:, sl]),
                        lr=lr, nbeta=nbeta, gamma=gamma, settings=self._settings_for(key), counters=counters,
                        seed=seed, chain_ids=chain_ids,
-                       mask=None if b.mask is None else (b.mask if whole else b.mask[sl]),
+                       mask=None if st.flat_mask is None else (st.flat_mask if whole else st.flat_mask[sl]),
                        index_offset=b.base + start)
         self._step_count += 1
         return loss
@@ -273,7 +263,7 @@ class SGMCMC(torch.optim.Optimizer):
             for p, (_, grad) in zip(b.params, b.views):
                 if p.grad is not grad:
                     p.grad = grad
-            b.grad.zero_()
+            b.state.grad.zero_()
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -287,9 +277,9 @@ class SGMCMC(torch.optim.Optimizer):
         with torch.no_grad():
             for b in self._buckets:
                 for p, off in zip(b.params, b.offsets):
-                    size, st = p.numel(), self.state[p]
-                    flat = {"initial_param": b.w_star[off:off + size],
-                            "square_avg": None if b.stat is None else b.stat[0, off:off + size]}
+                    size, st, fs = p.numel(), self.state[p], b.state
+                    flat = {"initial_param": fs.w_star[off:off + size],
+                            "square_avg": None if fs.stat is None else fs.stat[0, off:off + size]}
                     for key, buf in flat.items():
                         if buf is not None and key in st:
                             buf.copy_(st[key].reshape(-1))
@@ -302,8 +292,8 @@ class SGMCMC(torch.optim.Optimizer):
 
     def flat_buffers(self) -> list[dict]:
         """The flat buffers of each (device, dtype): w [1, N], grad [1, N], w_star [N], stat, mask."""
-        return [dict(w=b.w, grad=b.grad, w_star=b.w_star, stat=b.stat, mask=b.mask, base=b.base,
-                     device=b.device, dtype=b.dtype) for b in self._buckets]
+        return [dict(w=b.state.w, grad=b.state.grad, w_star=b.state.w_star, stat=b.state.stat,
+                     mask=b.state.flat_mask, base=b.base, device=b.device, dtype=b.dtype) for b in self._buckets]
 
     # ---- devinterp's factory spellings ------------------------------------------------------------
     @classmethod
