@@ -1,9 +1,76 @@
-"""Test-wide settings. TRITON_INTERPRET must be set before any @triton.jit decorator runs,
-so before llc_fast is imported: on machines without a GPU, Triton kernels run in the interpreter."""
+"""Test-wide settings, and the small models and data several test files share (``from conftest import ...``).
+
+TRITON_INTERPRET must be set before any @triton.jit decorator runs, so before llc_fast is imported: on
+machines without a GPU, Triton kernels run in the interpreter."""
 import os
 
+import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # CI has 2 cores; other processes share them
+
+
+# --- shared case builders: (model, data, loss_fn) ------------------------------------------------
+
+def regression_data(n=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(n, 1, generator=gen)
+    return TensorDataset(x, y)
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def mlp_case():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=gen), torch.randint(0, 3, (96,), generator=gen)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    return model, loader, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+class TokenModel(nn.Module):
+    """Embedding + LayerNorm + tied unembedding."""
+
+    def __init__(self, vocab=11, dim=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.relu(self.mix(self.norm(self.emb(idx)))))
+
+
+def token_case():
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 11, (64, 9), generator=gen)
+    loader = DataLoader(TensorDataset(tokens), batch_size=16, shuffle=True)
+
+    def loss_fn(m, batch):
+        idx = batch[0]
+        logits = m(idx[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+
+    return TokenModel(), loader, loss_fn
+
+
+def gpt2_case():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    gen = torch.Generator().manual_seed(2)
+    loader = DataLoader(TensorDataset(torch.randint(0, 50, (32, 12), generator=gen)), batch_size=8, shuffle=True)
+    return model, loader, lambda m, b: m(input_ids=b[0], labels=b[0]).loss

@@ -9,56 +9,10 @@ import llc_fast
 from llc_fast.chains.engines import SequentialEngine, VmapEngine
 from llc_fast.state import FlatLayout, FlatState
 
+from conftest import gpt2_case, mlp_case, token_case
+
 SETTINGS = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=4, num_draws=20, num_burnin_steps=5, progress=False,
                 seed=7)
-
-
-def mlp_case():
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 6, generator=gen), torch.randint(0, 3, (96,), generator=gen)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
-    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    return model, loader, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
-
-
-class TokenModel(nn.Module):
-    """Embedding + LayerNorm + tied unembedding."""
-
-    def __init__(self, vocab=11, dim=8):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.mix = nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, vocab, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, idx):
-        return self.out(torch.relu(self.mix(self.norm(self.emb(idx)))))
-
-
-def token_case():
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, 11, (64, 9), generator=gen)
-    loader = DataLoader(TensorDataset(tokens), batch_size=16, shuffle=True)
-
-    def loss_fn(m, batch):
-        idx = batch[0]
-        logits = m(idx[:, :-1])
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
-
-    return TokenModel(), loader, loss_fn
-
-
-def gpt2_case():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    assert model.lm_head.weight is model.transformer.wte.weight  # tied
-    gen = torch.Generator().manual_seed(2)
-    loader = DataLoader(TensorDataset(torch.randint(0, 50, (32, 12), generator=gen)), batch_size=8, shuffle=True)
-    return model, loader, lambda m, b: m(input_ids=b[0], labels=b[0]).loss
 
 
 @pytest.mark.parametrize("case", [mlp_case, token_case, gpt2_case])

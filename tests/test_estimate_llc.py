@@ -11,17 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import llc_fast
 from llc_fast import AllChainsDivergedError, LLCDivergenceWarning, LLCResult
 
-
-def regression_data(n=64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=gen)
-    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(n, 1, generator=gen)
-    return TensorDataset(x, y)
-
-
-def mse(model, batch):
-    x, y = batch
-    return ((model(x) - y) ** 2).mean()
+from conftest import mse, regression_data
 
 
 class WithBatchNorm(nn.Module):

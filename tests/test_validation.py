@@ -6,12 +6,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import llc_fast
 
+from conftest import mse
+
 X, Y = torch.randn(20, 3), torch.randn(20, 1)
 DATA = [(X, Y)]
-
-
-def mse(model, batch):
-    return ((model(batch[0]) - batch[1]) ** 2).mean()
 
 
 def call(model=None, data=DATA, loss_fn=mse, **kw):
