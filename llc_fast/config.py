@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -59,6 +60,16 @@ def _per_chain(name: str, value, num_chains: int) -> tuple[float, ...]:
         raise ValueError(f"{name} must be a scalar or have one value per chain ({num_chains}), got {len(values)} "
                          "values")
     return tuple(float(v) for v in values) * (num_chains if len(values) == 1 else 1)
+
+
+def _check_device(device) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible (torch.cuda.is_available() is False; torch "
+                         f"{torch.__version__}, built with CUDA {torch.version.cuda}); pass device='cpu'")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -114,6 +125,14 @@ class LLCConfig:
             raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
         if self.batch_split not in BATCH_SPLIT:
             raise ValueError(f"batch_split must be one of {BATCH_SPLIT}, got {self.batch_split!r}")
+        if self.num_draws == 1 and self.num_burnin_steps == 0:
+            raise ValueError("num_draws=1 with num_burnin_steps=0 takes no sampler step: the estimate would be the loss "
+                             "at w* on one batch. Ask for more draws (e.g. num_draws=200)")
+        if self.mask is not None and not isinstance(self.mask, Mapping):
+            raise TypeError(f"mask must be a dict {{parameter name: 0/1 tensor or None}}, got {type(self.mask).__name__}"
+                            "; e.g. mask={'layer.weight': torch.ones_like(layer.weight)}")
+        if self.device is not None:
+            _check_device(self.device)
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")

@@ -1,4 +1,5 @@
 """estimate_llc's semantics: determinism, chain independence, burn-in, divergence, the user's model, I/O."""
+import copy
 import math
 import warnings
 
@@ -113,15 +114,23 @@ def test_all_chains_diverged_raises_with_partial_result():
     assert err.value.result.diverged_chains == [0, 1, 2]
 
 
-def test_mask_freezes_weights():
-    """With every weight masked the chain never moves: each draw is the loss at w*, so the full-batch LLC is 0."""
-    model = nn.Linear(3, 1)
+def test_mask_is_a_restriction_that_freezes_everything_outside_it():
+    """mask={name: 0/1 or None} samples only its 1s; parameters it does not name stay at w* (as devinterp's
+    param_masks and the published weight-restricted LLC). Freezing the bias by hand gives the same chain: the
+    weight's elements keep their global indices, hence their noise."""
     data = [tuple(regression_data().tensors)]
-    r = llc_fast.estimate_llc(model, data, mse, mask={"weight": torch.zeros(1, 3), "bias": torch.zeros(1)}, **FAST)
-    np.testing.assert_allclose(r.loss_trace, r.init_loss, rtol=1e-7)
-    assert r.llc_mean == pytest.approx(0.0, abs=1e-4)
-    partial = llc_fast.estimate_llc(model, data, mse, mask={"weight": torch.tensor([[1.0, 0.0, 0.0]])}, **FAST)
-    assert partial.llc_mean != pytest.approx(0.0, abs=1e-4)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    restricted = llc_fast.estimate_llc(model, data, mse, mask={"weight": torch.tensor([[1.0, 0.0, 0.0]])}, **FAST)
+    frozen = copy.deepcopy(model)
+    frozen.bias.requires_grad_(False)
+    by_hand = llc_fast.estimate_llc(frozen, data, mse, mask={"weight": torch.tensor([[1.0, 0.0, 0.0]])}, **FAST)
+    np.testing.assert_array_equal(restricted.loss_trace, by_hand.loss_trace)
+    assert restricted.llc_mean != pytest.approx(0.0, abs=1e-4)
+    whole = llc_fast.estimate_llc(model, data, mse, mask={"weight": None, "bias": None}, **FAST)  # None: all of it
+    np.testing.assert_array_equal(whole.loss_trace, llc_fast.estimate_llc(model, data, mse, **FAST).loss_trace)
+    with pytest.raises(ValueError, match="the mask samples nothing"):
+        llc_fast.estimate_llc(model, data, mse, mask={"weight": torch.zeros(1, 3)}, **FAST)
 
 
 def test_result_json_round_trip(tmp_path):

@@ -33,6 +33,17 @@ def checked_loss(loss, where: str) -> torch.Tensor:
     return loss.reshape(())
 
 
+def check_differentiable(loss: torch.Tensor, where: str) -> None:
+    """Raise if the loss carries no gradient to the sampled parameters: the chains would then be driven by
+    the noise alone and give a plausible-looking but meaningless estimate."""
+    if not loss.is_floating_point() or not loss.requires_grad:
+        why = (f"an integer tensor ({loss.dtype})" if not loss.is_floating_point() else
+               "a tensor without gradient (computed under torch.no_grad(), .detach()ed, or not from the model's "
+               "sampled parameters)")
+        raise ValueError(f"loss_fn returned {why} {where}; return the loss computed from model(...) in floating "
+                         "point so that its gradient with respect to the parameters drives the chains")
+
+
 def checked_finite(value: float, where: str) -> float:
     if not torch.isfinite(torch.tensor(value)):
         raise ValueError(f"loss_fn returned a non-finite value ({value}) {where}: check the model and data")
@@ -53,6 +64,11 @@ class SequentialEngine:
         with torch.no_grad(), self.state.install(0):
             return float(checked_loss(self.loss_fn(self.model, batch), "at w*"))
 
+    def check_gradient(self, batch) -> None:
+        """Before sampling: raise if loss_fn's loss on ``batch`` carries no gradient to the sampled parameters."""
+        with torch.enable_grad(), self.state.install(0):
+            check_differentiable(checked_loss(self.loss_fn(self.model, batch), "at w*"), "at w*")
+
     def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, None]:
         """Losses [G] of rows 0..G-1; their gradients are left in ``state.grad[:G]``."""
         grad = self.state.grad[:num_rows]
@@ -60,7 +76,8 @@ class SequentialEngine:
         losses = []
         for row in range(num_rows):
             with self.state.install(row):
-                loss = self.loss_fn(self.model, batches[row])
+                loss = checked_loss(self.loss_fn(self.model, batches[row]), "while sampling")
+                check_differentiable(loss, "while sampling")
                 loss.backward()
             losses.append(loss.detach().reshape(()))
         return torch.stack(losses), None

@@ -61,7 +61,10 @@ def initial_loss(engine, data, *, seed: int, num_batches: int, device: torch.dev
     total = 0.0
     for k in range(first_pass):
         where = f"at w* (initial-loss batch {k})"
-        total += checked_finite(engine.loss_at_w_star(move_to_device(next(batches), device)), where)
+        batch = move_to_device(next(batches), device)
+        total += checked_finite(engine.loss_at_w_star(batch), where)
+        if k == 0 and hasattr(engine, "check_gradient"):
+            engine.check_gradient(batch)
     return total / first_pass
 
 

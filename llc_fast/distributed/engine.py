@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..chains.engines import checked_loss
+from ..chains.engines import check_differentiable, checked_loss
 from ..state.sharded import ShardedChainState
 from .mesh import ChainMesh, batch_part
 
@@ -43,5 +43,6 @@ class FSDPEngine:
         """The group-mean loss [1] of the chain's batch; the gradients are left in FSDP's local shards."""
         self.state.zero_grad()
         loss = checked_loss(self.loss_fn(self.model, self._part(batches[0])), "while sampling")
+        check_differentiable(loss, "while sampling")
         loss.backward()
         return self._group_mean(loss), None

@@ -113,11 +113,12 @@ class FlatLayout:
         return [row[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
 
     def checked_mask(self, mask: dict) -> dict[str, torch.Tensor]:
-        """A per-parameter dict of 0/1 masks, each checked and broadcast to its parameter's shape."""
+        """A restriction {param name: 0/1 tensor, or None for the whole parameter}, each checked and broadcast
+        to its parameter's shape (None becomes ones). Raises if it samples nothing."""
         out = {}
         for name, m in mask.items():
             s = self.slot(name)
-            m = torch.as_tensor(m)
+            m = torch.ones(s.shape) if m is None else torch.as_tensor(m)
             try:
                 full = torch.broadcast_to(m, s.shape)
             except RuntimeError as e:
@@ -126,11 +127,14 @@ class FlatLayout:
             if not torch.all((m == 0) | (m == 1)):
                 raise ValueError(f"mask for {name!r} must hold only 0 and 1")
             out[name] = full
+        if not any(bool(m.any()) for m in out.values()):
+            raise ValueError("the mask samples nothing: every weight it names is 0 and the parameters it does not "
+                             "name are frozen. Give 1 to the weights to sample (None samples a whole parameter)")
         return out
 
     def flat_mask(self, mask: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """A per-parameter dict of 0/1 masks as one [N] float mask (missing names: all ones)."""
-        out = torch.ones(self.numel, device=device)
+        """A restriction as one [N] float 0/1 mask: the named parameters' masks, 0 for every parameter not named."""
+        out = torch.zeros(self.numel, device=device)
         for name, m in self.checked_mask(mask).items():
             s = self.slot(name)
             out[s.offset : s.offset + s.numel] = m.reshape(-1).to(device=device, dtype=out.dtype)

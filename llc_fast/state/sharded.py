@@ -104,10 +104,10 @@ class ShardedChainState:
                 self._local(self.w_star, seg).copy_(seg.weights()[0])
         self.stat = (torch.empty(1, self.numel, dtype=compute_dtype(dtype), device=device)
                      if preconditioned else None)
-        self.flat_mask = None  # [numel] 0/1 of all segments (1 where a parameter has no mask), or None
+        self.flat_mask = None  # [numel] 0/1 of all segments (0 for a parameter the restriction does not name)
         masks = layout.checked_mask(mask) if mask else {}
         if masks:
-            self.flat_mask = torch.ones(self.numel, dtype=torch.float32, device=device)
+            self.flat_mask = torch.zeros(self.numel, dtype=torch.float32, device=device)
             for seg in self.segments_:
                 if seg.name in masks:
                     part = masks[seg.name][seg.first_row: seg.first_row + seg.rows].reshape(-1)
