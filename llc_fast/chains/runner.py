@@ -93,16 +93,18 @@ def run_chains(engine, state, data, hyper: ChainHyper, *, settings, schedule: Sc
     with _progress_bar(hyper.num_chains * schedule.num_steps, progress) as bar:
         for start in range(0, hyper.num_chains, group):
             rows = hyper.rows(slice(start, min(hyper.num_chains, start + group)))
-            step_losses, mala = _run_group(engine, state, data, rows, settings=settings, schedule=schedule, seed=seed,
-                                           backend=backend, device=device, init_loss=init_loss,
-                                           shared_batches=shared_batches, bar=bar, on_step=on_step)
+            step_losses, mala, unmoved = _run_group(engine, state, data, rows, settings=settings, schedule=schedule,
+                                                    seed=seed, backend=backend, device=device, init_loss=init_loss,
+                                                    shared_batches=shared_batches, bar=bar, on_step=on_step)
             trace.record(start, step_losses, mala, schedule, init_loss)
+            trace.unmoved += [start + r for r in unmoved]
     return trace
 
 
 def _run_group(engine, state, data, hyper: ChainHyper, *, settings, schedule: Schedule, seed, backend, device,
-               init_loss, shared_batches, bar, on_step) -> tuple[np.ndarray, np.ndarray]:
-    """The per-step losses [G, T] (NaN after the group stopped) and log MALA acceptances [G, K] of one group."""
+               init_loss, shared_batches, bar, on_step) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The per-step losses [G, T] (NaN after the group stopped), log MALA acceptances [G, K] and the rows that
+    never moved from w* of one group."""
     G = hyper.num_chains
     state.reset()
     streams = batch_streams(data, seed, hyper.chain_ids, shared_batches)
@@ -142,7 +144,7 @@ def _run_group(engine, state, data, hyper: ChainHyper, *, settings, schedule: Sc
                                    schedule.counters(t), step_args)
     if bool(bad.all()):  # account for the steps the group will not take
         bar.update(G * (schedule.num_steps - t))
-    return losses_by_step.cpu().numpy(), mala.cpu().numpy()
+    return losses_by_step.cpu().numpy(), mala.cpu().numpy(), state.unmoved_rows(G)
 
 
 def _mala(engine, G, batches, w_old, grad_old, loss_old, state, stat, settings, counters, step_args):

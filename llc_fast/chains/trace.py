@@ -52,6 +52,7 @@ class ChainTrace:
     diverged_at: dict[int, int] = field(default_factory=dict)
     engine: str = "sequential"
     fallback_reason: str = ""
+    unmoved: list[int] = field(default_factory=list)  # chain positions whose weights never left w*
 
     @classmethod
     def empty(cls, num_chains: int, schedule: Schedule) -> "ChainTrace":
@@ -79,7 +80,7 @@ class ChainTrace:
         return ChainTrace(self.loss_trace[positions], self.burnin_loss_trace[positions],
                           self.mala_acceptance[positions],
                           {where[p]: s for p, s in self.diverged_at.items() if p in where}, self.engine,
-                          self.fallback_reason)
+                          self.fallback_reason, [where[p] for p in self.unmoved if p in where])
 
     @classmethod
     def gather(cls, parts: list[tuple[list[int], "ChainTrace"]], num_chains: int, schedule: Schedule) -> "ChainTrace":
@@ -90,7 +91,9 @@ class ChainTrace:
                 out.loss_trace[c], out.burnin_loss_trace[c] = part.loss_trace[k], part.burnin_loss_trace[k]
                 out.mala_acceptance[c] = part.mala_acceptance[k]
             out.diverged_at.update({chains[k]: s for k, s in part.diverged_at.items()})
+            out.unmoved += [chains[k] for k in part.unmoved]
         out.diverged_at = dict(sorted(out.diverged_at.items()))
+        out.unmoved.sort()
         ran = [p for chains, p in parts if chains]
         out.engine = ran[0].engine if ran else "none"
         out.fallback_reason = next((p.fallback_reason for _, p in parts if p.fallback_reason), "")

@@ -17,6 +17,7 @@ import sys
 import time
 
 PLAN_REFUSED_EXIT_CODE = 2
+BAD_INPUT_EXIT_CODE = 2
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -36,10 +37,15 @@ def _main(args: argparse.Namespace) -> int:
     from ..distributed.mesh import init_from_env
     from ..distributed.planner import MemoryPlanError
 
+    try:
+        rows = _checked_inputs(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llc-fast estimate: {e}", file=sys.stderr, flush=True)
+        return BAD_INPUT_EXIT_CODE
     launch = init_from_env(timeout_s=args.timeout, device=args.device)
     try:
         with failure_guard():
-            result = _run(args, launch)
+            result = _run(args, launch, rows)
     except MemoryPlanError as e:
         print(f"llc-fast estimate: refused: {e}", file=sys.stderr, flush=True)
         return PLAN_REFUSED_EXIT_CODE
@@ -48,7 +54,20 @@ def _main(args: argparse.Namespace) -> int:
     return 0 if result is not None else 1
 
 
-def _run(args: argparse.Namespace, launch):
+def _checked_inputs(args: argparse.Namespace):
+    """The token rows, after every input has been checked (output path, model directory, token file and dtype,
+    ids against the vocabulary, rows against the positions): nothing is loaded onto a device before."""
+    from ..integrations import hf
+
+    check_output(args.output, force=args.force, model_dir=args.model)
+    vocab, positions = hf.model_limits(args.model)
+    rows = hf.load_tokens(args.data, seq_len=args.seq_len, token_dtype=args.token_dtype, column=args.column)
+    hf.check_tokens(rows, vocab, positions)
+    hf.token_loader(rows, args.batch_size)  # checks the batch size against the rows
+    return rows
+
+
+def _run(args: argparse.Namespace, launch, rows):
     import torch
     import torch.distributed as dist
 
@@ -67,9 +86,8 @@ def _run(args: argparse.Namespace, launch):
     groups = world // shard
 
     t0 = time.perf_counter()
-    model = hf.load_causal_lm(args.model, dtype)
-    rows = hf.load_tokens(args.data, seq_len=args.seq_len, token_dtype=args.token_dtype, column=args.column)
     loader = hf.token_loader(rows, args.batch_size)
+    model = hf.load_causal_lm(args.model, dtype)
     blocks = transformer_blocks(model)
     num_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     say(f"model {args.model}: {type(model).__name__}, {num_params / 1e6:.4g}M parameters ({args.dtype}), "
@@ -124,6 +142,40 @@ def _run(args: argparse.Namespace, launch):
     return result
 
 
+def check_output(output: str | None, *, force: bool, model_dir: str | None = None) -> None:
+    """Refuse, before any work, an output path that could not be written or would overwrite something."""
+    from pathlib import Path
+
+    if not output:
+        return
+    out = Path(output).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--output {output} is a directory; name a file, e.g. {out / 'llc.json'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--output {output}: the directory {parent} does not exist (create it first)")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: the directory {parent} is not writable")
+    if model_dir is not None and Path(model_dir).resolve() in out.resolve().parents:
+        raise ValueError(f"--output {output} is inside the model directory {model_dir}; write the result elsewhere")
+    if out.exists() and not force:
+        raise ValueError(f"--output {output} exists; pass --force to overwrite it, or name another file")
+
+
+def positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")  # = distributed.hf's; here so that --help imports no torch
 PARAM_DTYPES = ("bfloat16", "float32", "float64")
 
@@ -137,7 +189,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="directory of a HuggingFace causal LM (save_pretrained); local only")
     p.add_argument("--data", required=True,
                    help="token ids: a saved datasets directory (column --column), a .npy [rows, tokens] or a .bin")
-    p.add_argument("--seq-len", type=int,
+    p.add_argument("--seq-len", type=positive_int,
                    help="tokens per row: cuts 1-D .npy/.bin data into rows, truncates longer rows")
     p.add_argument("--token-dtype", default="uint16", choices=TOKEN_DTYPES, help="integer type of a .bin file")
     p.add_argument("--column", default="input_ids", help="column of a datasets directory holding the token ids")
@@ -146,12 +198,12 @@ def add_parser(sub) -> None:
     p.add_argument("--nbeta", type=float, default=None,
                    help="n*beta (default n/log n, n = number of rows; language-model studies use 10-30)")
     p.add_argument("--gamma", type=float, default=1.0, help="localization strength")
-    p.add_argument("--num-chains", type=int, default=4)
-    p.add_argument("--num-draws", type=int, default=100)
+    p.add_argument("--num-chains", type=positive_int, default=4)
+    p.add_argument("--num-draws", type=positive_int, default=100)
     p.add_argument("--num-burnin-steps", type=int, default=0)
-    p.add_argument("--num-steps-bw-draws", type=int, default=1)
-    p.add_argument("--num-init-loss-batches", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch of a chain (split over its shard group)")
+    p.add_argument("--num-steps-bw-draws", type=positive_int, default=1)
+    p.add_argument("--num-init-loss-batches", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch of a chain (split over its shard group)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=PARAM_DTYPES,
                    help="parameter dtype; bfloat16 is updated in float32 and stored by stochastic rounding")
@@ -174,6 +226,8 @@ def add_parser(sub) -> None:
                         "available memory shared by this machine's processes)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds after which a collective that does not complete fails every rank")
-    p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains)")
+    p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains); "
+                                    "checked before any work")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_estimate)

@@ -138,7 +138,8 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
 def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard) -> ChainRun:
     settings = config.settings
     state = ShardedChainState(model, layout, device=device, preconditioned=settings.preconditioned,
-                              initial_statistic=settings.initial_statistic, mask=config.mask)
+                              initial_statistic=settings.initial_statistic, mask=config.mask,
+                              group=cm.shard_group)
     engine = FSDPEngine(model, state, loss_fn, cm, config.batch_split)
     t0 = time.perf_counter()
     try:

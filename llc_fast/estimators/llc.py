@@ -45,8 +45,32 @@ def estimate(model, data, loss_fn: Callable, config, sample: Callable = sample_l
     if run.report and trace.fallback_reason:
         warnings.warn(f"the model could not be batched over chains ({trace.fallback_reason}); chains ran one at "
                       "a time. Pass chain_batching='sequential' to skip the attempt.", RuntimeWarning, stacklevel=3)
+    if run.report and trace.unmoved:
+        warn_unmoved(trace.unmoved, config)
     report_divergence(result, warn=run.report)
     return result
+
+
+class LLCChainsStuckWarning(RuntimeWarning):
+    """A chain's weights never left w*: its estimate is only the minibatch noise of the loss at w*."""
+
+
+def warn_unmoved(chains: list[int], config) -> None:
+    import math
+
+    import torch
+
+    lr = min(config.lr[c] for c in chains)
+    step = config.noise_level * math.sqrt(lr)
+    resolution = {"float32": torch.finfo(torch.float32).eps, "float64": torch.finfo(torch.float64).eps,
+                  "bfloat16": torch.finfo(torch.bfloat16).eps}
+    why = (f"a step moves a weight by about noise_level*sqrt(lr) = {step:.3g}, below the float resolution of the "
+           "weights (relative spacing " + ", ".join(f"{k} {v:.2g}" for k, v in resolution.items()) + ")")
+    if config.noise_level == 0:
+        why = "noise_level=0 and the drift did not change any weight"
+    warnings.warn(f"chain(s) {chains} never moved from w* (every weight is bitwise unchanged after "
+                  f"{config.schedule.num_steps - 1} steps): {why}. The estimate is then only the minibatch noise of "
+                  f"the loss at w*; use a larger lr (now {lr:g}).", LLCChainsStuckWarning, stacklevel=4)
 
 
 def divergence_advice(lr: float, nbeta: float, gamma: float) -> str:

@@ -72,12 +72,56 @@ class TokenRows(Dataset):
         return self.array.shape[1]
 
 
+def model_limits(path: str | Path) -> tuple[int | None, int | None]:
+    """(vocabulary size, longest sequence) of the causal LM saved in ``path``, read from its config alone."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a saved HuggingFace model (no config.json); pass the directory "
+                                "written by model.save_pretrained(...)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                      if isinstance(getattr(config, k, None), int)), None)
+    return getattr(config, "vocab_size", None), positions
+
+
+def check_tokens(rows: "TokenRows", vocab_size: int | None, max_positions: int | None, chunk_rows: int = 4096) -> None:
+    """Every token id in [0, vocab_size) and rows no longer than the model's positions; the first bad id is
+    named with its row and column. Reads the (memory-mapped) data once, in chunks."""
+    if max_positions is not None and rows.seq_len > max_positions:
+        raise ValueError(f"rows of {rows.seq_len} tokens are longer than the model's {max_positions} positions: pass "
+                         f"--seq-len {max_positions} (or less)")
+    if vocab_size is None:
+        return
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(rows.array[start:start + chunk_rows])
+        bad = (block < 0) | (block >= vocab_size)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"token id {int(block[r, c])} at row {start + int(r)}, position {int(c)} is outside the "
+                             f"model's vocabulary [0, {vocab_size}): check --data and --token-dtype")
+
+
+def _looks_wider(array: np.ndarray, dtype: np.dtype) -> str | None:
+    """The wider dtype the data probably is, when every second value read as ``dtype`` is 0 (the high halves
+    of little-endian ids of twice the width), else None."""
+    wider = {1: None, 2: "int32 or uint32", 4: "int64"}.get(dtype.itemsize)
+    sample = np.asarray(array[: 1 << 20])
+    if wider is None or sample.size < 4 or sample.size % 2:
+        return None
+    pairs = sample.reshape(-1, 2)
+    return wider if not pairs[:, 1].any() and pairs[:, 0].any() else None
+
+
 def load_tokens(path: str | Path, *, seq_len: int | None = None, token_dtype: str = "uint16",
                 column: str = "input_ids") -> TokenRows:
     """Token data (see module docstring); ``seq_len`` truncates longer rows and cuts 1-D data into rows."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"token data {path} does not exist")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2):
+        raise ValueError(f"--seq-len must be an integer >= 2 (tokens per row), got {seq_len!r}")
     if path.is_dir():
         array = _from_datasets(path, column)
     elif path.suffix == ".npy":
@@ -87,7 +131,16 @@ def load_tokens(path: str | Path, *, seq_len: int | None = None, token_dtype: st
             raise ValueError(f"--token-dtype must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
         if not seq_len:
             raise ValueError(f"{path} is a flat .bin of token ids: pass --seq-len to cut it into rows")
-        array = np.memmap(path, dtype=np.dtype(token_dtype), mode="r")
+        dtype = np.dtype(token_dtype)
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise ValueError(f"{path} has {size} bytes, not a whole number of {token_dtype} token ids "
+                             f"({dtype.itemsize} bytes each): is --token-dtype right?")
+        array = np.memmap(path, dtype=dtype, mode="r")
+        wider = _looks_wider(array, dtype)
+        if wider:
+            raise ValueError(f"every second {token_dtype} of {path} is 0: the file looks like {wider} token ids; "
+                             f"pass --token-dtype {wider.split()[0]}")
     else:
         raise ValueError(f"token data must be a saved datasets directory, a .npy or a .bin file; got {path}")
     if not np.issubdtype(array.dtype, np.integer):

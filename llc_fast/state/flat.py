@@ -189,6 +189,10 @@ class FlatState:
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return None if self.stat is None else self.stat[:num_rows]
 
+    def unmoved_rows(self, num_rows: int) -> list[int]:
+        """Rows whose weights are still bitwise w*."""
+        return torch.nonzero(~(self.w[:num_rows] != self.w_star).any(dim=1)).flatten().tolist()
+
     def isolation(self):
         """While sampling: private copies of the module's buffers and unsampled parameters."""
         return isolated_buffers(self.layout.model, self.device, sampled=self.layout.params)

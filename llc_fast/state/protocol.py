@@ -26,6 +26,9 @@ class ChainState(Protocol):
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         """[G, N_local] RMSProp statistic of rows 0..G-1, or None for SGLD."""
 
+    def unmoved_rows(self, num_rows: int) -> list[int]:
+        """Rows 0..G-1 whose weights never left w* (a step size below the float resolution, say)."""
+
     def isolation(self):
         """Context manager: the module's buffers (and frozen parameters) are private copies meanwhile."""
 

@@ -92,8 +92,9 @@ class ShardedChainState:
     supports_mala = False
 
     def __init__(self, model: nn.Module, layout: FlatLayout, *, device: torch.device, preconditioned: bool,
-                 initial_statistic: float = 0.0, mask: dict | None = None):
-        self.model, self.initial_statistic = model, initial_statistic
+                 initial_statistic: float = 0.0, mask: dict | None = None, group=None):
+        """group: the shard group's process group (None: this process alone)."""
+        self.model, self.initial_statistic, self.group = model, initial_statistic, group
         self.segments_ = local_segments(model, layout)
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(s.numel for s in self.segments_)
@@ -146,6 +147,14 @@ class ShardedChainState:
 
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return self.stat
+
+    def unmoved_rows(self, num_rows: int) -> list[int]:
+        """[0] if no local shard of any rank of the shard group moved from w*, else []."""
+        moved = torch.tensor([float(any(bool((seg.weights()[0] != self._local(self.w_star, seg)).any())
+                                        for seg in self.segments_))], device=self.w_star.device)
+        if self.group is not None:
+            torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return [] if moved.item() else [0]
 
     def isolation(self):
         """While sampling: private copies of the module's buffers (FSDP manages the parameters)."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...config import check_positive
 from ...kernels.dispatch import select_backend
 from ...kernels.reference import SUPPORTED_PARAM_DTYPES
 from ...kernels.update_spec import SamplerSettings, StepCounters
@@ -128,6 +129,8 @@ class SGMCMC(torch.optim.Optimizer):
         self._step_count = 0
         self._settings: dict[tuple, SamplerSettings] = {}
         self._buckets = self._build_buckets()
+        for group in self.param_groups:  # every setting checked now, not at the first step
+            self._settings_for(self._group_key(group))
         self._chain_ids = {b.device: torch.tensor([chain], dtype=torch.int64, device=b.device) for b in self._buckets}
         self._update = {b.device: select_backend(backend, b.device).update for b in self._buckets}
 
@@ -201,6 +204,11 @@ class SGMCMC(torch.optim.Optimizer):
                         p.data = data
 
     def _group_key(self, group: dict) -> tuple:
+        """The update's hyperparameters of a param group, checked as ``estimate_llc`` checks them."""
+        check_positive("lr", group["lr"], hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
+        check_positive("nbeta", group["nbeta"], hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
+        check_positive("localization", group["localization"], allow_zero=True,
+                       hint="localization is the strength gamma of the pull toward the initial weights (0: off).")
         box = group["bounding_box_size"]
         return (float(group["lr"]), float(group["nbeta"]), float(group["localization"]),
                 float(group["weight_decay"]), float(group["noise_level"]), float(box) if box else None,
