@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llc_fast.kernels import cpp_update, philox
+from llc_fast.kernels import build, cpp_update, philox
 from llc_fast.kernels.reference import compute_dtype, reference_update
 from llc_fast.kernels.update_spec import SamplerSettings, StepCounters
 
@@ -467,7 +467,7 @@ def test_bad_inputs_raise_value_error(cpu_update, change):
 
 
 def test_build_failure_is_a_runtime_error(monkeypatch):
-    monkeypatch.setattr(cpp_update, "_MODULE", None)
+    monkeypatch.setattr(build, "_CPU_MODULE", None)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(RuntimeError, match="compiler"):
         cpp_update.load_cpu_update()
@@ -481,7 +481,7 @@ def test_cpu_build_config(monkeypatch):
     assert name.startswith(cpp_update.EXTENSION_NAME + "_")
     assert "-ffp-contract=off" in flags and not any("fast-math" in f for f in flags)
     cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) and cpp_update._target_macros(cxx, cpp_update.CPU_CFLAGS + ["-march=native"]) is not None:
+    if shutil.which(cxx) and build._target_macros(cxx, cpp_update.CPU_CFLAGS + ["-march=native"]) is not None:
         assert flags[-1] == "-march=native"
     assert cpp_update.cpu_build_config() == (name, flags)  # stable
 
@@ -490,7 +490,7 @@ def test_cpu_build_config(monkeypatch):
     def fake_macros(cxx, fl):
         return seen.get("macros", "#define __AVX512F__ 1")
 
-    monkeypatch.setattr(cpp_update, "_target_macros", fake_macros)
+    monkeypatch.setattr(build, "_target_macros", fake_macros)
     name_a, flags_a = cpp_update.cpu_build_config("c++")
     seen["macros"] = "#define __AVX2__ 1"  # the same flags on a different CPU
     name_b, flags_b = cpp_update.cpu_build_config("c++")
@@ -500,7 +500,7 @@ def test_cpu_build_config(monkeypatch):
     assert not any(f.startswith("-march") for f in flags_c) and name_c != name_b
     # a compiler that rejects -march=...: built for its default target (with a warning if the user asked)
     monkeypatch.delenv("LLC_FAST_MARCH")
-    monkeypatch.setattr(cpp_update, "_target_macros", lambda cxx, fl: None if any("-march" in f for f in fl) else "")
+    monkeypatch.setattr(build, "_target_macros", lambda cxx, fl: None if any("-march" in f for f in fl) else "")
     assert not any(f.startswith("-march") for f in cpp_update.cpu_build_config("c++")[1])
     monkeypatch.setenv("LLC_FAST_MARCH", "skylake-avx512")
     with pytest.warns(UserWarning, match="rejects"):

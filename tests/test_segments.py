@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from llc_fast.kernels import dispatch
-from llc_fast.kernels.reference import compute_dtype, reference_update, reference_update_segments, segments_by_loop
+from llc_fast.kernels.backend import NotSupportedError, pack_call
+from llc_fast.kernels.reference import compute_dtype, reference_update, reference_update_segments
 from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
 ON_GPU = torch.cuda.is_available()
@@ -170,7 +171,8 @@ def test_cpu_segments_are_one_kernel_call(monkeypatch):
 
 
 def test_triton_segments_are_one_launch(monkeypatch):
-    from llc_fast.kernels import triton_update as module
+    from llc_fast.kernels import triton_kernels as module
+    from llc_fast.kernels.triton_update import triton_update
 
     launches = []
     kernel = module._sgld_update_segments_kernel
@@ -188,7 +190,7 @@ def test_triton_segments_are_one_launch(monkeypatch):
     segs, w_star, stat, m, hyper = _case(torch.float32, "rmsprop_sgld_bc", 3, per_chain=True, mask=True)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld_bc"), counters=StepCounters(step=1), seed=1,
                   chain_ids=torch.tensor([0, 1, 2]))
-    _run(module.triton_update.update_segments, DEVICE, segs, w_star, stat, m, hyper, kwargs)
+    _run(triton_update.update_segments, DEVICE, segs, w_star, stat, m, hyper, kwargs)
     assert len(launches) == 1
 
 
@@ -211,21 +213,45 @@ def test_bad_segments_raise_value_error(backend):
     update.update_segments([], w_star, stat, mask=m, **kwargs)  # nothing to do
 
 
-def test_dispatch_gives_every_backend_a_segments_entry():
+def test_every_backend_is_one_object_with_both_entries():
+    """select_backend gives the backend object; its single-buffer update is its one-segment update,
+    whether the segment covers the flat buffers (the single-buffer kernel) or not (the segments kernel)."""
+    segs, w_star, stat, m, hyper = _case(torch.float32, "rmsprop_sgld", 2, per_chain=True, mask=True,
+                                         segments=[(4099, 1, 2**31 + 3)], n_local=4101)
+    kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld"), counters=StepCounters(step=3), seed=7,
+                  chain_ids=torch.tensor([4, 1]))
+    (w, g, _, offset), cols = segs[0], slice(1, 4100)
     for info in dispatch.backends():
-        if info.available:
-            fn = dispatch._load(next(b for b in dispatch._REGISTRY if b.name == info.name))
-            assert dispatch.has_fused_segments(fn), info.name
+        if not info.available or "cpu" not in info.devices:
+            continue
+        backend = dispatch.select_backend(info.name, torch.device("cpu"))
+        assert backend.name == info.name and backend.update.__self__ is backend
+        w_one, st_one = w.clone(), stat[:, cols].contiguous()
+        backend.update(w_one, g, w_star[cols], st_one, mask=m[cols], index_offset=offset, **hyper, **kwargs)
+        (w_seg,), st_seg = _run(backend.update_segments, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
+        assert torch.equal(w_seg, w_one) and torch.equal(st_seg[:, cols], st_one), info.name
+        whole = [(w.clone(), g, 0, offset)]
+        st_whole = stat[:, cols].contiguous()
+        backend.update_segments(whole, w_star[cols], st_whole, mask=m[cols], **hyper, **kwargs)
+        assert torch.equal(whole[0][0], w_one) and torch.equal(st_whole, st_one), info.name
 
-    def plain(*a, **k):  # a backend without its own entry falls back to the per-segment loop
-        return reference_update(*a, **k)
 
-    assert not dispatch.has_fused_segments(plain)
-    segs, w_star, stat, m, hyper = _case(torch.float32, "sgld", 1, per_chain=False, mask=True)
-    kwargs = dict(settings=SamplerSettings(), counters=StepCounters(step=1), seed=1, chain_ids=torch.tensor([0]))
-    a, _ = _run(dispatch.segments_update(plain), torch.device("cpu"), segs, w_star, None, m, hyper, kwargs)
-    b, _ = _run(segments_by_loop(reference_update), torch.device("cpu"), segs, w_star, None, m, hyper, kwargs)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+def test_unsupported_calls_list_the_reasons():
+    """The checks a backend makes before launch come as one NotSupportedError (a ValueError)."""
+    segs, w_star, stat, m, hyper = _case(torch.float32, "sgld", 1, per_chain=False, mask=False)
+    kwargs = dict(settings=SamplerSettings(), counters=StepCounters(step=1), seed=1, chain_ids=torch.tensor([0]),
+                  **hyper)
+    meta = [(torch.zeros(1, 3, device="meta"), torch.zeros(1, 3, device="meta"), 0, 0)]
+    with pytest.raises(NotSupportedError, match="cpu backend cannot run this update: the tensors are on meta"):
+        _backend("cpu")[0].update_segments(meta, torch.zeros(N_LOCAL, device="meta"), None, **kwargs)
+    from llc_fast.kernels.triton_update import triton_update
+
+    far = [(segs[0][0], segs[0][1], 0, 2**62 - 1)]
+    with pytest.raises(NotSupportedError, match=r"below 2\*\*62"):
+        triton_update.update_segments(far, w_star, None, **kwargs)
+    to = (lambda t: t.to(DEVICE))
+    call = pack_call([(to(w), to(g), a, b) for w, g, a, b in segs], to(w_star), None, mask=None, **kwargs)
+    assert triton_update.not_supported_reasons(call) == []
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
@@ -233,8 +259,7 @@ def test_cuda_segments_entry_is_exported(tmp_path):
     """The multi-segment launcher links into the shared library the CUDA backend loads (no GPU needed)."""
     import subprocess
 
-    from llc_fast.kernels.cpp_update import csrc_dir
-    from llc_fast.kernels.cuda_update import CUDA_SOURCE, NVCC_FLAGS
+    from llc_fast.kernels.build import CUDA_SOURCE, NVCC_FLAGS, csrc_dir
 
     out = tmp_path / "lib.so"
     cmd = ["nvcc", *NVCC_FLAGS, "-arch=sm_90", f"-I{csrc_dir()}", str(csrc_dir() / CUDA_SOURCE), "-o", str(out)]

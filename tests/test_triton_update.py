@@ -29,7 +29,8 @@ import triton.language as tl
 
 from llc_fast.kernels import philox
 from llc_fast.kernels.reference import reference_update
-from llc_fast.kernels.triton_update import _interleave, _noise_tile, _philox_words, _rounding_tile, triton_update
+from llc_fast.kernels.triton_kernels import _interleave, _noise_tile, _philox_words, _rounding_tile
+from llc_fast.kernels.triton_update import triton_update
 from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -474,7 +475,7 @@ def test_empty_buffers_are_a_no_op():
 
 def test_one_launch_per_step(monkeypatch):
     """All chains of a step in a single kernel launch."""
-    from llc_fast.kernels import triton_update as module
+    from llc_fast.kernels import triton_kernels as module
 
     launches = []
     kernel = module._sgld_update_kernel
@@ -523,7 +524,8 @@ _AOT_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from llc_fast.kernels.triton_update import GPU_GROUPS, GPU_NUM_WARPS, _sgld_update_kernel as k
+    from llc_fast.kernels.triton_kernels import _sgld_update_kernel as k
+    from llc_fast.kernels.triton_update import GPU_GROUPS, GPU_NUM_WARPS
 
     def compile(arch, weights, stat, f64, bf16):
         sig = {"w_ptr": weights, "g_ptr": weights, "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8",
@@ -545,7 +547,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     compile(90, "*fp32", "*fp32", False, False)
     compile(90, "*fp64", "*fp64", True, False)
 
-    from llc_fast.kernels.triton_update import _sgld_update_segments_kernel as ks
+    from llc_fast.kernels.triton_kernels import _sgld_update_segments_kernel as ks
 
     def compile_segments(arch, weights, stat, f64, bf16):  # pointers loaded from the table, cast in the kernel
         sig = {"seg_ptr": "*i64", "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8", "hp_ptr": stat,

@@ -1,8 +1,9 @@
 """Kernels: the reference update (the definition of the math), its counter-based noise, and
-the fast backends that implement the same function."""
-from .dispatch import BackendInfo, backends, select_backend
+the fast backends that implement the same function behind one base class (``backend.Backend``)."""
+from .backend import Backend, NotSupportedError, UpdateCall
+from .dispatch import BackendInfo, backend_names, backends, select_backend
 from .reference import reference_update
 from .update_spec import SAMPLERS, SamplerSettings, StepCounters
 
-__all__ = ["BackendInfo", "backends", "select_backend", "reference_update", "SAMPLERS", "SamplerSettings",
-           "StepCounters"]
+__all__ = ["Backend", "BackendInfo", "NotSupportedError", "UpdateCall", "backend_names", "backends",
+           "select_backend", "reference_update", "SAMPLERS", "SamplerSettings", "StepCounters"]

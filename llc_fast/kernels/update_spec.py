@@ -1,4 +1,5 @@
-"""What one sampler step needs besides the tensors: the settings shared by all backends."""
+"""What one sampler step needs besides the tensors, shared by all backends: the settings, the
+step counters, the parameter dtypes and the dtype the update computes in."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,12 @@ from dataclasses import dataclass
 import torch
 
 SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc")
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """float64 weights are updated in float64, float32 and bfloat16 weights in float32."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,66 @@
+"""What the compiled kernels of ``csrc/`` (the C++ and CUDA backends) take: an ``UpdateCall`` as
+raw pointers, codes and host scalars, the fields of ``UpdateArgs`` in ``csrc/sgld_update.h``."""
+from __future__ import annotations
+
+import torch
+
+from .backend import UpdateCall
+from .update_spec import SAMPLERS
+
+#: Codes the kernels take for the weights' dtype (bfloat16 is passed as its uint16 bits).
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+SAMPLER_CODES = {name: code for code, name in enumerate(SAMPLERS)}
+#: The buffers every entry takes, in the order of their C signatures.
+BUFFERS = ("w_star", "stat", "mask", "lr", "nbeta", "gamma", "chain_ids", "num_chains")
+#: The scalars every entry takes, in the order of their C signatures (host float64: the kernel
+#: rounds them once to its compute type).
+SCALARS = ("seed", "step", "stat_scale", "sampler", "update_statistic", "has_mask", "has_box", "alpha",
+           "one_minus_alpha", "eps", "weight_decay", "box", "noise_level")
+
+
+def kernel_args(call: UpdateCall) -> tuple[dict, tuple]:
+    """(arguments, keep): the ``BUFFERS`` (pointers as ints) and ``SCALARS`` of ``call``, plus
+    ``dtype``; ``keep`` holds the temporaries the pointers point into (alive until the kernel has run).
+
+    The mask goes as uint8 (nonzero = 1), the per-chain values as [C] of the compute dtype, the
+    chain indices as int64 [C], all on the call's device.
+    """
+    s = call.settings
+    mask = call.mask
+    if mask is not None:
+        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else (
+            mask if mask.dtype == torch.uint8 else (mask != 0).to(torch.uint8))
+    ids = call.chain_ids.to(call.device).contiguous()
+    lr, nbeta, gamma = call.per_chain_values()
+    args = dict(
+        w_star=call.w_star.data_ptr(),
+        stat=call.stat.data_ptr() if call.stat is not None else 0,
+        mask=mask.data_ptr() if mask is not None else 0,
+        lr=lr.data_ptr(),
+        nbeta=nbeta.data_ptr(),
+        gamma=gamma.data_ptr(),
+        chain_ids=ids.data_ptr(),
+        num_chains=call.num_chains,
+        seed=call.seed,
+        step=call.step,
+        stat_scale=s.statistic_scale(call.counters.stat_step) if s.preconditioned else 1.0,
+        sampler=SAMPLER_CODES[s.sampler],
+        update_statistic=bool(call.counters.update_statistic),
+        has_mask=mask is not None,
+        has_box=s.box is not None,
+        alpha=float(s.rmsprop_alpha),
+        one_minus_alpha=1.0 - s.rmsprop_alpha,
+        eps=float(s.rmsprop_eps),
+        weight_decay=float(s.weight_decay),
+        box=float(s.box) if s.box is not None else 0.0,
+        noise_level=float(s.noise_level),
+        dtype=DTYPE_CODES[call.dtype],
+    )
+    return args, (ids, mask, lr, nbeta, gamma)
+
+
+def segment_table(call: UpdateCall) -> torch.Tensor:
+    """The kernels' segment table (``Segment`` in ``csrc/sgld_update.h``): int64 [S, 5] on the host,
+    rows (w pointer, grad pointer, n, local_start, global_offset)."""
+    return torch.tensor([[s.w.data_ptr(), s.grad.data_ptr(), s.n, s.local_start, s.global_offset]
+                         for s in call.segments], dtype=torch.int64)
