@@ -89,13 +89,19 @@ def test_acceptance_falls_with_lr(grid):
         assert acceptance == sorted(acceptance, reverse=True) and len(set(acceptance)) == len(acceptance)
 
 
-def test_recommends_the_largest_lr_with_no_divergence_a_flat_trace_and_high_acceptance(grid):
+def test_recommends_only_a_setting_whose_chains_mixed(grid):
+    """With 3 chains of 400 draws the gamma = 1 settings relax slowly (ESS of a few dozen): their R-hat stays
+    above 1.01, so however high their acceptance they are not recommended; a mixed setting is."""
     best = grid.recommended
-    assert (best.lr, best.gamma) == (1.2e-3, 1.0), grid.table()
-    assert best.mala_mean >= ACCEPTANCE_TARGET and best.flattened and best.diverged == 0
-    # every setting with a larger lr fails the acceptance condition
-    assert all(r.mala_mean < ACCEPTANCE_TARGET or r.diverged for r in grid.rows if r.lr > best.lr)
-    assert "largest lr" in grid.reason and grid.recommendation().startswith(f"recommended: setting {best.setting}")
+    assert best.mixed and best.rhat <= 1.01 and best.max_chain_drift_z <= 3 and best.diverged == 0, grid.table()
+    assert all(not r.mixed for r in grid.rows if r.diverged == 0 and r.mala_mean > best.mala_mean)
+    better = [r for r in grid.rows if r.mixed and r.flattened and r.mala_mean >= ACCEPTANCE_TARGET]
+    if better:  # rule 1: the largest lr among the settings meeting every condition
+        assert best.lr == max(r.lr for r in better) and "largest lr" in grid.reason
+    else:  # rule 2: the mixed setting with the highest acceptance
+        assert best.mala_mean == max(r.mala_mean for r in grid.rows if r.mixed and r.diverged == 0)
+        assert grid.reason.startswith("no setting has")
+    assert grid.recommendation().startswith(f"recommended: setting {best.setting}")
 
 
 def row(setting, lr, *, acceptance=0.95, flattened=True, diverged=0, gamma=1.0):
@@ -115,6 +121,11 @@ def test_recommendation_rule_on_made_up_rows():
     assert best is fallback[1] and reason.startswith("no setting") and "not flattened" in reason
     best, reason = _recommend([rows[5]], acceptance_recorded=True)
     assert best is None and "smaller lrs" in reason
+    unmixed = row(6, 3e-3)
+    unmixed.mixed, unmixed.rhat, unmixed.max_chain_drift_z = False, 1.2, 4.0
+    assert _recommend([*rows, unmixed], acceptance_recorded=True)[0] is rows[2]  # never the unmixed one
+    best, reason = _recommend([unmixed, rows[5]], acceptance_recorded=True)
+    assert best is None and "no setting's chains mixed" in reason and "R-hat 1.2" in reason
 
 
 def test_a_trace_still_rising_is_not_flat_and_the_halves_are_exact():
@@ -125,13 +136,14 @@ def test_a_trace_still_rising_is_not_flat_and_the_halves_are_exact():
     assert r.llc_first_half == pytest.approx(NBETA * (res.loss_trace[:, :half].mean() - res.init_loss), rel=1e-12)
     assert r.llc_second_half == pytest.approx(NBETA * (res.loss_trace[:, -half:].mean() - res.init_loss), rel=1e-12)
     assert r.drift == r.llc_second_half - r.llc_first_half and not r.flattened
-    assert math.isnan(r.mala_mean) and "not recorded" in c.reason
+    assert not r.mixed and r.rhat > 1.01 and c.recommended is None and "no setting's chains mixed" in c.reason
 
 def test_a_single_stationary_chain_is_flat():
     """lr = 1.2e-3 after burn-in, 800 draws: the exact drift SE is 4.1, so 5 % of λ̂ (10.2) is 2.5 SEs."""
     c = calibrate_quietly(lrs=[1.2e-3], chains_per_setting=1, num_draws=800, num_burnin_steps=BURNIN, mala_every=None)
     (r,) = c.rows
-    assert r.flattened and math.isfinite(r.drift_se) and math.isnan(r.llc_std) and c.recommended is r
+    assert r.flattened and math.isfinite(r.drift_se) and math.isnan(r.llc_std) and math.isfinite(r.rhat)
+    assert (c.recommended is r) == r.mixed
 
 
 def test_all_settings_diverged_gives_rows_and_no_recommendation():
@@ -241,3 +253,21 @@ def test_cli_names_what_the_script_is_missing(tmp_path, capsys):
     assert "does not define loss_fn" in err
     assert main(["calibrate", "--script", str(tmp_path / "absent.py"), "--lrs", "1e-3"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_chains_drifting_in_opposite_directions_are_not_mixed():
+    """The probe's case: two chains whose halves go 1.69 -> 4.40 and 5.54 -> 2.20. Averaged over chains the
+    halves agree (3.6 vs 3.3: "flattened"), but each chain drifts and R-hat sees it: not mixed, never recommended."""
+    from llc_fast import LLCResult
+    from llc_fast.studies.calibrate import _row
+
+    rng = np.random.default_rng(0)
+    draws, init, nbeta = 400, 1.0, 10.0
+    levels = [(1.69, 4.40), (5.54, 2.20)]
+    trace = np.stack([init + np.repeat(np.array(lv) / nbeta, draws // 2) + 0.005 * rng.standard_normal(draws)
+                      for lv in levels])
+    config = dict(lr=[1e-5, 1e-5], nbeta=[nbeta, nbeta], gamma=[1.0, 1.0], num_chains=2, mala_every=None)
+    result = LLCResult.from_traces(trace, init, np.array([nbeta, nbeta]), {}, config)
+    r = _row(result, 0, [0, 1])
+    assert r.flattened and not r.mixed and r.max_chain_drift_z > 3
+    assert _recommend([r], acceptance_recorded=False)[0] is None

@@ -81,11 +81,34 @@ class LLCResult:
         nbeta = np.asarray(self.config["nbeta"], dtype=np.float64).reshape(-1, 1)
         return nbeta * (np.cumsum(self.loss_trace, axis=1) / draws - self.init_loss)
 
+    def diagnostics(self) -> dict:
+        """Convergence diagnostics by ArviZ (``llc_fast.diagnostics.convergence``): rhat, ess_bulk, ess_tail,
+        mcse (lambda_hat's Monte Carlo standard error), ess_per_second, ess_per_grad_eval, flatness [C],
+        divergences, mala_mean, and ``ok`` / ``verdict``."""
+        from ..diagnostics.convergence import diagnose
+
+        steps = self.timing.get("steps")
+        grad_evals = steps * (1 + (1 / self.config["mala_every"] if self.config.get("mala_every") else 0)) \
+            if steps else None
+        return diagnose(self.loss_trace, self.init_loss, self.config["nbeta"], self.diverged_at_step,
+                        mala_acceptance=self.mala_acceptance, sampling_s=self.timing.get("sampling_s"),
+                        grad_evals=grad_evals)
+
     def summary(self) -> str:
+        """One line: the estimate, its standard errors, and whether to trust it (with the reason)."""
         ok = self.num_chains - len(self.diverged_chains)
-        s = f"LLC = {self.llc_mean:.4g} ± {self.llc_std:.3g} (std over {ok} chains, ddof={self.llc_std_ddof})"
+        s = f"LLC = {self.llc_mean:.4g} ± {self.llc_std:.3g} (std over {ok} chains, ddof={self.llc_std_ddof}"
+        try:
+            d = self.diagnostics()
+        except ImportError:
+            d = None
+        if d is not None and np.isfinite(d["mcse"]):
+            s += f"; MCSE {d['mcse']:.3g}"
+        s += ")"
         if self.diverged_chains:
             s += f"; diverged chains: {self.diverged_chains}"
+        if d is not None:
+            s += f"; {'trust' if d['ok'] else 'do not trust yet'}: {d['verdict']}"
         return s
 
     def to_dict(self) -> dict:
@@ -121,15 +144,22 @@ class LLCResult:
             return cls.from_dict(json.load(f))
 
     def plot(self, path: str | os.PathLike | None = None):
-        """Plot each chain's loss trace and running LLC estimate (needs matplotlib); returns the figure."""
+        """Plot each chain's loss trace and running LLC estimate (needs matplotlib), with the diagnostics'
+        verdict in the title; returns the figure."""
         plt = pyplot(headless=path is not None)
-        fig, (ax_loss, ax_llc) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_loss, ax_llc) = plt.subplots(1, 2, figsize=(12, 4.5))
         for c in range(self.num_chains):
             ax_loss.plot(self.loss_trace[c], lw=0.8, label=f"chain {c}")
             ax_llc.plot(self.llc_trace()[c], lw=0.8)
         ax_loss.axhline(self.init_loss, color="k", ls="--", lw=0.8, label="L(w*)")
-        ax_loss.set(xlabel="draw", ylabel="minibatch loss", title="loss trace")
-        ax_llc.set(xlabel="draw", ylabel="running LLC estimate", title=self.summary())
+        ax_loss.set(xlabel="draw (after burn-in)", ylabel="minibatch loss", title="loss trace")
+        if np.isfinite(self.llc_mean):
+            ax_llc.axhline(self.llc_mean, color="k", lw=1, label="λ̂ (all chains)")
+            ax_llc.axhspan(self.llc_mean - 2 * self.llc_stderr, self.llc_mean + 2 * self.llc_stderr, color="k",
+                           alpha=0.1, label="± 2 standard errors")
+            ax_llc.legend(fontsize=7)
+        ax_llc.set(xlabel="draw (after burn-in)", ylabel="running LLC estimate λ̂")
+        ax_llc.set_title(self.summary(), fontsize=7, wrap=True)
         ax_loss.legend(fontsize=7)
         fig.tight_layout()
         if path is not None:

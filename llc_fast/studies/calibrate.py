@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..api import estimate_llc
+from ..diagnostics.convergence import FLAT_Z_MAX, RHAT_MAX
 from ..config import check_count, check_positive
 from ..estimators.llc import AllChainsDivergedError, LLCDivergenceWarning
 from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
@@ -50,7 +51,11 @@ class CalibrationRow:
     llc_first_half, llc_second_half: λ̂ from the first and the last FLAT_BLOCKS·(num_draws // (2·FLAT_BLOCKS))
         draws alone; drift = second − first; drift_se = sqrt(se_first² + se_second²), each half's
         standard error as in ``calibrate``'s docstring (batch means or between chains, the larger).
-    flattened: |drift| <= FLAT_SE_MULTIPLE·drift_se or |drift| <= FLAT_RTOL·|llc_mean|.
+    flattened: |drift| <= FLAT_SE_MULTIPLE·drift_se or |drift| <= FLAT_RTOL·|llc_mean| (chains averaged).
+    rhat: rank-normalised split R-hat of its chains; max_chain_drift_z: the largest |second-half − first-half
+        mean| of one chain in units of its MCSE (``llc_fast.diagnostics.convergence``); mixed: rhat <= 1.01
+        and max_chain_drift_z <= 3, judged per chain and across chains, so chains drifting in opposite
+        directions (whose average looks flat) do not pass.
     mala_mean: mean MALA acceptance over its chains (NaN if not recorded).
     diverged: number of its chains whose loss became NaN/Inf; diverged_at_step: the step each was seen.
     """
@@ -71,6 +76,9 @@ class CalibrationRow:
     mala_mean: float
     diverged: int
     diverged_at_step: list[int]
+    rhat: float = math.nan
+    max_chain_drift_z: float = math.nan
+    mixed: bool = True
 
     @property
     def label(self) -> str:
@@ -81,7 +89,7 @@ class CalibrationRow:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationRow":
-        return cls(**{f.name: _none_to_nan(d[f.name]) for f in fields(cls)})
+        return cls(**{f.name: _none_to_nan(d[f.name]) for f in fields(cls) if f.name in d})
 
 
 @dataclass
@@ -107,13 +115,13 @@ class CalibrationResult:
 
     def table(self) -> str:
         """The rows as a fixed-width text table; '*' marks the recommended setting."""
-        header = ("", "#", "lr", "gamma", "nbeta", "LLC mean ± std", "accept", "flat", "diverged")
+        header = ("", "#", "lr", "gamma", "nbeta", "LLC mean ± std", "accept", "R-hat", "flat", "mixed", "diverged")
         lines = []
         for r in self.rows:
             mark = "*" if self.recommended is not None and r.setting == self.recommended.setting else ""
             lines.append((mark, str(r.setting), f"{r.lr:g}", f"{r.gamma:g}", f"{r.nbeta:.4g}",
-                          f"{r.llc_mean:.4g} ± {r.llc_std:.3g}", f"{r.mala_mean:.3f}", "yes" if r.flattened else "no",
-                          f"{r.diverged}/{len(r.chains)}"))
+                          f"{r.llc_mean:.4g} ± {r.llc_std:.3g}", f"{r.mala_mean:.3f}", f"{r.rhat:.3f}",
+                          "yes" if r.flattened else "no", "yes" if r.mixed else "no", f"{r.diverged}/{len(r.chains)}"))
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
         return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *lines])
 
@@ -221,12 +229,17 @@ def calibrate(
     blocks of b draws; std of the blocks' λ̂ over chains and blocks, ddof=1, / sqrt(number of blocks))
     and between chains (std of the chains' λ̂ from that half, ddof=1, / sqrt(chains); needs 2 chains).
 
-    Recommendation rule:
-      1. Candidates: settings with no diverged chain, a flattened trace and mean MALA acceptance >= 0.9.
-         Among them the largest lr (fastest mixing); ties: the higher acceptance, then the earlier setting.
-      2. If there is none: the setting with no diverged chain and the highest acceptance (ties: flattened
-         first, then the smaller lr), and the reason says that no setting met every condition.
-      3. If every setting had a diverged chain: no recommendation (recommended=None).
+    Mixed: the setting's chains have rank-normalised split R-hat <= 1.01 and no chain's second half differs
+    from its first half by more than 3 MCSE (``CalibrationRow.mixed``): judged per chain and across chains.
+
+    Recommendation rule (a setting whose chains have not mixed is never recommended):
+      1. Candidates: settings with no diverged chain, mixed chains, a flattened trace and mean MALA
+         acceptance >= 0.9. Among them the largest lr (fastest mixing); ties: the higher acceptance, then
+         the earlier setting.
+      2. If there is none: the mixed setting with no diverged chain and the highest acceptance (ties:
+         flattened first, then the smaller lr), and the reason says that no setting met every condition.
+      3. If no setting without a diverged chain has mixed: no recommendation (recommended=None), and the
+         reason names the closest setting and what to change.
     Returns a CalibrationResult.
     """
     lrs = _grid("lrs", lrs, hint="lrs are SGLD step sizes, e.g. lrs=[1e-4, 3e-4, 1e-3].")
@@ -296,6 +309,10 @@ def _row(result: LLCResult, setting: int, chains: list[int]) -> CalibrationRow:
     flattened = (math.isfinite(drift_se) and abs(drift) <= FLAT_SE_MULTIPLE * drift_se) or \
         abs(drift) <= FLAT_RTOL * abs(whole.llc_mean)
     acceptance = whole.mala_mean[np.isfinite(whole.mala_mean)]  # chains that diverged early have none
+    diag = whole.diagnostics()
+    worst = float(np.nanmax(np.abs(diag["flatness"]))) if np.isfinite(diag["flatness"]).any() else math.nan
+    mixed = bool(math.isfinite(diag["rhat"]) and diag["rhat"] <= RHAT_MAX and math.isfinite(worst)
+                 and worst <= FLAT_Z_MAX)
     c0 = chains[0]
     return CalibrationRow(
         setting=setting, lr=result.config["lr"][c0], gamma=result.config["gamma"][c0],
@@ -304,6 +321,7 @@ def _row(result: LLCResult, setting: int, chains: list[int]) -> CalibrationRow:
         drift_se=drift_se, flattened=bool(flattened),
         mala_mean=float(acceptance.mean()) if acceptance.size else math.nan,
         diverged=len(whole.diverged_chains), diverged_at_step=list(whole.diverged_at_step.values()),
+        rhat=diag["rhat"], max_chain_drift_z=worst, mixed=mixed,
     )
 
 
@@ -331,8 +349,10 @@ def _recommend(rows: list[CalibrationRow], acceptance_recorded: bool) -> tuple[C
         return r.mala_mean if math.isfinite(r.mala_mean) else -math.inf
 
     stable = [r for r in rows if r.diverged == 0 and math.isfinite(r.llc_mean)]
+    unmixed = [r for r in stable if not r.mixed]
+    stable = [r for r in stable if r.mixed]  # a setting whose chains have not mixed is never recommended
     healthy = [r for r in stable if r.flattened and (not acceptance_recorded or acceptance(r) >= ACCEPTANCE_TARGET)]
-    conditions = "no diverged chain, a flattened trace" + \
+    conditions = f"no diverged chain, mixed chains (R-hat <= {RHAT_MAX}, no chain drifting), a flattened trace" + \
         (f" and mean MALA acceptance >= {ACCEPTANCE_TARGET:g}" if acceptance_recorded else
          " (MALA acceptance not recorded: pass mala_every to use it)")
     if healthy:
@@ -345,6 +365,11 @@ def _recommend(rows: list[CalibrationRow], acceptance_recorded: bool) -> tuple[C
             advice.append(f"its acceptance is below {ACCEPTANCE_TARGET:g}: try smaller lrs")
         return best, (f"no setting has {conditions}; fell back to the non-diverging setting with the highest "
                       f"acceptance ({'; '.join(advice)})")
+    if unmixed:
+        closest = min(unmixed, key=lambda r: (r.rhat if math.isfinite(r.rhat) else math.inf, r.setting))
+        return None, (f"no setting's chains mixed (the closest, setting {closest.setting} ({closest.label}), has "
+                      f"R-hat {closest.rhat:.3g} and a chain drifting by {closest.max_chain_drift_z:.3g} MCSE): run "
+                      "more burn-in steps and draws, or try other lrs")
     return None, "every setting had a diverging chain: try smaller lrs or larger gammas"
 
 
