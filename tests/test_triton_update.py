@@ -466,11 +466,28 @@ def test_bad_inputs_raise_value_error(case):
         assert torch.equal(w, w0)  # nothing written before the error
 
 
-def test_empty_buffers_are_a_no_op():
+def test_empty_buffers_are_a_no_op(monkeypatch):
+    """No elements or no chains: nothing is launched and nothing changes (the other arguments stay checked)."""
+    from llc_fast.kernels import triton_kernels as module
+
+    launches = []
+    kernel = module._sgld_update_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, "_sgld_update_kernel", Counting())
     w, grad, w_star, stat, kwargs = _good_args()
+    before = (w.clone(), stat.clone())
     triton_update(w[:, :0].contiguous(), grad[:, :0].contiguous(), w_star[:0], stat[:, :0].contiguous(), **kwargs)
     kwargs["chain_ids"] = torch.zeros(0, dtype=torch.int64)
     triton_update(w[:0], grad[:0], w_star, stat[:0], **kwargs)
+    assert launches == []
+    assert torch.equal(w, before[0]) and torch.equal(stat, before[1])
+    with pytest.raises(ValueError, match="seed"):  # empty, but a bad argument is still an error
+        triton_update(w[:0], grad[:0], w_star, stat[:0], **dict(kwargs, seed=-1))
 
 
 def test_one_launch_per_step(monkeypatch):
