@@ -56,6 +56,13 @@ def estimate_llc(
     max_batched_chains: int | None = None,
     batch_memory_bytes: int | None = None,
     mala_every: int | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | None = None,
+    target_stderr: float | None = None,
+    target_rel_error: float | None = None,
+    max_draws: int | None = None,
+    check_every: int | None = None,
 ) -> LLCResult:
     """Estimate the LLC of ``model`` at its current weights w*.
 
@@ -82,6 +89,15 @@ def estimate_llc(
         gradients, RMSProp statistic); default: half the free memory on a GPU, no limit on CPU.
         Activations come on top and scale with the group size too: lower max_batched_chains if a
         batched pass runs out of memory.
+    checkpoint, checkpoint_every: write the whole run to this file (atomically) every that many steps;
+        resume: continue the run saved in that file, bit for bit (the same settings are required; they are
+        checked). Ctrl-C or SIGTERM while sampling stops at the next step boundary, writes a checkpoint
+        (to ``checkpoint``, else ./llc_fast_interrupted_<pid>.ckpt) and raises SamplingInterrupted, whose
+        .result is the partial LLCResult; a second Ctrl-C exits at once.
+    target_stderr / target_rel_error: draw until the Monte Carlo standard error of the estimate is at
+        most this (absolute, or relative to |LLC|), checking every check_every draws after num_draws and
+        stopping at max_draws (default 10 x num_draws) with a warning if the target was not met;
+        result.config['draws_taken'] and ['stopped_by'] say how it ended.
 
     Under torchrun (an initialised process group of several ranks) every rank calls this and the
     chains run on all of them (``llc_fast.distributed.estimate_llc_sharded``, which takes the layout
@@ -95,6 +111,7 @@ def estimate_llc(
         noise_level=noise_level, mask=mask, num_init_loss_batches=num_init_loss_batches,
         freeze_preconditioner_at=freeze_preconditioner_at, backend=backend, shared_batches=shared_batches,
         chain_batching=chain_batching, max_batched_chains=max_batched_chains, batch_memory_bytes=batch_memory_bytes,
-        mala_every=mala_every,
+        mala_every=mala_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
+        target_stderr=target_stderr, target_rel_error=target_rel_error, max_draws=max_draws, check_every=check_every,
     )
     return estimate_config(model, data, loss_fn, config)

@@ -78,6 +78,8 @@ class LLCConfig:
 
     lr, nbeta, gamma are stored as one float per chain; nbeta is None until ``for_data`` resolves its
     default n/log n from the data. shard_group_size, batch_split and failure_grace_s apply under torchrun.
+    With target_stderr or target_rel_error, num_draws is the fewest draws and max_draws (default 10 x
+    num_draws) the most; the MCSE is checked every check_every draws (default max(10, num_draws // 4)).
     """
 
     sampler: str = "sgld"
@@ -108,6 +110,13 @@ class LLCConfig:
     shard_group_size: int | None = None
     batch_split: str = "auto"
     failure_grace_s: float = 10.0
+    checkpoint: str | None = None
+    checkpoint_every: int | None = None
+    resume: str | None = None
+    target_stderr: float | None = None
+    target_rel_error: float | None = None
+    max_draws: int | None = None
+    check_every: int | None = None
     dataset_size: int | None = None  # n, set by for_data when the data knows it
 
     def __post_init__(self) -> None:
@@ -133,6 +142,7 @@ class LLCConfig:
                             "; e.g. mask={'layer.weight': torch.ones_like(layer.weight)}")
         if self.device is not None:
             _check_device(self.device)
+        self._check_run_control()
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
@@ -143,6 +153,61 @@ class LLCConfig:
         if self.nbeta is not None:
             check_positive("nbeta", self.nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
             object.__setattr__(self, "nbeta", _per_chain("nbeta", self.nbeta, self.num_chains))
+
+    def _check_run_control(self) -> None:
+        if self.checkpoint_every is not None:
+            check_count("checkpoint_every", self.checkpoint_every, 1)
+            if self.checkpoint is None:
+                raise ValueError("checkpoint_every needs checkpoint=PATH (the file to write the run to)")
+        for name in ("checkpoint", "resume"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, bytes)) and not hasattr(value, "__fspath__"):
+                raise TypeError(f"{name} must be a file path, got {type(value).__name__}")
+        if self.checkpoint is not None:
+            from pathlib import Path
+
+            parent = Path(self.checkpoint).expanduser().parent
+            if not parent.is_dir():
+                raise ValueError(f"checkpoint={str(self.checkpoint)!r}: the directory {parent} does not exist")
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))
+        if self.resume is not None:
+            object.__setattr__(self, "resume", str(self.resume))
+        if self.target_stderr is not None and self.target_rel_error is not None:
+            raise ValueError("pass target_stderr or target_rel_error, not both")
+        for name in ("target_stderr", "target_rel_error"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name), hint="it bounds the MCSE of the estimate, e.g. 0.05.")
+        targeted = self.target_stderr is not None or self.target_rel_error is not None
+        for name in ("max_draws", "check_every"):
+            if getattr(self, name) is not None:
+                check_count(name, getattr(self, name), 1)
+                if not targeted:
+                    raise ValueError(f"{name} applies when drawing until a target: pass target_stderr or "
+                                     "target_rel_error too")
+        if targeted:
+            if self.max_draws is None:
+                object.__setattr__(self, "max_draws", 10 * self.num_draws)
+            if self.max_draws < self.num_draws:
+                raise ValueError(f"max_draws={self.max_draws} is below num_draws={self.num_draws} (the fewest draws)")
+            if self.check_every is None:
+                object.__setattr__(self, "check_every", max(10, self.num_draws // 4))
+
+    @property
+    def targeted(self) -> bool:
+        return self.target_stderr is not None or self.target_rel_error is not None
+
+    def fingerprint(self) -> dict:
+        """The settings a chain depends on (a checkpoint can only be resumed under the same ones)."""
+        import hashlib
+
+        skip = {"progress", "checkpoint", "checkpoint_every", "resume", "failure_grace_s", "mask", "device"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        out.update(lr=list(self.lr), nbeta=list(self.nbeta) if self.nbeta else None, gamma=list(self.gamma),
+                   device=None if self.device is None else str(self.device))
+        out["mask"] = None if not self.mask else {
+            k: None if v is None else hashlib.sha256(torch.as_tensor(v).float().numpy().tobytes()).hexdigest()[:16]
+            for k, v in sorted(self.mask.items())}
+        return out
 
     def replace(self, **changes) -> "LLCConfig":
         return replace(self, **changes)
@@ -167,7 +232,8 @@ class LLCConfig:
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule(num_draws=self.num_draws, num_burnin_steps=self.num_burnin_steps,
+        """The steps of the run: num_draws draws (max_draws when drawing until a target)."""
+        return Schedule(num_draws=self.max_draws if self.targeted else self.num_draws, num_burnin_steps=self.num_burnin_steps,
                         num_steps_bw_draws=self.num_steps_bw_draws,
                         freeze_preconditioner_at=self.freeze_preconditioner_at, mala_every=self.mala_every)
 
@@ -181,7 +247,8 @@ class LLCConfig:
 
     def to_dict(self, **run_facts) -> dict:
         """The settings as recorded in ``LLCResult.config``, plus ``run_facts`` (backend, engine, sizes...)."""
-        skip = {"progress", "batch_memory_bytes", "shard_group_size", "batch_split", "failure_grace_s", "mask"}
+        skip = {"progress", "batch_memory_bytes", "shard_group_size", "batch_split", "failure_grace_s", "mask",
+                "checkpoint", "checkpoint_every", "resume"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out.update(lr=list(self.lr), nbeta=list(self.nbeta), gamma=list(self.gamma), device=None,
                    mask=sorted(self.mask) if self.mask else None)

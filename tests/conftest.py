@@ -31,6 +31,7 @@ def mse(model, batch):
 def mlp_case():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 6, generator=gen), torch.randint(0, 3, (96,), generator=gen)
+    torch.manual_seed(0)  # the same weights in every process
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
     return model, loader, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])

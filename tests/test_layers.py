@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).parent.parent / "llc_fast"
 #: Each top-level part of the package and its layer (higher numbers may import lower ones).
 LAYERS = {
     "oracles": 0, "kernels": 0, "diagnostics": 0, "state": 1, "chains": 2, "config": 3, "estimators": 3,
-    "integrations": 3, "distributed": 4, "api": 5, "studies": 6, "compat": 6, "cli": 7, "__main__": 7,
+    "files": 0, "integrations": 3, "distributed": 4, "api": 5, "studies": 6, "compat": 6, "cli": 7, "__main__": 7,
 }
 
 

@@ -57,6 +57,25 @@ class BatchStream:
         self.data, self.key, self.epoch = data, (seed, stream, index), 0
         self._it, self._pending = None, _END
         self._seeded = not isinstance(data, (list, tuple))
+        self.consumed = 0  # batches handed out in the current pass
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(passes started, batches handed out in the current one): where ``seek`` brings a new stream back."""
+        return self.epoch, self.consumed
+
+    def seek(self, position: tuple[int, int]) -> None:
+        """Continue exactly where a stream of the same data and key stood at ``position`` (the pass is restarted
+        under its seed and the batches already handed out are read again and dropped)."""
+        epoch, consumed = position
+        self.epoch, self._it, self._pending, self.consumed = 0, None, _END, 0
+        if epoch == 0:
+            return
+        self.epoch = epoch - 1
+        self._restart()
+        for _ in range(consumed):
+            self._pending = next(self._it, _END)
+        self.consumed = consumed
 
     def _restart(self):
         if self._seeded:
@@ -72,6 +91,7 @@ class BatchStream:
             self._it = iter(self.data)
             self._pending = next(self._it, _END)
         self.epoch += 1
+        self.consumed = 0
 
     def __iter__(self):
         return self
@@ -82,6 +102,7 @@ class BatchStream:
             if self._pending is _END:
                 raise ValueError("data yielded no batches: pass a non-empty DataLoader or list of batches")
         batch, self._pending = self._pending, next(self._it, _END)
+        self.consumed += 1
         return batch
 
 

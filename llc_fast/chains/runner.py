@@ -13,9 +13,10 @@ is the exception: it is drawn per group).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ..state.flat import FlatLayout, FlatState
 from ..state.memory import rows_within
 from .data import STREAM_CHAIN, STREAM_INIT_LOSS, BatchStream, derived_seed, move_to_device
 from .engines import checked_finite, local_engine
+from .interrupt import SamplingInterrupted, StopRequest
 from .schedule import ChainHyper, Schedule
 from .trace import ChainTrace, divergence_bound
 
@@ -81,70 +83,258 @@ def _count_upto(data, limit: int) -> int:
         return count
 
 
+@dataclass
+class RunControl:
+    """What may stop or continue a run besides its schedule.
+
+    checkpoint, checkpoint_every: write the run to this path every that many steps (and when stopped by a
+        signal); resume: a checkpoint payload (``checkpoint.read``) to continue from; meta: what a checkpoint
+        records of the run (its config, to refuse a resume with other settings).
+    target_stderr, target_rel_error: stop drawing once the MCSE of lambda_hat is at most this (absolute, or
+        relative to |lambda_hat|), checked every ``check_every`` draws from ``min_draws`` on; the schedule's
+        num_draws is then the most draws taken.
+    """
+
+    checkpoint: str | None = None
+    checkpoint_every: int | None = None
+    resume: dict | None = None
+    meta: dict = field(default_factory=dict)
+    target_stderr: float | None = None
+    target_rel_error: float | None = None
+    min_draws: int | None = None
+    check_every: int | None = None
+    stop_on_signal: bool = True
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_stderr is not None or self.target_rel_error is not None
+
+    def boundaries(self, num_draws: int) -> list[int]:
+        """Draw counts at which the run may stop (the last is num_draws)."""
+        if not self.has_target:
+            return [num_draws]
+        first, every = min(self.min_draws or num_draws, num_draws), max(1, self.check_every or num_draws)
+        return sorted(set(range(first, num_draws, every)) | {num_draws})
+
+
+class _Group:
+    """One group of chain rows and how far it got: the unit that holds the state's rows while it runs."""
+
+    def __init__(self, start: int, hyper: ChainHyper, streams: list, schedule: Schedule, device):
+        G = hyper.num_chains
+        self.start, self.hyper, self.streams = start, hyper, streams
+        self.t, self.done, self.unmoved = 0, False, []
+        self.losses = torch.full((G, schedule.num_steps), math.nan, dtype=torch.float64, device=device)
+        self.mala = torch.full((G, schedule.num_mala), math.nan, dtype=torch.float64, device=device)
+        self.bad = torch.zeros(G, dtype=torch.bool, device=device)
+        self.rng = None  # the model-randomness RNG state while the group is not running
+        self.rows = None  # the group's state rows while another group holds the state
+
+    @property
+    def size(self) -> int:
+        return self.hyper.num_chains
+
+    def snapshot(self, state, live: bool) -> dict:
+        distinct = {id(s): s for s in self.streams}
+        return dict(start=self.start, size=self.size, t=self.t, done=self.done, unmoved=list(self.unmoved),
+                    losses=self.losses.cpu(), mala=self.mala.cpu(), bad=self.bad.cpu(),
+                    rng=_rng_state(self.bad.device) if live else self.rng,
+                    rows=state.save_rows(self.size) if live and not self.done else self.rows,
+                    streams=[s.position for s in distinct.values()])
+
+    def restore(self, snap: dict, device) -> None:
+        self.t, self.done, self.unmoved = snap["t"], snap["done"], list(snap["unmoved"])
+        self.losses.copy_(snap["losses"].to(device))
+        self.mala.copy_(snap["mala"].to(device))
+        self.bad.copy_(snap["bad"].to(device))
+        self.rng, self.rows = snap["rng"], snap["rows"]
+        for stream, position in zip({id(s): s for s in self.streams}.values(), snap["streams"]):
+            stream.seek(tuple(position))
+
+
+def _rng_state(device) -> dict:
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(rng: dict, device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
 def run_chains(engine, state, data, hyper: ChainHyper, *, settings, schedule: Schedule, seed: int, backend,
                device: torch.device, init_loss: float, shared_batches: bool = False, progress: bool = False,
-               on_step: Callable[[], None] | None = None) -> ChainTrace:
+               on_step: Callable[[], None] | None = None, control: RunControl | None = None) -> ChainTrace:
     """Run every chain of ``hyper`` from w*, in groups of ``state.num_chains`` rows (one row for an
-    unbatched engine). shared_batches: every chain reads the same batch sequence (devinterp's default).
-    on_step: called after each step's forward pass (e.g. to stop when another rank failed)."""
-    trace = ChainTrace.empty(hyper.num_chains, schedule)
+    unbatched engine), and return their trace. shared_batches: every chain reads the same batch sequence
+    (devinterp's default). on_step: called after each step's forward pass (e.g. to stop when another rank
+    failed). control: checkpoints, resume, a stopping target, signals (``RunControl``).
+
+    Groups run one after another; with a stopping target they take turns in rounds of ``check_every`` draws
+    (each group's rows and RNG put aside meanwhile), so every chain has the same number of draws when the
+    MCSE is checked. A chain is the same whatever the rounds, checkpoints and resumes.
+    """
+    control = control or RunControl(stop_on_signal=False)
+    size = state.num_chains if engine.batched else 1
+    if control.resume is not None:
+        size = control.resume["group_size"]
+    groups = [_Group(start, hyper.rows(slice(start, min(hyper.num_chains, start + size))),
+                     batch_streams(data, seed, hyper.chain_ids[start:start + size], shared_batches), schedule, device)
+              for start in range(0, hyper.num_chains, size)]
+    if control.resume is not None:
+        for group, snap in zip(groups, control.resume["groups"]):
+            group.restore(snap, device)
+    run = _Run(engine, state, groups, settings=settings, schedule=schedule, seed=seed, backend=backend, device=device,
+               init_loss=init_loss, shared_batches=shared_batches, on_step=on_step, control=control, size=size)
+    boundaries = control.boundaries(schedule.num_draws)
+    draws = boundaries[-1]
+    with _progress_bar(hyper.num_chains * schedule.num_steps, progress) as run.bar, \
+            StopRequest(control.stop_on_signal) as run.stop:
+        run.bar.update(sum(g.size * min(g.t, schedule.num_steps) for g in groups))
+        for draws in boundaries:
+            last_step = schedule.num_burnin_steps + (draws - 1) * schedule.num_steps_bw_draws
+            for group in groups:
+                if not group.done and group.t <= last_step:
+                    run.advance(group, last_step, keep=len(groups) > 1)
+            if draws < boundaries[-1] and run.converged(draws):
+                break
+    done = replace(schedule, num_draws=draws)
+    trace = ChainTrace.empty(hyper.num_chains, done)
     trace.engine = engine.name
-    group = state.num_chains if engine.batched else 1
-    with _progress_bar(hyper.num_chains * schedule.num_steps, progress) as bar:
-        for start in range(0, hyper.num_chains, group):
-            rows = hyper.rows(slice(start, min(hyper.num_chains, start + group)))
-            step_losses, mala, unmoved = _run_group(engine, state, data, rows, settings=settings, schedule=schedule,
-                                                    seed=seed, backend=backend, device=device, init_loss=init_loss,
-                                                    shared_batches=shared_batches, bar=bar, on_step=on_step)
-            trace.record(start, step_losses, mala, schedule, init_loss)
-            trace.unmoved += [start + r for r in unmoved]
+    for g in groups:
+        trace.record(g.start, g.losses[:, :done.num_steps].cpu().numpy(), g.mala[:, :done.num_mala].cpu().numpy(),
+                     done, init_loss)
+        trace.unmoved += [g.start + r for r in g.unmoved]
+    trace.draws_target = schedule.num_draws
     return trace
 
 
-def _run_group(engine, state, data, hyper: ChainHyper, *, settings, schedule: Schedule, seed, backend, device,
-               init_loss, shared_batches, bar, on_step) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The per-step losses [G, T] (NaN after the group stopped), log MALA acceptances [G, K] and the rows that
-    never moved from w* of one group."""
-    G = hyper.num_chains
-    state.reset()
-    streams = batch_streams(data, seed, hyper.chain_ids, shared_batches)
-    losses_by_step = torch.full((G, schedule.num_steps), math.nan, dtype=torch.float64, device=device)
-    mala = torch.full((G, schedule.num_mala), math.nan, dtype=torch.float64, device=device)
-    bad = torch.zeros(G, dtype=torch.bool, device=device)
-    bound = divergence_bound(init_loss)
-    stat = state.stat_rows(G)
-    step_args = dict(lr=hyper.lr.to(device), nbeta=hyper.nbeta.to(device), gamma=hyper.gamma.to(device),
-                     settings=settings, seed=seed, chain_ids=hyper.chain_ids.to(device), mask=state.flat_mask)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derived_seed(seed, STREAM_CHAIN, int(hyper.chain_ids[0]), 2**32))  # dropout etc.
-        for t in range(schedule.num_steps):
-            shared = next(streams[0]) if shared_batches else None
-            batches = [move_to_device(shared, device)] * G if shared_batches else \
-                [move_to_device(next(s), device) for s in streams]
-            losses, grad = engine.loss_and_grad(G, batches)
-            losses_by_step[:, t] = losses
-            bad |= ~torch.isfinite(losses) | ((losses.to(torch.float64) - init_loss).abs() > bound)
-            last = t == schedule.num_steps - 1
-            if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 or last:
-                if bool(bad.all()):
+class _Run:
+    """The step loop over groups (``run_chains``'s state)."""
+
+    def __init__(self, engine, state, groups, *, settings, schedule, seed, backend, device, init_loss, shared_batches,
+                 on_step, control, size):
+        self.engine, self.state, self.groups = engine, state, groups
+        self.settings, self.schedule, self.seed, self.backend, self.device = settings, schedule, seed, backend, device
+        self.init_loss, self.shared_batches, self.on_step, self.control, self.size = (
+            init_loss, shared_batches, on_step, control, size)
+        self.bound = divergence_bound(init_loss)
+        self.bar = self.stop = None
+
+    def converged(self, draws: int) -> bool:
+        """Whether lambda_hat's MCSE over the first ``draws`` draws of every chain meets the target."""
+        from ..diagnostics.convergence import chain_diagnostics
+
+        steps = list(self.schedule.draw_steps)[:draws]
+        y = torch.cat([(g.hyper.nbeta.to(self.device)[:, None] * (g.losses[:, steps] - self.init_loss))
+                       for g in self.groups]).cpu().numpy()
+        y = y[np.isfinite(y).all(axis=1)]
+        if y.shape[0] == 0:
+            return False
+        mcse = chain_diagnostics(y)["mcse"]
+        c = self.control
+        target = c.target_stderr if c.target_stderr is not None else c.target_rel_error * abs(float(y.mean()))
+        return bool(mcse <= target)
+
+    def save(self, live: "_Group | None", path=None) -> str:
+        from . import checkpoint
+
+        path = checkpoint.rank_path(path or self.control.checkpoint, self.control.rank, self.control.world)
+        payload = dict(self.control.meta, init_loss=self.init_loss, engine=self.engine.name, group_size=self.size,
+                       rows=self.state.num_chains, groups=[g.snapshot(self.state, g is live) for g in self.groups])
+        checkpoint.write(path, payload)
+        return str(path)
+
+    def advance(self, group: _Group, last_step: int, keep: bool) -> None:
+        """Run ``group`` from its next step through ``last_step`` (or to its end), holding the state's rows."""
+        G, state, schedule, device = group.size, self.state, self.schedule, self.device
+        if group.rows is not None:
+            state.load_rows(G, group.rows)
+            group.rows = None
+        elif group.t == 0:
+            state.reset()
+        stat = state.stat_rows(G)
+        hyper = group.hyper
+        step_args = dict(lr=hyper.lr.to(device), nbeta=hyper.nbeta.to(device), gamma=hyper.gamma.to(device),
+                         settings=self.settings, seed=self.seed, chain_ids=hyper.chain_ids.to(device),
+                         mask=state.flat_mask)
+        streams, losses_by_step, bad = group.streams, group.losses, group.bad
+        every = self.control.checkpoint_every if self.control.checkpoint else None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if group.rng is None:
+                torch.manual_seed(derived_seed(self.seed, STREAM_CHAIN, int(hyper.chain_ids[0]), 2**32))  # dropout
+            else:
+                _set_rng_state(group.rng, device)
+            for t in range(group.t, last_step + 1):
+                shared = next(streams[0]) if self.shared_batches else None
+                batches = [move_to_device(shared, device)] * G if self.shared_batches else \
+                    [move_to_device(next(s), device) for s in streams]
+                losses, grad = self.engine.loss_and_grad(G, batches)
+                losses_by_step[:, t] = losses
+                bad |= ~torch.isfinite(losses) | ((losses.to(torch.float64) - self.init_loss).abs() > self.bound)
+                last = t == schedule.num_steps - 1
+                if ((t + 1) % DIVERGENCE_CHECK_EVERY == 0 or last) and bool(bad.all()):
+                    self.bar.update(G * (schedule.num_steps - t))  # the steps the group will not take
+                    group.done = True
                     break
-            if on_step is not None:
-                on_step()
-            bar.update(G)
-            if last:
-                break
-            k = schedule.mala_at(t)
-            if k is not None:
-                w_old, grad_old = state.w[:G].clone(), (state.grad[:G] if grad is None else grad).clone()
-            backend.update_segments(state.segments(G, grad), state.w_star, stat, counters=schedule.counters(t),
-                                    **step_args)
-            if k is not None:
-                mala[:, k] = _mala(engine, G, batches, w_old, grad_old, losses, state, stat, settings,
-                                   schedule.counters(t), step_args)
-    if bool(bad.all()):  # account for the steps the group will not take
-        bar.update(G * (schedule.num_steps - t))
-    return losses_by_step.cpu().numpy(), mala.cpu().numpy(), state.unmoved_rows(G)
+                if self.on_step is not None:
+                    self.on_step()
+                self.bar.update(G)
+                if last:
+                    group.done = True
+                    break
+                k = schedule.mala_at(t)
+                if k is not None:
+                    w_old, grad_old = state.w[:G].clone(), (state.grad[:G] if grad is None else grad).clone()
+                self.backend.update_segments(state.segments(G, grad), state.w_star, stat,
+                                             counters=schedule.counters(t), **step_args)
+                if k is not None:
+                    group.mala[:, k] = _mala(self.engine, G, batches, w_old, grad_old, losses, state, stat,
+                                             self.settings, schedule.counters(t), step_args)
+                group.t = t + 1
+                if every and group.t % every == 0:
+                    self.save(group)
+                if self.stopping():
+                    self._interrupt(group)
+            if group.done:
+                group.t = schedule.num_steps
+                group.unmoved = state.unmoved_rows(G)
+            elif keep:
+                group.rng, group.rows = _rng_state(device), state.save_rows(G)
+
+    def stopping(self) -> bool:
+        """Whether to stop at this step boundary: a signal arrived (on any rank of a shard group, whose ranks
+        must stop at the same step; the FSDP engine's ``agree`` asks them every step)."""
+        agree = getattr(self.engine, "agree", None)
+        return agree(self.stop.requested) if agree is not None else self.stop.requested
+
+    def _interrupt(self, group: _Group) -> None:
+        import signal as _signal
+
+        path = self.control.checkpoint or f"llc_fast_interrupted_{os.getpid()}.ckpt"
+        written = self.save(group, path)
+        partial = replace(self.schedule, num_draws=max(1, self._draws_done()))
+        trace = ChainTrace.empty(sum(g.size for g in self.groups), partial)
+        trace.engine = self.engine.name
+        for g in self.groups:
+            trace.record(g.start, g.losses[:, :partial.num_steps].cpu().numpy(),
+                         g.mala[:, :partial.num_mala].cpu().numpy(), partial, self.init_loss)
+        name = _signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another rank"
+        raise SamplingInterrupted(
+            f"sampling stopped by {name} after step {group.t - 1} of the group starting at chain {group.start}; the "
+            f"run is saved in {written}: resume it with the same call plus resume={written!r} "
+            f"(llc-fast estimate: --resume {written}). The partial result is in this exception's .result.",
+            written, trace, self.init_loss, self.stop.signum)
+
+    def _draws_done(self) -> int:
+        """Draws recorded by the least advanced group that has started (the partial result's width)."""
+        started = [g for g in self.groups if g.t > 0 or g.done]
+        if not started:
+            return 0
+        t = min(min(g.t, self.schedule.num_steps) for g in started)
+        return len([s for s in self.schedule.draw_steps if s < t])
 
 
 def _mala(engine, G, batches, w_old, grad_old, loss_old, state, stat, settings, counters, step_args):
@@ -164,12 +354,35 @@ def _mala(engine, G, batches, w_old, grad_old, loss_old, state, stat, settings, 
                                state.flat_mask)
 
 
+def control_for(config, rank: int = 0, world: int = 1) -> RunControl:
+    """The RunControl of an ``LLCConfig``: its checkpoint settings, the checkpoint it resumes (read and checked
+    against the config) and its stopping target."""
+    from . import checkpoint
+
+    meta = dict(config=config.fingerprint(), world=world)
+    resume = None
+    if config.resume is not None:
+        path = checkpoint.rank_path(config.resume, rank, world)
+        resume = checkpoint.read(path)
+        checkpoint.check_same_config(resume, meta["config"], path)
+        if resume.get("world", 1) != world:
+            raise ValueError(f"checkpoint {path} was written by {resume.get('world', 1)} process(es); resume it with "
+                             f"as many (now {world})")
+    return RunControl(checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
+                      target_stderr=config.target_stderr, target_rel_error=config.target_rel_error,
+                      min_draws=config.num_draws, check_every=config.check_every, rank=rank, world=world)
+
+
 def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = None,
-                 on_step: Callable[[], None] | None = None, progress: bool | None = None) -> ChainRun:
+                 on_step: Callable[[], None] | None = None, progress: bool | None = None,
+                 control: RunControl | None = None) -> ChainRun:
     """Run ``config``'s chains (or only the chains at ``chains``) in this process.
 
-    config: an ``LLCConfig`` with nbeta resolved. Returns the ChainRun of those chains, in that order.
+    config: an ``LLCConfig`` with nbeta resolved; control: its RunControl (default ``control_for(config)``).
+    Returns the ChainRun of those chains, in that order.
     """
+    control = control or control_for(config)
+    resume = control.resume
     layout = FlatLayout.for_sampling(model)
     device = torch.device(config.device) if config.device is not None else layout.device
     backend = select_backend(config.backend, device)
@@ -181,24 +394,31 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
     if budget is None and device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 2
     rows = rows_within(budget, layout.numel, layout.dtype, settings.preconditioned, max(1, rows))
+    if resume is not None:  # the layout of the run being continued
+        rows = resume["rows"]
     state = FlatState(layout, rows, device=device, preconditioned=settings.preconditioned,
                       initial_statistic=settings.initial_statistic, mask=config.mask)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
         engine, reason = local_engine(model, state, loss_fn, "sequential", None)
-        init_loss = initial_loss(engine, data, seed=config.seed, num_batches=config.num_init_loss_batches,
-                                 device=device)
+        if resume is None:
+            init_loss = initial_loss(engine, data, seed=config.seed, num_batches=config.num_init_loss_batches,
+                                     device=device)
+        else:
+            init_loss = resume["init_loss"]
         t_init = time.perf_counter()
         if hyper.num_chains:
             def probe_batches():
                 streams = batch_streams(data, config.seed, hyper.chain_ids[:rows], False)
                 return [move_to_device(next(s), device) for s in streams]
 
-            engine, reason = local_engine(model, state, loss_fn, config.chain_batching, probe_batches)
+            batching = config.chain_batching if resume is None else resume["engine"]
+            engine, reason = local_engine(model, state, loss_fn, batching, probe_batches)
             trace = run_chains(engine, state, data, hyper, settings=settings, schedule=schedule, seed=config.seed,
                                backend=backend, device=device, init_loss=init_loss,
                                shared_batches=config.shared_batches,
-                               progress=config.progress if progress is None else progress, on_step=on_step)
+                               progress=config.progress if progress is None else progress, on_step=on_step,
+                               control=control)
             trace.fallback_reason = reason
         else:
             trace = ChainTrace.empty(0, schedule)

@@ -37,6 +37,11 @@ class Schedule:
         """The step of each draw."""
         return range(self.num_burnin_steps, self.num_steps, self.num_steps_bw_draws)
 
+    def replace(self, **changes) -> "Schedule":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
     def mala_at(self, step: int) -> int | None:
         k = step - self.num_burnin_steps
         if not self.mala_every or k < 0 or k % self.mala_every or step == self.num_steps - 1:

@@ -53,6 +53,7 @@ class ChainTrace:
     engine: str = "sequential"
     fallback_reason: str = ""
     unmoved: list[int] = field(default_factory=list)  # chain positions whose weights never left w*
+    draws_target: int | None = None  # the most draws the run could have taken (a stopping target may stop earlier)
 
     @classmethod
     def empty(cls, num_chains: int, schedule: Schedule) -> "ChainTrace":

@@ -18,6 +18,25 @@ import time
 
 PLAN_REFUSED_EXIT_CODE = 2
 BAD_INPUT_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130
+
+
+def _report_interrupt(args: argparse.Namespace, launch, e) -> None:
+    """After Ctrl-C/SIGTERM: the partial result beside --output (rank 0) and the command that resumes."""
+    if launch.rank != 0:
+        return
+    if args.output and e.result is not None:
+        from pathlib import Path
+
+        partial = Path(args.output).with_suffix(".partial.json")
+        e.result.save(partial)
+        print(f"llc-fast estimate: partial result ({e.result.loss_trace.shape[1]} draws per chain) written to "
+              f"{partial}", file=sys.stderr, flush=True)
+    command = [a for a in sys.argv if a not in ("--force",)]
+    if "--resume" not in command:
+        command += ["--resume", e.checkpoint]
+    print(f"llc-fast estimate: stopped; the run is saved in {e.checkpoint}. Resume it with:\n  "
+          + " ".join(command), file=sys.stderr, flush=True)
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -43,12 +62,17 @@ def _main(args: argparse.Namespace) -> int:
         print(f"llc-fast estimate: {e}", file=sys.stderr, flush=True)
         return BAD_INPUT_EXIT_CODE
     launch = init_from_env(timeout_s=args.timeout, device=args.device)
+    from ..chains.interrupt import SamplingInterrupted
+
     try:
         with failure_guard():
             result = _run(args, launch, rows)
     except MemoryPlanError as e:
         print(f"llc-fast estimate: refused: {e}", file=sys.stderr, flush=True)
         return PLAN_REFUSED_EXIT_CODE
+    except SamplingInterrupted as e:
+        _report_interrupt(args, launch, e)
+        return INTERRUPTED_EXIT_CODE
     if launch.initialised_here and dist.is_initialized():
         dist.destroy_process_group()
     return 0 if result is not None else 1
@@ -124,7 +148,9 @@ def _run(args: argparse.Namespace, launch, rows):
                   num_draws=args.num_draws, num_burnin_steps=args.num_burnin_steps,
                   num_steps_bw_draws=args.num_steps_bw_draws, seed=args.seed, progress=rank0 and not args.no_progress,
                   backend=args.backend, num_init_loss_batches=args.num_init_loss_batches, device=device,
-                  chain_batching="sequential" if batched == 1 else args.chain_batching, max_batched_chains=batched)
+                  chain_batching="sequential" if batched == 1 else args.chain_batching, max_batched_chains=batched,
+                  checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                  target_stderr=args.target_stderr, max_draws=args.max_draws)
     t1 = time.perf_counter()
     if world > 1:
         result = estimate_llc_sharded(model, loader, hf.causal_lm_loss, shard_group_size=shard,
@@ -229,5 +255,12 @@ def add_parser(sub) -> None:
     p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains); "
                                     "checked before any work")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
+    p.add_argument("--checkpoint", help="write the run here (every --checkpoint-every steps, and on Ctrl-C/SIGTERM); "
+                                        "under torchrun each rank writes FILE.rank<r>-of-<W>")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
+    p.add_argument("--resume", help="continue the run saved in this checkpoint (same settings), bit for bit")
+    p.add_argument("--target-stderr", type=float, default=None,
+                   help="draw until the MCSE of the estimate is at most this (--num-draws at least, --max-draws at most)")
+    p.add_argument("--max-draws", type=positive_int, default=None, help="with --target-stderr: the most draws")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_estimate)

@@ -34,6 +34,12 @@ class FSDPEngine:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh.shard_group)
         return value / self.mesh.shard_group_size
 
+    def agree(self, flag: bool) -> bool:
+        """True on every rank of the shard group if it is True on any (e.g. a stop request)."""
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.mesh.shard_group)
+        return bool(value.item())
+
     def loss_at_w_star(self, batch) -> float:
         with torch.no_grad():
             loss = checked_loss(self.loss_fn(self.model, self._part(batch)), "at w*")

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..chains.runner import ChainRun, initial_loss, run_chains, sample_local
+from ..chains.runner import ChainRun, control_for, initial_loss, run_chains, sample_local
 from ..chains.trace import ChainTrace
 from ..config import LLCConfig
 from ..estimators.llc import estimate
@@ -110,15 +110,16 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
     backend = select_backend(config.backend, device)
     mine = cm.chains(config.num_chains)
     show = config.progress and cm.rank == 0
+    control = control_for(config, rank=cm.rank, world=cm.world_size)
 
     t0 = time.perf_counter()
     if sharded:
         if not sharded_params:
             shard_model(model, cm.shard_mesh())
-        run = _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard)
+        run = _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard, control)
     else:
         run = sample_local(model, data, loss_fn, config.replace(device=device), chains=mine, on_step=guard.check,
-                           progress=show)
+                           progress=show, control=control)
     t_sampled = time.perf_counter()
     payloads: list = [None] * cm.world_size
     dist.all_gather_object(payloads, (mine, run.trace, run.init_loss) if cm.is_group_leader else None)
@@ -135,7 +136,7 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
     return ChainRun(init_loss, trace, timing, facts, report=cm.rank == 0)
 
 
-def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard) -> ChainRun:
+def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard, control) -> ChainRun:
     settings = config.settings
     state = ShardedChainState(model, layout, device=device, preconditioned=settings.preconditioned,
                               initial_statistic=settings.initial_statistic, mask=config.mask,
@@ -144,13 +145,16 @@ def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
-            init_loss = initial_loss(engine, data, seed=config.seed, num_batches=config.num_init_loss_batches,
-                                     device=device)
+            if control.resume is None:
+                init_loss = initial_loss(engine, data, seed=config.seed, num_batches=config.num_init_loss_batches,
+                                         device=device)
+            else:
+                init_loss = control.resume["init_loss"]
             t_init = time.perf_counter()
             trace = run_chains(engine, state, data, config.hyper.rows(mine), settings=settings,
                                schedule=config.schedule, seed=config.seed, backend=backend, device=device,
                                init_loss=init_loss, shared_batches=config.shared_batches, progress=show,
-                               on_step=guard.check)
+                               on_step=guard.check, control=control)
     finally:
         state.restore()  # the model's parameters hold w* again, bitwise
     facts = dict(device=str(device), backend=backend.name, engine="fsdp", num_params=layout.numel,

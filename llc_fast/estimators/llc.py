@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+from ..chains.interrupt import SamplingInterrupted
 from ..chains.runner import sample_local
 from ..chains.trace import DIVERGENCE_FACTOR
 from .result import LLCResult
@@ -19,6 +20,10 @@ from .result import LLCResult
 class LLCDivergenceWarning(RuntimeWarning):
     """A chain's loss became NaN or infinite or left the divergence bound; the chain was stopped and left out of
     the mean."""
+
+
+class LLCTargetNotMetWarning(RuntimeWarning):
+    """Drawing until a target MCSE stopped at max_draws before the target was met."""
 
 
 class AllChainsDivergedError(RuntimeError):
@@ -35,13 +40,33 @@ def estimate(model, data, loss_fn: Callable, config, sample: Callable = sample_l
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
     config = config.for_data(data)
-    run = sample(model, data, loss_fn, config)
+    try:
+        run = sample(model, data, loss_fn, config)
+    except SamplingInterrupted as e:  # keep what was sampled: the partial result rides on the exception
+        if e.trace is not None:
+            t = e.trace
+            e.result = LLCResult.from_traces(t.loss_trace, e.init_loss, config.hyper.nbeta.numpy(), t.diverged_at,
+                                             config.to_dict(partial=True, checkpoint=e.checkpoint,
+                                                            draws_taken=t.loss_trace.shape[1]),
+                                             burnin_loss_trace=t.burnin_loss_trace, mala_acceptance=t.mala_acceptance)
+        raise
     trace = run.trace
-    steps = config.num_chains * config.schedule.num_steps
+    draws = trace.loss_trace.shape[1]
+    steps = config.num_chains * config.schedule.replace(num_draws=draws).num_steps
     timing = dict(run.timing, steps=steps, steps_per_s=steps / max(run.timing["sampling_s"], 1e-12))
+    facts = dict(run.facts, draws_taken=draws)
+    if config.targeted:
+        facts["stopped_by"] = "target" if draws < config.max_draws else "max_draws"
     result = LLCResult.from_traces(trace.loss_trace, run.init_loss, config.hyper.nbeta.numpy(), trace.diverged_at,
-                                   config.to_dict(**run.facts), timing, burnin_loss_trace=trace.burnin_loss_trace,
+                                   config.to_dict(**facts), timing, burnin_loss_trace=trace.burnin_loss_trace,
                                    mala_acceptance=trace.mala_acceptance)
+    if run.report and config.targeted and facts["stopped_by"] == "max_draws":
+        mcse = result.diagnostics()["mcse"]
+        target = config.target_stderr if config.target_stderr is not None else \
+            f"{config.target_rel_error:g} x |LLC| = {config.target_rel_error * abs(result.llc_mean):.3g}"
+        warnings.warn(f"max_draws={config.max_draws} came before the target: the MCSE of the estimate is {mcse:.3g}, "
+                      f"the target {target}. Raise max_draws or run more chains", LLCTargetNotMetWarning,
+                      stacklevel=3)
     if run.report and trace.fallback_reason:
         warnings.warn(f"the model could not be batched over chains ({trace.fallback_reason}); chains ran one at "
                       "a time. Pass chain_batching='sequential' to skip the attempt.", RuntimeWarning, stacklevel=3)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomically  # noqa: F401 - re-exported for the studies
+
 LLC_STD_DDOF = 1
 
 
@@ -165,56 +167,6 @@ class LLCResult:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
-
-
-PARTIAL_SUFFIX = ".llc_fast-partial"
-
-
-def write_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` so that the file is either complete or untouched.
-
-    The text goes to ``<path>.llc_fast-partial.<random>`` beside it first, then replaces ``path`` in one
-    rename. The file gets the mode of the file it replaces, or that of a new file under the umask. A
-    partial file left by a killed process of this machine is removed by the next write of that path.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    for stale in folder.glob(f"{glob_escape(path.name)}{PARTIAL_SUFFIX}.*"):
-        pid = stale.name.rsplit(".", 1)[-1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}{PARTIAL_SUFFIX}.{os.getpid()}-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        if path.exists():
-            mode = path.stat().st_mode & 0o7777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def pyplot(headless: bool):

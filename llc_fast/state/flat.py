@@ -189,6 +189,17 @@ class FlatState:
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return None if self.stat is None else self.stat[:num_rows]
 
+    def save_rows(self, num_rows: int) -> dict:
+        """A copy (on the CPU) of rows 0..G-1: weights and statistic."""
+        return dict(w=self.w[:num_rows].cpu().clone(),
+                    stat=None if self.stat is None else self.stat[:num_rows].cpu().clone())
+
+    def load_rows(self, num_rows: int, rows: dict) -> None:
+        """Rows 0..G-1 as ``save_rows`` saved them."""
+        self.w[:num_rows].copy_(rows["w"])
+        if self.stat is not None:
+            self.stat[:num_rows].copy_(rows["stat"])
+
     def unmoved_rows(self, num_rows: int) -> list[int]:
         """Rows whose weights are still bitwise w*."""
         return torch.nonzero(~(self.w[:num_rows] != self.w_star).any(dim=1)).flatten().tolist()

@@ -26,6 +26,12 @@ class ChainState(Protocol):
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         """[G, N_local] RMSProp statistic of rows 0..G-1, or None for SGLD."""
 
+    def save_rows(self, num_rows: int) -> dict:
+        """A CPU copy of rows 0..G-1 (weights, statistic) that ``load_rows`` puts back."""
+
+    def load_rows(self, num_rows: int, rows: dict) -> None:
+        """Rows 0..G-1 as saved."""
+
     def unmoved_rows(self, num_rows: int) -> list[int]:
         """Rows 0..G-1 whose weights never left w* (a step size below the float resolution, say)."""
 

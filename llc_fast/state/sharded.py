@@ -148,6 +148,18 @@ class ShardedChainState:
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return self.stat
 
+    def save_rows(self, num_rows: int = 1) -> dict:
+        """A copy (on the CPU) of this rank's shards of the chain and its statistic."""
+        return dict(shards=[seg.weights()[0].cpu().clone() for seg in self.segments_],
+                    stat=None if self.stat is None else self.stat.cpu().clone())
+
+    @torch.no_grad()
+    def load_rows(self, num_rows: int, rows: dict) -> None:
+        for seg, saved in zip(self.segments_, rows["shards"]):
+            seg.weights()[0].copy_(saved)
+        if self.stat is not None:
+            self.stat.copy_(rows["stat"])
+
     def unmoved_rows(self, num_rows: int) -> list[int]:
         """[0] if no local shard of any rank of the shard group moved from w*, else []."""
         moved = torch.tensor([float(any(bool((seg.weights()[0] != self._local(self.w_star, seg)).any())

@@ -1,0 +1,54 @@
+"""Checkpoints of a sampling run: everything needed to continue it bit for bit.
+
+A checkpoint holds, for every group of chains: the next step, the losses and MALA acceptances so far,
+the divergence flags, the chains' rows of the sampler state (weights and RMSProp statistic; a rank's own
+shards when sharded), the positions of the batch streams and the state of the RNG that drives randomness
+inside the model; and for the run: L(w*), the engine, the group layout and the config it was made with
+(a resume from another config is refused, naming the differences). It is written atomically with
+``torch.save``; under torchrun every rank writes its own file (``rank_path``).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+
+from ..files import write_atomically
+
+FORMAT = 1
+
+
+def rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
+    """The checkpoint file of one rank (the path itself on one process)."""
+    path = Path(path)
+    return path if world == 1 else path.with_name(f"{path.name}.rank{rank}-of-{world}")
+
+
+def write(path: str | os.PathLike, payload: dict) -> Path:
+    """torch.save ``payload`` to ``path`` atomically (a complete file or none)."""
+    buf = io.BytesIO()
+    torch.save(dict(payload, format=FORMAT), buf)
+    return write_atomically(path, buf.getvalue())
+
+
+def read(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (under torchrun each rank reads its own "
+                                f"{path.name}.rank<r>-of-<W>)")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an llc_fast sampling checkpoint (format {FORMAT})")
+    return payload
+
+
+def check_same_config(payload: dict, config: dict, path) -> None:
+    """Refuse to resume a checkpoint written by a run with other settings, naming each difference."""
+    saved = payload["config"]
+    keys = sorted(set(saved) | set(config))
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k)]
+    if diff:
+        raise ValueError(f"checkpoint {path} was written by a run with other settings; resume it with the same ones. "
+                         "Differences: " + "; ".join(diff))
