@@ -158,3 +158,60 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(tmp_path):
             assert "ending the process (exit code 3)" in text, text[-4000:]
         assert elapsed < 150
         assert list((tmp_path / mode).iterdir()) == []  # no output, no half-written temporary file
+
+
+@needs_torchrun
+def test_a_hung_rank_is_named_and_every_rank_stops_in_bounded_time(tmp_path):
+    """Rank 1 sleeps in loss_fn, outside any collective; rank 0 waits in FSDP's all-gather. With a stall bound of
+    5 s the heartbeats name rank 1 and where it is stuck, and the launch ends well before any collective timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLC_FAST_STALL_TIMEOUT="5",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.monotonic()
+    proc = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node=2", "fail.py", "hang",
+                           str(tmp_path / "r.json")], cwd=SCRIPTS, env=env, capture_output=True, text=True,
+                          timeout=240)
+    elapsed = time.monotonic() - t0
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "llc_fast [rank 1]: no rank finished a step for 5 s and this rank is not in a collective (it is in " \
+           "failing_loss at" in text, text[-4000:]
+    assert elapsed < 90 and not (tmp_path / "r.json").exists()
+
+
+def _launch_without_torchrun(mode: str, out: Path, port: int):
+    """The two ranks of fail.py as plain processes (env:// rendezvous): no launcher stops the survivor."""
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "fail.py", mode, str(out)], cwd=SCRIPTS, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+@needs_torchrun
+def test_a_rank_killed_with_sigkill_is_named_by_the_heartbeat(tmp_path):
+    """Rank 1 SIGKILLs itself mid-run. Under torchrun the launcher names it at once; without a launcher rank 0's
+    collective breaks and its guard names rank 1 from the missing heartbeat within dead_s (10 s) + polls."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    rank0, rank1 = _launch_without_torchrun("kill", tmp_path / "r.json", port)
+    text, _ = rank0.communicate(timeout=120)
+    rank1.communicate(timeout=30)
+    elapsed = time.monotonic() - t0
+    assert rank1.returncode == -9 and rank0.returncode != 0
+    assert "PeerFailedError: rank 0 stopped because rank 1 stopped answering (no heartbeat for" in text, text[-3000:]
+    assert elapsed < 60
+
+    proc = subprocess.run([_torchrun(), "--standalone", "--nproc_per_node=2", "fail.py", "kill",
+                           str(tmp_path / "r2.json")], cwd=SCRIPTS, env=dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])),
+        capture_output=True, text=True, timeout=120)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "rank      : 1" in text and "(SIGKILL)" in text
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r2.json").exists()

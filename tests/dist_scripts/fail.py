@@ -5,7 +5,12 @@
 MODE "exit": rank 1's exception ends its process (a script that does not catch it).
 MODE "alive": rank 1 catches the exception and keeps its process alive (a caller that catches
 errors): rank 0, blocked in FSDP's collective, must still stop in bounded time.
+MODE "kill": rank 1 kills itself with SIGKILL there (no exception, no message).
+MODE "hang": rank 1 sleeps there for ten minutes, outside any collective (run with a short
+LLC_FAST_STALL_TIMEOUT).
 """
+import os
+import signal
 import sys
 import time
 
@@ -26,6 +31,10 @@ def main():
     def failing_loss(model, batch):
         calls[0] += 1
         if dist.get_rank() == 1 and calls[0] == 16 + 3:  # 16 initial-loss batches, then step 3 of the first chain
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "hang":
+                time.sleep(600)
             raise ValueError("injected failure in loss_fn")
         return cases.mse(model, batch)
 
