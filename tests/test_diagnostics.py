@@ -93,3 +93,13 @@ def test_an_estimate_reports_its_diagnostics():
         assert math.isfinite(d[key]) and d[key] > 0, key
     assert d["flatness"].shape == (4,) and d["diverged"] == 0
     assert ("trust: " if d["ok"] else "do not trust yet: ") + d["verdict"] in r.summary()
+
+
+def test_xarray_export_has_arvizs_posterior_layout():
+    xr = pytest.importorskip("xarray")
+    trace = 1.0 + 0.01 * ar1(0.3, 2, 300, seed=10)
+    result = LLCResult.from_traces(trace, 1.0, np.array([5.0, 5.0]), {}, dict(nbeta=[5.0, 5.0], mala_every=None))
+    ds = result.to_xarray()
+    assert isinstance(ds, xr.Dataset) and ds["llc"].dims == ("chain", "draw") and ds["llc"].shape == (2, 300)
+    assert float(ds["llc"].mean()) == pytest.approx(result.llc_mean, rel=1e-12)
+    assert float(array_stats.rhat(ds["llc"].values)) == pytest.approx(result.diagnostics()["rhat"], rel=1e-12)

@@ -242,3 +242,37 @@ def test_cli_checks_the_output_path_before_any_work(tiny_model_dir, tmp_path, ca
         assert message in capsys.readouterr().err
     with pytest.raises(ModelLoaded):  # --force gets past the check
         _estimate(model, data, "--output", str(data), "--force")
+
+
+def test_the_result_says_what_was_sampled():
+    """Frozen parameters are named, tied ones are sampled once (and named with the slot they share)."""
+    from conftest import TokenModel
+
+    model = TokenModel()
+    model.norm.weight.requires_grad_(False)
+    tokens = torch.randint(0, 11, (16, 5), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, batch):
+        logits = m(batch[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    r = llc_fast.estimate_llc(model, [tokens], loss_fn, **FAST)
+    assert r.config["frozen_params"] == ["norm.weight"]
+    assert r.config["tied_params"] == {"out.weight": "emb.weight"}
+    assert r.config["num_params"] == sum(p.numel() for n, p in model.named_parameters() if n != "norm.weight")
+
+
+def test_dropout_in_train_mode_and_a_certain_divergence_are_said_before_sampling():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.Linear(4, 1))
+    with pytest.warns(RuntimeWarning, match=r"dropout is active \(train mode\) in \['1'\].*model.eval\(\)"):
+        llc_fast.estimate_llc(model, _data(), mse, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in eval mode: no warning
+        llc_fast.estimate_llc(model.eval(), _data(), mse, **FAST)
+    calls = []
+    with pytest.warns(LLCDivergenceWarning) as caught:
+        with pytest.raises(llc_fast.AllChainsDivergedError):
+            llc_fast.estimate_llc(nn.Linear(3, 1), _data(), lambda m, b: calls.append(1) or mse(m, b),
+                                  **dict(FAST, lr=1.0, gamma=10.0, num_draws=40))
+    first = str(caught[0].message)
+    assert "will diverge: lr*gamma = 10 >= 4" in first and "Use lr < 0.4" in first

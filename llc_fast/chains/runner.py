@@ -384,6 +384,7 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
     control = control or control_for(config)
     resume = control.resume
     layout = FlatLayout.for_sampling(model)
+    warn_model_randomness(model)
     device = torch.device(config.device) if config.device is not None else layout.device
     backend = select_backend(config.backend, device)
     settings, schedule = config.settings, config.schedule
@@ -424,9 +425,30 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
             trace = ChainTrace.empty(0, schedule)
             trace.engine = "none"
     t_end = time.perf_counter()
-    facts = dict(device=str(device), backend=backend.name, engine=trace.engine, num_params=layout.numel,
-                 param_dtype=str(layout.dtype).replace("torch.", ""))
+    facts = dict(device=str(device), backend=backend.name, engine=trace.engine, **model_facts(model, layout))
     return ChainRun(init_loss, trace, dict(init_loss_s=t_init - t0, sampling_s=t_end - t_init), facts)
+
+
+def model_facts(model, layout: FlatLayout) -> dict:
+    """What is sampled: the number of sampled elements, their dtype, the parameters left frozen and the tied ones."""
+    names = dict(model.named_parameters(remove_duplicate=False))
+    first = {id(p): s.name for p, s in zip(layout.params, layout.slots)}  # sampled tensor -> its slot's name
+    return dict(num_params=layout.numel, param_dtype=str(layout.dtype).replace("torch.", ""),
+                frozen_params=[n for n, p in names.items() if id(p) not in first],
+                tied_params={n: first[id(p)] for n, p in names.items() if id(p) in first and first[id(p)] != n})
+
+
+def warn_model_randomness(model) -> None:
+    """Dropout active in train mode makes the loss random: say what that means for the estimate."""
+    active = [name or type(m).__name__ for name, m in model.named_modules()
+              if m.training and isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
+    if active:
+        import warnings
+
+        warnings.warn(f"dropout is active (train mode) in {active[:3]}{'...' if len(active) > 3 else ''}: every "
+                      "forward pass draws new dropout masks, so the chains sample the posterior of a randomised loss "
+                      "and batched and one-at-a-time runs differ. Call model.eval() to estimate the LLC of the model "
+                      "as it predicts", RuntimeWarning, stacklevel=5)
 
 
 class _NoBar:

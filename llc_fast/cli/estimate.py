@@ -61,6 +61,10 @@ def _main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"llc-fast estimate: {e}", file=sys.stderr, flush=True)
         return BAD_INPUT_EXIT_CODE
+    if args.stall_timeout is not None:
+        import os
+
+        os.environ["LLC_FAST_STALL_TIMEOUT"] = str(args.stall_timeout)
     launch = init_from_env(timeout_s=args.timeout, device=args.device)
     from ..chains.interrupt import SamplingInterrupted
 
@@ -252,6 +256,9 @@ def add_parser(sub) -> None:
                         "available memory shared by this machine's processes)")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds after which a collective that does not complete fails every rank")
+    p.add_argument("--stall-timeout", type=float, default=None,
+                   help="seconds without a finished step on any rank after which a rank stuck outside every "
+                        "collective is named and all ranks stop (default 600; $LLC_FAST_STALL_TIMEOUT)")
     p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains); "
                                     "checked before any work")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")

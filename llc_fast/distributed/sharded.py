@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..chains.runner import ChainRun, control_for, initial_loss, run_chains, sample_local
+from ..chains.runner import ChainRun, control_for, initial_loss, model_facts, run_chains, sample_local
 from ..chains.trace import ChainTrace
 from ..config import LLCConfig
 from ..estimators.llc import estimate
@@ -157,8 +157,7 @@ def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device
                                on_step=guard.check, control=control)
     finally:
         state.restore()  # the model's parameters hold w* again, bitwise
-    facts = dict(device=str(device), backend=backend.name, engine="fsdp", num_params=layout.numel,
-                 param_dtype=str(layout.dtype).replace("torch.", ""))
+    facts = dict(device=str(device), backend=backend.name, engine="fsdp", **model_facts(model, layout))
     return ChainRun(init_loss, trace, dict(init_loss_s=t_init - t0, sampling_s=time.perf_counter() - t_init), facts)
 
 

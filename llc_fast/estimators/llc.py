@@ -40,6 +40,7 @@ def estimate(model, data, loss_fn: Callable, config, sample: Callable = sample_l
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
     config = config.for_data(data)
+    warn_unstable(config)
     try:
         run = sample(model, data, loss_fn, config)
     except SamplingInterrupted as e:  # keep what was sampled: the partial result rides on the exception
@@ -96,6 +97,18 @@ def warn_unmoved(chains: list[int], config) -> None:
     warnings.warn(f"chain(s) {chains} never moved from w* (every weight is bitwise unchanged after "
                   f"{config.schedule.num_steps - 1} steps): {why}. The estimate is then only the minibatch noise of "
                   f"the loss at w*; use a larger lr (now {lr:g}).", LLCChainsStuckWarning, stacklevel=4)
+
+
+def warn_unstable(config) -> None:
+    """Before sampling: chains whose localization step alone overshoots (lr*gamma >= 4, where the pull
+    -(lr/2)*gamma*(w - w*) flips w - w* with a larger size every step) will diverge; say which and what works."""
+    bad = [c for c, (lr, g) in enumerate(zip(config.lr, config.gamma)) if lr * g >= 4.0]
+    if bad:
+        c = bad[0]
+        warnings.warn(f"chain(s) {bad} will diverge: lr*gamma = {config.lr[c] * config.gamma[c]:.3g} >= 4, so the "
+                      "localization step alone overshoots w* by more each step. Use lr < "
+                      f"{4.0 / config.gamma[c]:.3g} (4/gamma; well below, since nbeta*curvature adds to gamma) or a "
+                      "smaller gamma", LLCDivergenceWarning, stacklevel=4)
 
 
 def divergence_advice(lr: float, nbeta: float, gamma: float) -> str:

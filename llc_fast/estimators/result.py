@@ -96,6 +96,23 @@ class LLCResult:
                         mala_acceptance=self.mala_acceptance, sampling_s=self.timing.get("sampling_s"),
                         grad_evals=grad_evals)
 
+    def to_xarray(self):
+        """The draws as an ``xarray.Dataset`` with dims (chain, draw), the layout of an ArviZ posterior group:
+        ``llc`` = nbeta_c (L - L(w*)) (its grand mean is lambda_hat) and ``loss``; e.g.
+        ``arviz_stats.rhat(xarray.DataTree.from_dict({"posterior": result.to_xarray()}))``. Needs xarray."""
+        try:
+            import xarray as xr
+        except ImportError as e:
+            raise ImportError("to_xarray needs xarray: pip install xarray") from e
+        from ..diagnostics.convergence import contributions
+
+        y = contributions(self.loss_trace, self.init_loss, self.config["nbeta"])
+        dims = ("chain", "draw")
+        return xr.Dataset({"llc": (dims, y), "loss": (dims, self.loss_trace)},
+                          coords={"chain": np.arange(y.shape[0]), "draw": np.arange(y.shape[1])},
+                          attrs={"init_loss": self.init_loss, "llc_mean": self.llc_mean,
+                                 "diverged_chains": list(self.diverged_chains), "inference_library": "llc_fast"})
+
     def summary(self) -> str:
         """One line: the estimate, its standard errors, and whether to trust it (with the reason)."""
         ok = self.num_chains - len(self.diverged_chains)
