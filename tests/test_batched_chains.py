@@ -102,3 +102,19 @@ def test_memory_budget_sets_the_group_size_not_the_result():
     assert rows_within(2 * per_chain + 1, numel, torch.float32, False, 4) == 2
     assert rows_within(None, numel, torch.float32, False, 3) == 3
     assert rows_within(1, numel, torch.float32, True, 4) == 1  # at least one row
+
+
+def test_bf16_engines_agree_to_bf16_precision():
+    """The README's statement: the same noise and rounding bits, but a bf16 forward/backward rounds differently
+    batched and one chain at a time, so bf16 chains agree to bf16 precision only (float32 to float tolerance)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("golden_cases", Path(__file__).parent / "golden" / "cases.py")
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    for dtype, loss, rel in ((torch.float32, cases.xent, 1e-6), (torch.bfloat16, cases.xent_bf16, 5e-3)):
+        kw = dict(cases.BASE, backend="cpu", num_draws=50)
+        a = llc_fast.estimate_llc(cases.mlp().to(dtype), cases.mlp_data(), loss, chain_batching="vmap", **kw)
+        b = llc_fast.estimate_llc(cases.mlp().to(dtype), cases.mlp_data(), loss, chain_batching="sequential", **kw)
+        np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=rel, atol=0)
