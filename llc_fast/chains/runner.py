@@ -126,6 +126,7 @@ class _Group:
         G = hyper.num_chains
         self.start, self.hyper, self.streams = start, hyper, streams
         self.t, self.done, self.unmoved = 0, False, []
+        self.checked = 0  # steps up to here are in ``bad``
         self.losses = torch.full((G, schedule.num_steps), math.nan, dtype=torch.float64, device=device)
         self.mala = torch.full((G, schedule.num_mala), math.nan, dtype=torch.float64, device=device)
         self.bad = torch.zeros(G, dtype=torch.bool, device=device)
@@ -138,14 +139,15 @@ class _Group:
 
     def snapshot(self, state, live: bool) -> dict:
         distinct = {id(s): s for s in self.streams}
-        return dict(start=self.start, size=self.size, t=self.t, done=self.done, unmoved=list(self.unmoved),
+        return dict(start=self.start, size=self.size, t=self.t, checked=self.checked, done=self.done,
+                    unmoved=list(self.unmoved),
                     losses=self.losses.cpu(), mala=self.mala.cpu(), bad=self.bad.cpu(),
                     rng=_rng_state(self.bad.device) if live else self.rng,
                     rows=state.save_rows(self.size) if live and not self.done else self.rows,
                     streams=[s.position for s in distinct.values()])
 
     def restore(self, snap: dict, device) -> None:
-        self.t, self.done, self.unmoved = snap["t"], snap["done"], list(snap["unmoved"])
+        self.t, self.done, self.unmoved, self.checked = snap["t"], snap["done"], list(snap["unmoved"]), snap["checked"]
         self.losses.copy_(snap["losses"].to(device))
         self.mala.copy_(snap["mala"].to(device))
         self.bad.copy_(snap["bad"].to(device))
@@ -273,12 +275,15 @@ class _Run:
                     [move_to_device(next(s), device) for s in streams]
                 losses, grad = self.engine.loss_and_grad(G, batches)
                 losses_by_step[:, t] = losses
-                bad |= ~torch.isfinite(losses) | ((losses.to(torch.float64) - self.init_loss).abs() > self.bound)
                 last = t == schedule.num_steps - 1
-                if ((t + 1) % DIVERGENCE_CHECK_EVERY == 0 or last) and bool(bad.all()):
-                    self.bar.update(G * (schedule.num_steps - t))  # the steps the group will not take
-                    group.done = True
-                    break
+                if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 or last:  # one check of the steps since the last one
+                    window = losses_by_step[:, group.checked:t + 1]
+                    bad |= (~torch.isfinite(window) | ((window - self.init_loss).abs() > self.bound)).any(dim=1)
+                    group.checked = t + 1
+                    if bool(bad.all()):
+                        self.bar.update(G * (schedule.num_steps - t))  # the steps the group will not take
+                        group.done = True
+                        break
                 if self.on_step is not None:
                     self.on_step()
                 self.bar.update(G)
