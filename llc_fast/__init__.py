@@ -10,7 +10,9 @@ from .api import estimate_llc  # noqa: E402
 from .config import LLCConfig, default_nbeta  # noqa: E402
 from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult  # noqa: E402
 from .kernels import backends  # noqa: E402
-from .studies import CalibrationResult, calibrate  # noqa: E402
+from .studies import (CalibrationResult, CheckpointSweepResult, ProbeResult, SweepResult, calibrate,  # noqa: E402
+                      estimate_over_checkpoints, perturbation_probe, sweep)
 
 __all__ = ["estimate_llc", "LLCConfig", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends",
-           "oracles", "calibrate", "CalibrationResult", "default_nbeta", "__version__"]
+           "oracles", "calibrate", "CalibrationResult", "default_nbeta", "sweep", "SweepResult", "perturbation_probe",
+           "ProbeResult", "estimate_over_checkpoints", "CheckpointSweepResult", "__version__"]

@@ -136,12 +136,18 @@ class VmapEngine(SequentialEngine):
                 loss = loss_fn(model, batch)
             return loss.reshape(())
 
+        self._flat_loss = flat_loss
         self._grad_and_value = grad_and_value(flat_loss)
 
     def _call(self, w: torch.Tensor, batch, batch_dim):
         fn = vmap(self._grad_and_value, in_dims=(0, _tensor_dims(batch, batch_dim)), randomness="different")
         grad, loss = fn(w, batch)
         return loss.detach(), grad.detach()
+
+    def losses(self, num_rows: int, batch) -> torch.Tensor:
+        """Losses [G] of rows 0..G-1 on one shared batch, without gradients (one vmapped forward pass)."""
+        with torch.no_grad():
+            return vmap(self._flat_loss, in_dims=(0, None), randomness="different")(self.state.w[:num_rows], batch)
 
     def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses [G] and gradients [G, N] of rows 0..G-1 in one pass (per row if batches differ)."""

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "calibrate", "estimate")
+COMMANDS = ("demo", "calibrate", "estimate", "checkpoints")
 
 
 def build_parser() -> argparse.ArgumentParser:

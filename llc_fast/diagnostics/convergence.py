@@ -83,7 +83,7 @@ def verdict(d: dict) -> tuple[bool, str]:
     if not math.isfinite(d["rhat"]):
         return False, "R-hat could not be computed (too few draws): run more draws"
     if d["rhat"] > RHAT_MAX:
-        return False, f"R-hat {d['rhat']:.3g} > {RHAT_MAX}: the chains disagree; run longer or lower lr"
+        return False, f"R-hat {d['rhat']:.3f} > {RHAT_MAX}: the chains disagree; run longer or lower lr"
     worst = np.nanmax(np.abs(d["flatness"])) if np.isfinite(d["flatness"]).any() else math.nan
     if math.isfinite(worst) and worst > FLAT_Z_MAX:
         return False, (f"a chain is still drifting (|first vs second half| = {worst:.3g} MCSE > {FLAT_Z_MAX:g}): "

@@ -79,6 +79,7 @@ class CalibrationRow:
     rhat: float = math.nan
     max_chain_drift_z: float = math.nan
     mixed: bool = True
+    mcse: float = math.nan  # Monte Carlo standard error of llc_mean
 
     @property
     def label(self) -> str:
@@ -321,7 +322,7 @@ def _row(result: LLCResult, setting: int, chains: list[int]) -> CalibrationRow:
         drift_se=drift_se, flattened=bool(flattened),
         mala_mean=float(acceptance.mean()) if acceptance.size else math.nan,
         diverged=len(whole.diverged_chains), diverged_at_step=list(whole.diverged_at_step.values()),
-        rhat=diag["rhat"], max_chain_drift_z=worst, mixed=mixed,
+        rhat=diag["rhat"], max_chain_drift_z=worst, mixed=mixed, mcse=diag["mcse"],
     )
 
 

@@ -1,0 +1,365 @@
+"""LLC over training checkpoints: the same estimate at every checkpoint, with common random numbers.
+
+``estimate_over_checkpoints`` runs ``estimate_llc`` once per (checkpoint, component) with the same
+seed, so every checkpoint sees the same noise and batch order and differences between checkpoints are
+not sampling noise. Each finished estimate is written to ``save_dir`` as it completes; a rerun of the same
+call skips the ones already there (their settings are checked), so a killed sweep continues where it
+stopped and ends with the table of an uninterrupted one. Components are weight restrictions
+(``estimate_llc``'s ``mask``: the restricted LLC of each part), giving a [checkpoint x component] table.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import fnmatch
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..api import estimate_llc
+from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
+from .calibrate import calibrate as run_calibration
+
+FULL = "full"
+
+
+@dataclass
+class CheckpointRow:
+    """One (checkpoint, component) estimate: lambda_hat with its std, stderr and MCSE, R-hat, the verdict of
+    the diagnostics, the diverged chains, and the file holding its LLCResult."""
+
+    step: int
+    component: str
+    llc_mean: float
+    llc_std: float
+    llc_stderr: float
+    mcse: float
+    rhat: float
+    trusted: bool
+    verdict: str
+    diverged: int
+    result_file: str = ""
+
+
+@dataclass
+class CheckpointSweepResult:
+    """rows: one CheckpointRow per (checkpoint, component), steps ascending; settings: the estimate_llc
+    options used (after calibration); calibration: the recommended setting per calibrated step."""
+
+    rows: list[CheckpointRow]
+    settings: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({r.step for r in self.rows})
+
+    @property
+    def components(self) -> list[str]:
+        return list(dict.fromkeys(r.component for r in self.rows))
+
+    def matrix(self, field_name: str = "llc_mean") -> np.ndarray:
+        """[checkpoints, components] of one field (NaN where missing)."""
+        steps, comps = self.steps, self.components
+        out = np.full((len(steps), len(comps)), np.nan)
+        for r in self.rows:
+            out[steps.index(r.step), comps.index(r.component)] = getattr(r, field_name)
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'step':>10} {'component':>12} {'LLC':>10} {'std':>8} {'stderr':>8} {'MCSE':>8} {'R-hat':>7}  "
+                 "verdict"]
+        for r in self.rows:
+            lines.append(f"{r.step:>10} {r.component:>12} {r.llc_mean:>10.4g} {r.llc_std:>8.3g} {r.llc_stderr:>8.3g} "
+                         f"{r.mcse:>8.3g} {r.rhat:>7.3f}  {'trust' if r.trusted else 'do not trust'}: {r.verdict}")
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        out = io.StringIO()
+        names = list(asdict(self.rows[0])) if self.rows else ["step"]
+        w = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(r).items()})
+        return write_atomically(path, out.getvalue())
+
+    def to_dict(self) -> dict:
+        return dict(rows=[{k: _nan_to_none(v) for k, v in asdict(r).items()} for r in self.rows],
+                    settings=_jsonable(self.settings), calibration=self.calibration)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CheckpointSweepResult":
+        with open(path) as f:
+            d = json.load(f)
+        return cls([CheckpointRow(**{k: _none_to_nan(v) for k, v in r.items()}) for r in d["rows"]],
+                   d.get("settings", {}), d.get("calibration", {}))
+
+    def plot(self, path: str | os.PathLike | None = None, log_x: bool = False):
+        """lambda_hat against the training step, one line per component, with a ± 2 SE band (SE: the larger of
+        the MCSE and the spread of chain means); untrusted estimates drawn hollow."""
+        plt = pyplot(headless=path is not None)
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        steps = np.array(self.steps, dtype=float)
+        for k, comp in enumerate(self.components):
+            y = self.matrix()[:, k]
+            se = np.fmax(self.matrix("mcse")[:, k], self.matrix("llc_stderr")[:, k])
+            trusted = self.matrix("trusted")[:, k].astype(bool)
+            line, = ax.plot(steps, y, "-", lw=1.2, label=comp)
+            ax.fill_between(steps, y - 2 * se, y + 2 * se, color=line.get_color(), alpha=0.2)
+            ax.plot(steps[trusted], y[trusted], "o", color=line.get_color())
+            ax.plot(steps[~trusted], y[~trusted], "o", mfc="none", color=line.get_color())
+        if log_x:
+            ax.set_xscale("log")
+        ax.set(xlabel="training step" + (" (log scale)" if log_x else ""), ylabel="LLC estimate λ̂ ± 2 SE",
+               title="LLC over training (hollow: diagnostics say do not trust yet)")
+        ax.legend(fontsize=7, title="component", title_fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def heatmap(self, path: str | os.PathLike | None = None):
+        """The [checkpoint x component] lambda_hat as a heat map (components as rows, steps as columns)."""
+        plt = pyplot(headless=path is not None)
+        m = self.matrix().T
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(self.steps) + 2), max(2.5, 0.45 * len(self.components) + 1.5)))
+        im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(self.steps)), [str(s) for s in self.steps], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(self.components)), self.components, fontsize=7)
+        ax.set(xlabel="training step", ylabel="component", title="restricted LLC λ̂ per component")
+        fig.colorbar(im, ax=ax, label="λ̂")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist()
+        elif isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, Mapping):
+            v = sorted(v)
+        elif isinstance(v, torch.device):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+_STEP = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _step_of(name: str) -> int:
+    m = _STEP.search(name)
+    if m is None:
+        raise ValueError(f"cannot read a training step from {name!r}: name checkpoints with their step, e.g. "
+                         "checkpoint-1000 or step_1000.pt")
+    return int(m.group(1))
+
+
+def checkpoint_list(checkpoints, model: torch.nn.Module | None = None,
+                    dtype: torch.dtype | None = None) -> list[tuple[int, Callable[[], torch.nn.Module]]]:
+    """(step, loader of the model at that step) for each checkpoint, ascending by step.
+
+    checkpoints: a directory (HF ``save_pretrained`` sub-directories, or ``torch.save`` files of state dicts or
+    modules, each named with its step), or a sequence of (step, model | state_dict | path). State dicts need
+    ``model``, a module of the same architecture (it is copied, never changed). dtype: of HF checkpoints
+    (default: the model's, else float32).
+    """
+    if isinstance(checkpoints, (str, os.PathLike)):
+        root = Path(checkpoints)
+        if not root.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+        entries = [p for p in root.iterdir() if (p.is_dir() and (p / "config.json").is_file())
+                   or p.suffix in (".pt", ".pth", ".bin")]
+        if not entries:
+            raise ValueError(f"{root} holds no checkpoints (sub-directories with a config.json, or .pt/.pth files)")
+        checkpoints = [(_step_of(p.name), p) for p in entries]
+    out = []
+    for item in checkpoints:
+        try:
+            step, what = item
+        except (TypeError, ValueError):
+            raise TypeError("each checkpoint must be (step, model | state_dict | path)") from None
+        out.append((int(step), _loader(what, model, dtype)))
+    steps = [s for s, _ in out]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"two checkpoints have the same step: {sorted(steps)}")
+    return sorted(out, key=lambda x: x[0])
+
+
+def _loader(what, template, dtype=None):
+    if isinstance(what, torch.nn.Module):
+        return lambda: what
+    if isinstance(what, Mapping):
+        return lambda: _from_state_dict(what, template)
+    path = Path(what)
+    if path.is_dir():
+        from ..integrations.hf import load_causal_lm
+
+        if dtype is None:
+            dtype = next(template.parameters()).dtype if template is not None else torch.float32
+        return lambda: load_causal_lm(path, dtype)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+    def load():
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, torch.nn.Module):
+            return obj
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        return _from_state_dict(obj, template)
+
+    return load
+
+
+def _from_state_dict(state: Mapping, template) -> torch.nn.Module:
+    if template is None:
+        raise ValueError("a checkpoint is a state dict: pass model= (a module of the same architecture) to load it")
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model
+
+
+def component_masks(model: torch.nn.Module, components) -> dict[str, dict | None]:
+    """{name: estimate_llc mask} from {name: list of parameter-name patterns (globs) | {param: 0/1 tensor}}; the
+    component "full" (or None) is the unrestricted LLC."""
+    if components is None:
+        return {FULL: None}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    out = {}
+    for comp, spec in components.items():
+        if spec is None or comp == FULL and not spec:
+            out[comp] = None
+            continue
+        if isinstance(spec, Mapping):
+            out[comp] = dict(spec)
+            continue
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+        hit = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+        if not patterns or not hit:
+            raise ValueError(f"component {comp!r}: the patterns {patterns} match no trainable parameter; "
+                             f"parameters: {names}")
+        out[comp] = {n: None for n in hit}
+    return out
+
+
+def _settings_key(options: dict) -> dict:
+    keep = ("sampler", "lr", "nbeta", "gamma", "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws",
+            "seed", "noise_level", "weight_decay", "box", "rmsprop_alpha", "rmsprop_eps", "mask")
+    return {k: options[k] for k in keep if k in options}
+
+
+def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: torch.nn.Module | None = None,
+                              components=None, save_dir: str | os.PathLike | None = None,
+                              calibrate: dict | None = None, calibrate_at="first", dtype: torch.dtype | None = None,
+                              **options) -> CheckpointSweepResult:
+    """``estimate_llc`` at every checkpoint (and component), the same seed throughout (see module docstring).
+
+    checkpoints: see ``checkpoint_list``. data: a loader used for every checkpoint, or a callable
+    ``data(step) -> loader``. components: {name: parameter-name globs | mask dict}; None: the full LLC.
+    save_dir: where each estimate is written as it completes (``step<step>_<component>.json``) and read back on
+    a rerun. dtype: of HF checkpoint directories. calibrate: a grid for ``llc_fast.calibrate`` (e.g. dict(lrs=[...], gammas=[...], nbetas=[...],
+    num_draws=200)) run at ``calibrate_at`` ("first", "last", a step, or "each"); its recommended lr, gamma
+    and nbeta are then used. options: estimate_llc's keyword arguments (lr, nbeta, num_chains, seed, ...).
+    """
+    items = checkpoint_list(checkpoints, model, dtype)
+    data_at = data if callable(data) and not hasattr(data, "__iter__") else (lambda step: data)
+    save = Path(save_dir) if save_dir is not None else None
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+    options = dict(options)
+    calibration: dict = {}
+    if calibrate is not None:
+        chosen = _calibration_steps(items, calibrate_at)
+        for step, load in items:
+            if step in chosen:
+                calibration[step] = _calibrated(step, load(), data_at(step), loss_fn, calibrate, options, save)
+    rows = []
+    for step, load in items:
+        settings = dict(options)
+        if calibration:
+            at = step if calibrate_at == "each" else next(iter(calibration))
+            settings.update({k: calibration[at][k] for k in ("lr", "gamma", "nbeta")})
+        model_at = None
+        for comp, mask in component_masks(model if model is not None else load(), components).items():
+            file = save / f"step{step}_{comp}.json" if save is not None else None
+            result = _done(file, settings, mask)
+            if result is None:
+                model_at = model_at or load()
+                result = estimate_llc(model_at, data_at(step), loss_fn, mask=mask, **settings)
+                if file is not None:
+                    result.save(file)
+            rows.append(_row(step, comp, result, file))
+    return CheckpointSweepResult(rows, _jsonable(options), {str(k): v for k, v in calibration.items()})
+
+
+def _calibration_steps(items, at) -> set:
+    steps = [s for s, _ in items]
+    if at == "each":
+        return set(steps)
+    if at == "first":
+        return {steps[0]}
+    if at == "last":
+        return {steps[-1]}
+    if at not in steps:
+        raise ValueError(f"calibrate_at={at!r} is not a checkpoint step ({steps}); or pass 'first', 'last', 'each'")
+    return {at}
+
+
+def _calibrated(step, model, data, loss_fn, grid, options, save) -> dict:
+    file = save / f"calibration_step{step}.json" if save is not None else None
+    if file is not None and file.is_file():
+        with open(file) as f:
+            return json.load(f)
+    kw = {k: v for k, v in options.items() if k not in ("lr", "gamma", "nbeta", "num_chains")}
+    kw.update(grid)
+    cal = run_calibration(model, data, loss_fn, **kw)
+    if cal.recommended is None:
+        raise ValueError(f"calibration at step {step} recommends no setting: {cal.reason}")
+    best = dict(lr=cal.recommended.lr, gamma=cal.recommended.gamma, nbeta=cal.recommended.nbeta, reason=cal.reason)
+    if file is not None:
+        write_atomically(file, json.dumps(best, indent=1))
+    return best
+
+
+def _done(file, settings: dict, mask) -> LLCResult | None:
+    """The saved result of this estimate, if a previous run wrote it with the same settings."""
+    if file is None or not file.is_file():
+        return None
+    result = LLCResult.load(file)
+    want = _settings_key(dict(settings, mask=sorted(mask) if mask else None))
+    have = {k: result.config.get(k) for k in want}
+    for k in ("lr", "nbeta", "gamma"):
+        if k in want and not isinstance(want[k], (list, tuple)):
+            want[k] = [float(want[k])] * result.num_chains
+    if have != want:
+        raise ValueError(f"{file} was written with other settings ({have} vs now {want}); use another save_dir or "
+                         "delete it")
+    return result
+
+
+def _row(step: int, comp: str, result: LLCResult, file) -> CheckpointRow:
+    d = result.diagnostics()
+    return CheckpointRow(step=step, component=comp, llc_mean=result.llc_mean, llc_std=result.llc_std,
+                         llc_stderr=result.llc_stderr, mcse=d["mcse"], rhat=d["rhat"], trusted=bool(d["ok"]),
+                         verdict=d["verdict"], diverged=len(result.diverged_chains),
+                         result_file=str(file) if file is not None else "")
+
+
+__all__ = ["estimate_over_checkpoints", "CheckpointSweepResult", "CheckpointRow", "checkpoint_list", "component_masks"]
