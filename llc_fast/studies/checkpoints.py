@@ -27,6 +27,7 @@ import torch
 from ..api import estimate_llc
 from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
 from .calibrate import calibrate as run_calibration
+from .probe import ProbeResult, perturbation_probe
 
 FULL = "full"
 
@@ -57,6 +58,7 @@ class CheckpointSweepResult:
     rows: list[CheckpointRow]
     settings: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
+    probes: dict = field(default_factory=dict)  # step -> ProbeResult, when a probe was asked for
 
     @property
     def steps(self) -> list[int]:
@@ -93,7 +95,8 @@ class CheckpointSweepResult:
 
     def to_dict(self) -> dict:
         return dict(rows=[{k: _nan_to_none(v) for k, v in asdict(r).items()} for r in self.rows],
-                    settings=_jsonable(self.settings), calibration=self.calibration)
+                    settings=_jsonable(self.settings), calibration=self.calibration,
+                    probes={str(s): p.to_dict() for s, p in self.probes.items()})
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_atomically(path, json.dumps(self.to_dict(), indent=1))
@@ -103,7 +106,8 @@ class CheckpointSweepResult:
         with open(path) as f:
             d = json.load(f)
         return cls([CheckpointRow(**{k: _none_to_nan(v) for k, v in r.items()}) for r in d["rows"]],
-                   d.get("settings", {}), d.get("calibration", {}))
+                   d.get("settings", {}), d.get("calibration", {}),
+                   {int(s): ProbeResult.from_dict(p) for s, p in d.get("probes", {}).items()})
 
     def plot(self, path: str | os.PathLike | None = None, log_x: bool = False):
         """lambda_hat against the training step, one line per component, with a ± 2 SE band (SE: the larger of
@@ -268,13 +272,14 @@ def _settings_key(options: dict) -> dict:
 def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: torch.nn.Module | None = None,
                               components=None, save_dir: str | os.PathLike | None = None,
                               calibrate: dict | None = None, calibrate_at="first", dtype: torch.dtype | None = None,
-                              **options) -> CheckpointSweepResult:
+                              probe: dict | None = None, **options) -> CheckpointSweepResult:
     """``estimate_llc`` at every checkpoint (and component), the same seed throughout (see module docstring).
 
     checkpoints: see ``checkpoint_list``. data: a loader used for every checkpoint, or a callable
     ``data(step) -> loader``. components: {name: parameter-name globs | mask dict}; None: the full LLC.
     save_dir: where each estimate is written as it completes (``step<step>_<component>.json``) and read back on
-    a rerun. dtype: of HF checkpoint directories. calibrate: a grid for ``llc_fast.calibrate`` (e.g. dict(lrs=[...], gammas=[...], nbetas=[...],
+    a rerun. dtype: of HF checkpoint directories. probe: ``perturbation_probe``'s keyword arguments (radii=...,
+    kind=...) to run the probe at every checkpoint too (same seed). calibrate: a grid for ``llc_fast.calibrate`` (e.g. dict(lrs=[...], gammas=[...], nbetas=[...],
     num_draws=200)) run at ``calibrate_at`` ("first", "last", a step, or "each"); its recommended lr, gamma
     and nbeta are then used. options: estimate_llc's keyword arguments (lr, nbeta, num_chains, seed, ...).
     """
@@ -290,7 +295,7 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
         for step, load in items:
             if step in chosen:
                 calibration[step] = _calibrated(step, load(), data_at(step), loss_fn, calibrate, options, save)
-    rows = []
+    rows, probes = [], {}
     for step, load in items:
         settings = dict(options)
         if calibration:
@@ -306,7 +311,17 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
                 if file is not None:
                     result.save(file)
             rows.append(_row(step, comp, result, file))
-    return CheckpointSweepResult(rows, _jsonable(options), {str(k): v for k, v in calibration.items()})
+        if probe is not None:
+            file = save / f"probe_step{step}.json" if save is not None else None
+            if file is not None and file.is_file():
+                probes[step] = ProbeResult.load(file)
+            else:
+                model_at = model_at or load()
+                probes[step] = perturbation_probe(model_at, data_at(step), loss_fn,
+                                                  **dict(dict(seed=options.get("seed", 0)), **probe))
+                if file is not None:
+                    probes[step].save(file)
+    return CheckpointSweepResult(rows, _jsonable(options), {str(k): v for k, v in calibration.items()}, probes)
 
 
 def _calibration_steps(items, at) -> set:
