@@ -80,6 +80,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="examples/out")
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 50, 200, 1000, 2000, 3000, 4000, 5000, 6000])
+    ap.add_argument("--draws", type=int, default=800, help="draws per chain (after 500 burn-in steps)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -97,7 +98,7 @@ def main(argv=None):
         out / "checkpoints", batches, loss_fn, model=ModAdd(), save_dir=out / "estimates",
         components={"full": None, "embed": ["embed.*"], "layer 1": ["mlp.0.*"], "layer 2": ["mlp.2.*"]},
         probe=dict(radii=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], num_samples=32, kind="gaussian"),
-        lr=1e-3, nbeta=n / torch.log(torch.tensor(float(n))).item(), gamma=100.0, num_chains=4, num_draws=800,
+        lr=1e-3, nbeta=n / torch.log(torch.tensor(float(n))).item(), gamma=100.0, num_chains=4, num_draws=args.draws,
         num_burnin_steps=500, seed=0, progress=False)
     print(f"sampled {len(result.rows)} estimates in {time.perf_counter() - t1:.1f} s", flush=True)
     print(result.table(), flush=True)

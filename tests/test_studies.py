@@ -149,3 +149,16 @@ def test_checkpoints_cli_on_huggingface_checkpoints(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sweep").iterdir()} == stamps
     assert main([*args[:-4], "--component", "bad"]) == 2
     assert "NAME=GLOB" in capsys.readouterr().err
+
+
+def test_the_worked_example_runs_and_writes_its_figures(tmp_path):
+    """examples/grokking_or_stages.py at a reduced size (3 checkpoints, 50 draws): every output is written."""
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "grokking_or_stages.py"), "--out", str(tmp_path),
+                           "--steps", "0", "50", "300", "--draws", "50"], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("llc_over_training.png", "llc_per_layer.png", "probe.png", "sweep.json", "table.csv"):
+        assert (tmp_path / name).is_file(), name
+    sweep = CheckpointSweepResult.load(tmp_path / "sweep.json")
+    assert sweep.steps == [0, 50, 300] and sweep.components == ["full", "embed", "layer 1", "layer 2"]
+    assert sorted(sweep.probes) == [0, 50, 300]
