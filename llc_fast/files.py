@@ -53,3 +53,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class SavedAsJson:
+    """``save(path)`` / ``load(path)`` for result types with ``to_dict()`` and ``from_dict(d)``: JSON, written
+    atomically."""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON, atomically: the file is either complete or untouched."""
+        import json
+
+        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        import json
+
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomically  # noqa: F401 - re-exported for the studies
+from ..files import SavedAsJson, write_atomically  # noqa: F401 - write_atomically re-exported for the studies
 
 LLC_STD_DDOF = 1
 
 
 @dataclass
-class LLCResult:
+class LLCResult(SavedAsJson):
     """Result of ``estimate_llc``.
 
     llc_mean, llc_std: mean and standard deviation (ddof = ``llc_std_ddof`` = 1) over the chains
@@ -153,14 +153,7 @@ class LLCResult:
             d[k] = math.nan if d[k] is None else d[k]
         return cls(**d)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the result as JSON, atomically: the file is either complete or untouched."""
-        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LLCResult":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     def plot(self, path: str | os.PathLike | None = None):
         """Plot each chain's loss trace and running LLC estimate (needs matplotlib), with the diagnostics'

@@ -29,6 +29,7 @@ from ..diagnostics.convergence import FLAT_Z_MAX, RHAT_MAX
 from ..config import check_count, check_positive
 from ..estimators.llc import AllChainsDivergedError, LLCDivergenceWarning
 from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
+from ..files import SavedAsJson
 
 # A trace has flattened when |λ̂(second half) − λ̂(first half)| is at most FLAT_SE_MULTIPLE combined
 # standard errors, or at most FLAT_RTOL of the setting's |λ̂|. Each half is cut into FLAT_BLOCKS blocks
@@ -94,7 +95,7 @@ class CalibrationRow:
 
 
 @dataclass
-class CalibrationResult:
+class CalibrationResult(SavedAsJson):
     """Result of ``calibrate``.
 
     rows: one CalibrationRow per setting, in the order of itertools.product(lrs, gammas, nbetas).
@@ -152,14 +153,7 @@ class CalibrationResult:
                    reason=d["reason"], result=LLCResult.from_dict(d["result"]),
                    chains_per_setting=d["chains_per_setting"])
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write everything (rows, recommendation, the full LLCResult) as JSON, atomically."""
-        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "CalibrationResult":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     def plot(self, path: str | os.PathLike | None = None):
         """One panel per setting: the running LLC estimate (LLCResult.llc_trace) of each of its chains

@@ -26,6 +26,7 @@ import torch
 
 from ..api import estimate_llc
 from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
+from ..files import SavedAsJson
 from .calibrate import calibrate as run_calibration
 from .probe import ProbeResult, perturbation_probe
 
@@ -51,7 +52,7 @@ class CheckpointRow:
 
 
 @dataclass
-class CheckpointSweepResult:
+class CheckpointSweepResult(SavedAsJson):
     """rows: one CheckpointRow per (checkpoint, component), steps ascending; settings: the estimate_llc
     options used (after calibration); calibration: the recommended setting per calibrated step."""
 
@@ -98,13 +99,8 @@ class CheckpointSweepResult:
                     settings=_jsonable(self.settings), calibration=self.calibration,
                     probes={str(s): p.to_dict() for s, p in self.probes.items()})
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
-
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CheckpointSweepResult":
-        with open(path) as f:
-            d = json.load(f)
+    def from_dict(cls, d: dict) -> "CheckpointSweepResult":
         return cls([CheckpointRow(**{k: _none_to_nan(v) for k, v in r.items()}) for r in d["rows"]],
                    d.get("settings", {}), d.get("calibration", {}),
                    {int(s): ProbeResult.from_dict(p) for s, p in d.get("probes", {}).items()})

@@ -35,6 +35,7 @@ from ..chains.data import BatchStream, derived_seed, move_to_device
 from ..chains.engines import VmapEngine, checked_loss
 from ..config import check_count, check_positive
 from ..estimators.result import _nan_to_none, _none_to_nan, pyplot, write_atomically
+from ..files import SavedAsJson
 from ..state.flat import FlatLayout, FlatState
 
 KINDS = ("gaussian", "sphere", "ball")
@@ -42,7 +43,7 @@ STREAM_PROBE = 2  # the batch stream of the probe's evaluation batches
 
 
 @dataclass
-class ProbeResult:
+class ProbeResult(SavedAsJson):
     """radii [R]; delta_loss [R] (mean of L(w*+delta) - L(w*)), delta_loss_se [R], samples [R, S] (every
     perturbation's Delta L); exponent, exponent_se: the fitted slope of log Delta L vs log eps; kind,
     num_params (d, the perturbed coordinates), init_loss, config."""
@@ -90,13 +91,7 @@ class ProbeResult:
             d[k] = math.nan if d[k] is None else d[k]
         return cls(**d)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_atomically(path, json.dumps(self.to_dict(), indent=1))
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ProbeResult":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     def plot(self, path: str | os.PathLike | None = None, ax=None):
         """Delta L against the radius on log-log axes with ± 2 SE error bars and the fitted power law."""
