@@ -1,9 +1,11 @@
 """The defects a new-user probe found (silent wrong answers first, then work lost late): each is caught, with a
 message that says what was wrong and what to do, before any sampling work where possible."""
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -276,3 +278,24 @@ def test_dropout_in_train_mode_and_a_certain_divergence_are_said_before_sampling
                                   **dict(FAST, lr=1.0, gamma=10.0, num_draws=40))
     first = str(caught[0].message)
     assert "will diverge: lr*gamma = 10 >= 4" in first and "Use lr < 0.4" in first
+
+
+def test_cli_ctrl_c_keeps_the_run_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 50, (64, 8)))
+    out, ck = tmp_path / "llc.json", tmp_path / "run.ckpt"
+    args = [sys.executable, "-m", "llc_fast", "estimate", "--model", str(tiny_model_dir / "model"), "--data",
+            str(tmp_path / "tokens.npy"), "--lr", "1e-4", "--nbeta", "10", "--num-chains", "2", "--num-draws", "100000",
+            "--batch-size", "4", "--no-progress", "--output", str(out), "--checkpoint", str(ck),
+            "--chain-batching", "sequential"]
+    proc = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the memory table is printed just before sampling starts
+        if "total" in line and "fits" in line:
+            break
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "partial result" in err and f"--resume {ck}" in err and ck.exists()
+    partial = LLCResult.load(tmp_path / "llc.partial.json")
+    assert partial.config["partial"] and partial.loss_trace.shape[1] > 0 and not out.exists()
