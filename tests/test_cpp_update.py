@@ -428,6 +428,15 @@ def test_same_interface_as_reference(cpu_update):
     assert select_backend("cpu", torch.device("cpu")).name == "cpu"
 
 
+def test_prepared_positional_arguments_follow_the_bindings(ext):
+    """A prepared C++ update calls the kernels with positional arguments: in the bindings' order."""
+    import re
+
+    for fn, names in ((ext.sgld_update, cpp_update.SINGLE_ARGS), (ext.sgld_update_segments, cpp_update.SEGMENTS_ARGS)):
+        signature = fn.__doc__.split("(", 1)[1].split(") ->", 1)[0]
+        assert tuple(re.findall(r"(\w+): ", signature)) == names
+
+
 def _good_args():
     w, grad, w_star, stat, hyper = _make_case(torch.float32, "rmsprop_sgld", 8, 2, per_chain=True)
     return dict(w=w, grad=grad, w_star=w_star, stat=stat, **hyper, settings=SamplerSettings("rmsprop_sgld"),

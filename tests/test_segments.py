@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llc_fast.kernels import dispatch
-from llc_fast.kernels.backend import NotSupportedError, pack_call
+from llc_fast.kernels.backend import Backend, NotSupportedError, pack_call
 from llc_fast.kernels.reference import compute_dtype, reference_update, reference_update_segments
 from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
@@ -267,3 +267,224 @@ def test_cuda_segments_entry_is_exported(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     syms = subprocess.run(["nm", "-D", str(out)], capture_output=True, text=True).stdout
     assert "llc_sgld_update_segments_cuda" in syms and "llc_cuda_segment_block_groups" in syms
+
+
+# --- prepared updates: checked and packed once, launched at each step ----------------------------
+
+# (sampler, dtype, options): per-chain or scalar hyperparameters, mask dtype, chain indices (a range or not)
+PREPARED_CASES = [
+    ("sgld", torch.float32, dict(per_chain=False, mask=None, ids=[4, 5, 6], box=0.05, weight_decay=1e-2)),
+    ("sgld", torch.bfloat16, dict(per_chain=True, mask=torch.bool, ids=CHAIN_IDS, noise_level=0.5)),
+    ("rmsprop_sgld", torch.bfloat16, dict(per_chain=True, mask=torch.float32, ids=CHAIN_IDS)),
+    ("rmsprop_sgld", torch.float32, dict(per_chain=False, mask=torch.uint8, ids=[0, 1, 2])),
+    ("rmsprop_sgld_bc", torch.float32, dict(per_chain=True, mask=torch.bfloat16, ids=CHAIN_IDS, box=0.05)),
+    ("rmsprop_sgld_bc", torch.float64, dict(per_chain=True, mask=torch.float32, ids=[7, 8, 9], weight_decay=1e-2)),
+]
+#: (steps of the schedule, whether the statistic updates, its bias-correction step): frozen from step 6 on
+PREPARED_STEPS = [StepCounters(0, True, 0), StepCounters(1, True, 1), StepCounters(2, True, 2),
+                  StepCounters(6, False, 2), StepCounters(7, False, 2)]
+#: layouts: several segments with gaps, or one segment covering the buffers (the single-buffer kernels)
+LAYOUTS = {"segments": (SEGMENTS, N_LOCAL), "single": ([(4101, 0, 2**31 + 3)], 4101)}
+#: every backend that runs here (the Triton kernels in the interpreter without a GPU)
+PREPARED_BACKENDS = ["torch", "cpu", pytest.param("triton", marks=pytest.mark.gpu)]
+
+
+def _any_backend(name):
+    return (reference_update, DEVICE) if name == "torch" else _backend(name)
+
+
+def _prepared_case(sampler, dtype, opts, layout, device):
+    segments, n_local = LAYOUTS[layout]
+    to = (lambda t: None if t is None else t.to(device))
+    segs, w_star, stat, m, hyper = _case(dtype, sampler, 3, per_chain=opts["per_chain"], mask=opts["mask"] is not None,
+                                         segments=segments, n_local=n_local, seed=len(segments))
+    if opts["per_chain"]:
+        hyper = {k: to(v.double() if k == "lr" else v) for k, v in hyper.items()}  # float64 and float32 tensors
+    settings = SamplerSettings(sampler=sampler, box=opts.get("box"), weight_decay=opts.get("weight_decay", 0.0),
+                               noise_level=opts.get("noise_level", 1.0))
+    args = dict(settings=settings, seed=2**40 + 3, chain_ids=to(torch.tensor(opts["ids"])),
+                mask=None if m is None else to(m.to(opts["mask"])), **hyper)
+    g = torch.Generator().manual_seed(1)
+    grads = [[to((2 * torch.randn(seg[1].shape, generator=g, dtype=torch.float64)).to(dtype)) for seg in segs]
+             for _ in PREPARED_STEPS]
+    return segs, to(w_star), stat, args, grads
+
+
+def _copies(segs, stat, device):
+    return ([(w.clone().to(device), g.to(device), s, o) for w, g, s, o in segs],
+            None if stat is None else stat.clone().to(device))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("case", range(len(PREPARED_CASES)), ids=lambda k: f"{PREPARED_CASES[k][0]}-"
+                         f"{str(PREPARED_CASES[k][1]).replace('torch.', '')}")
+@pytest.mark.parametrize("backend", PREPARED_BACKENDS + [pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prepared_launch_is_update_segments_bit_for_bit(backend, case, layout):
+    """prepare_segments once + launch per step = update_segments per step, bit for bit, over steps whose
+    statistic updates and then is frozen, with the prepared gradients, new gradient tensors, and again the
+    gradients of the step before (grads=None)."""
+    update, device = _any_backend(backend)
+    sampler, dtype, opts = PREPARED_CASES[case]
+    segs, w_star, stat, args, grads = _prepared_case(sampler, dtype, opts, layout, device)
+    ref, ref_stat = _copies(segs, stat, device)
+    mine, my_stat = _copies(segs, stat, device)
+    prepared = update.prepare_segments(mine, w_star, my_stat, **args)
+    current = [g for _, g, _, _ in segs]
+    for k, counters in enumerate(PREPARED_STEPS):
+        new = None if k in (0, 2) else grads[k]  # step 0: the prepared gradients; step 2: those of step 1
+        if new is not None:
+            current = new
+        ref = [(w, g, s, o) for (w, _, s, o), g in zip(ref, current)]
+        update.update_segments(ref, w_star, ref_stat, counters=counters, **args)
+        prepared.launch(counters, grads=new)
+        for (w_ref, *_), (w_mine, *_) in zip(ref, mine):
+            assert torch.equal(w_mine.view(torch.int16) if dtype == torch.bfloat16 else w_mine,
+                               w_ref.view(torch.int16) if dtype == torch.bfloat16 else w_ref), (k, counters)
+        if ref_stat is not None:
+            assert torch.equal(my_stat, ref_stat), (k, counters)
+    assert not torch.equal(mine[0][0].cpu(), segs[0][0])  # the weights moved
+
+
+@pytest.mark.parametrize("backend", PREPARED_BACKENDS)
+def test_prepared_launch_refuses_bad_grads(backend):
+    """Replacement gradients are checked on the host (shape, dtype, device, contiguity, one per segment):
+    a ValueError naming the segment, nothing written, and the prepared gradients stay in use."""
+    update, device = _any_backend(backend)
+    segs, w_star, stat, args, _ = _prepared_case("rmsprop_sgld", torch.float32, PREPARED_CASES[3][2], "segments",
+                                                 device)
+    mine, my_stat = _copies(segs, stat, device)
+    prepared = update.prepare_segments(mine, w_star, my_stat, **args)
+    good = [g for _, g, _, _ in mine]
+    n1 = good[1].shape[1]
+    bad = [
+        ([good[0], torch.zeros(3, n1 + 1, device=device)] + good[2:], r"grads\[1\] must be a contiguous \(3, 1\)"),
+        ([good[0], good[1].double()] + good[2:], r"grads\[1\] .* of torch.float32 .* got \(3, 1\) torch.float64"),
+        ([good[0].t().contiguous().t()] + good[1:], r"grads\[0\] .* not contiguous"),
+        ([torch.zeros(good[0].shape, device="meta")] + good[1:], r"grads\[0\] .* on meta"),
+        ([good[0], good[1].tolist()] + good[2:], r"grads\[1\] .* got a list"),
+        (good[:-1], r"one tensor per segment \(5\), got 4"),
+        (good[0], r"a sequence of 5 tensors, one per segment, got one tensor"),
+    ]
+    before = [w.clone() for w, _, _, _ in mine], my_stat.clone()
+    for grads, message in bad:
+        with pytest.raises(ValueError, match=message):
+            prepared.launch(StepCounters(3), grads=grads)
+    with pytest.raises(ValueError, match="counters must be a StepCounters"):
+        prepared.launch(3)
+    with pytest.raises(ValueError, match=r"counters.step must lie in \[0, 4294967295\]"):
+        prepared.launch(StepCounters(2**32))
+    assert all(torch.equal(w, w0) for (w, _, _, _), w0 in zip(mine, before[0])) and torch.equal(my_stat, before[1])
+    prepared.launch(StepCounters(3))  # with the prepared gradients
+    ref, ref_stat = _copies(segs, stat, device)
+    update.update_segments(ref, w_star, ref_stat, counters=StepCounters(3), **args)
+    assert all(torch.equal(w, w_ref) for (w, _, _, _), (w_ref, _, _, _) in zip(mine, ref))
+    assert torch.equal(my_stat, ref_stat)
+
+
+@pytest.mark.parametrize("backend", PREPARED_BACKENDS)
+def test_prepare_checks_once_and_packs_once(backend, monkeypatch):
+    """prepare_segments makes update_segments' checks (ValueError, NotSupportedError); its launches neither
+    pack the call again nor convert the per-chain values, chain indices or mask again."""
+    from llc_fast.kernels import backend as backend_module
+    from llc_fast.kernels import native
+
+    update, device = _any_backend(backend)
+    segs, w_star, stat, args, grads = _prepared_case("rmsprop_sgld_bc", torch.float32, PREPARED_CASES[4][2],
+                                                     "segments", device)
+    mine, my_stat = _copies(segs, stat, device)
+    with pytest.raises(ValueError, match="overlap"):
+        update.prepare_segments([mine[0], (mine[1][0], mine[1][1], mine[0][2] + 1, 100)], w_star, my_stat, **args)
+    with pytest.raises(ValueError, match="stat"):
+        update.prepare_segments(mine, w_star, None, **args)
+    if backend != "torch":
+        meta = [(torch.zeros(3, 3, device="meta"), torch.zeros(3, 3, device="meta"), 0, 0)]
+        with pytest.raises(NotSupportedError, match="cannot run this update"):
+            update.prepare_segments(meta, torch.zeros(3, device="meta"), None,
+                                    **dict(args, settings=SamplerSettings(), mask=None,
+                                           chain_ids=torch.tensor([0, 1, 2])))
+    prepared = update.prepare_segments(mine, w_star, my_stat, **args)
+    counts = {}
+
+    def counting(name, fn):
+        def wrapper(*a, **k):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(backend_module, "pack_call", counting("pack_call", backend_module.pack_call))
+    monkeypatch.setattr(backend_module.UpdateCall, "per_chain_values",
+                        counting("per_chain_values", backend_module.UpdateCall.per_chain_values))
+    monkeypatch.setattr(native, "kernel_args", counting("kernel_args", native.kernel_args))
+    monkeypatch.setattr(native, "segment_table", counting("segment_table", native.segment_table))
+    for k, counters in enumerate(PREPARED_STEPS[:3]):
+        prepared.launch(counters, grads=grads[k] if k else None)
+    assert counts == {}
+
+
+def test_prepared_update_of_a_backend_with_only_launch():
+    """A backend that implements only launch(call) gets the base class's prepared update: its launch with
+    the step's counters and gradients."""
+    calls = []
+
+    class Recording(Backend):
+        name, devices = "recording", ("cpu",)
+
+        def launch(self, call):
+            calls.append((call.step, call.counters, [s.grad for s in call.segments]))
+            reference_update.launch(call)
+
+    segs, w_star, stat, args, grads = _prepared_case("rmsprop_sgld_bc", torch.float32, PREPARED_CASES[4][2],
+                                                     "segments", torch.device("cpu"))
+    mine, my_stat = _copies(segs, stat, torch.device("cpu"))
+    ref, ref_stat = _copies(segs, stat, torch.device("cpu"))
+    prepared = Recording().prepare_segments(mine, w_star, my_stat, **args)
+    for k, counters in enumerate(PREPARED_STEPS):
+        prepared.launch(counters, grads=grads[k])
+        ref = [(w, g, s, o) for (w, _, s, o), g in zip(ref, grads[k])]
+        reference_update.update_segments(ref, w_star, ref_stat, counters=counters, **args)
+        assert calls[-1][0] == counters.step and calls[-1][1] == counters
+        assert all(a is b for a, b in zip(calls[-1][2], grads[k]))
+    assert all(torch.equal(w, w_ref) for (w, _, _, _), (w_ref, _, _, _) in zip(mine, ref))
+    assert torch.equal(my_stat, ref_stat)
+    with pytest.raises(NotImplementedError):
+        type("Nothing", (Backend,), {"name": "nothing", "devices": ("cpu",)})().update_segments(
+            mine, w_star, my_stat, counters=StepCounters(0), **args)
+
+
+@pytest.mark.parametrize("backend", PREPARED_BACKENDS)
+def test_prepared_empty_update_is_a_no_op(backend):
+    """No chains or no elements: the prepared launches check their arguments and change nothing."""
+    update, device = _any_backend(backend)
+    kwargs = dict(lr=1e-3, nbeta=10.0, gamma=100.0, settings=SamplerSettings(), seed=0)
+    w_star = torch.randn(6, device=device)
+    empty = update.prepare_segments([(torch.zeros(0, 6, device=device), torch.zeros(0, 6, device=device), 0, 0)],
+                                    w_star, None, chain_ids=torch.zeros(0, dtype=torch.int64), **kwargs)
+    empty.launch(StepCounters(1), grads=[torch.zeros(0, 6, device=device)])
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        empty.launch(StepCounters(1), grads=[torch.zeros(1, 6, device=device)])
+    w = torch.randn(2, 3, device=device)
+    w0 = w.clone()
+    none = update.prepare_segments([(torch.zeros(2, 0, device=device), torch.zeros(2, 0, device=device), 0, 0),
+                                    (w, torch.ones(2, 3, device=device), 0, 9)], w_star, None,
+                                   chain_ids=torch.tensor([0, 1]), **dict(kwargs, lr=0.0))
+    none.launch(StepCounters(2), grads=[torch.zeros(2, 0, device=device), torch.ones(2, 3, device=device)])
+    assert torch.equal(w, w0)  # lr = 0: the weights stay (the zero-width segment is skipped)
+
+
+@pytest.mark.parametrize("backend", PREPARED_BACKENDS)
+def test_prepared_update_keeps_only_the_current_grads(backend):
+    """A gradient replaced by a later step's can be freed (the vmap engine returns a new one each step)."""
+    import gc
+    import weakref
+
+    update, device = _any_backend(backend)
+    segs, w_star, stat, args, grads = _prepared_case("sgld", torch.float32, PREPARED_CASES[0][2], "single", device)
+    mine, _ = _copies(segs, stat, device)
+    first = mine[0][1].clone()
+    alive = weakref.ref(first)
+    prepared = update.prepare_segments([(mine[0][0], first, 0, mine[0][3])], w_star, None, **args)
+    prepared.launch(StepCounters(0))
+    prepared.launch(StepCounters(1), grads=grads[1])
+    del first
+    gc.collect()
+    assert alive() is None

@@ -264,6 +264,7 @@ class _Run:
                          mask=state.flat_mask)
         streams, losses_by_step, bad = group.streams, group.losses, group.bad
         every = self.control.checkpoint_every if self.control.checkpoint else None
+        prepared = None  # the group's update, checked and packed at its first step
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if group.rng is None:
                 torch.manual_seed(derived_seed(self.seed, STREAM_CHAIN, int(hyper.chain_ids[0]), 2**32))  # dropout
@@ -293,8 +294,10 @@ class _Run:
                 k = schedule.mala_at(t)
                 if k is not None:
                     w_old, grad_old = state.w[:G].clone(), (state.grad[:G] if grad is None else grad).clone()
-                self.backend.update_segments(state.segments(G, grad), state.w_star, stat,
-                                             counters=schedule.counters(t), **step_args)
+                segments = state.segments(G, grad)
+                if prepared is None:
+                    prepared = self.backend.prepare_segments(segments, state.w_star, stat, **step_args)
+                prepared.launch(schedule.counters(t), grads=[g for _, g, _, _ in segments])
                 if k is not None:
                     group.mala[:, k] = _mala(self.engine, G, batches, w_old, grad_old, losses, state, stat,
                                              self.settings, schedule.counters(t), step_args)

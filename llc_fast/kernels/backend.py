@@ -14,12 +14,24 @@ argument), raise ``NotSupportedError`` listing the backend's ``not_supported_rea
 any, and then ``launch`` the call. The single buffer is the one-segment case: segment
 (w, grad, 0, index_offset) of w* [N] and stat [C, N]. A backend object is also callable as
 ``update``.
+
+A sampling loop whose arguments change only in the step counters (and the gradient tensors) from
+one step to the next checks and packs them once:
+
+    prepared = backend.prepare_segments(segments, w_star, stat, lr=..., nbeta=..., gamma=...,
+                                        settings=..., seed=..., chain_ids=..., mask=None)
+    prepared.launch(counters)                # each step; grads=[...]: this step's gradient tensors
+
+``launch`` gives bit for bit what ``update_segments`` gives with the same arguments and counters
+(``update_segments`` is prepare and launch, through the same code). A backend implements
+``prepare_call(call)`` (returning a ``PreparedUpdate`` that keeps what it converted: per-chain
+values, chain indices, mask, pointers, tables, launch arguments) or only ``launch(call)``.
 """
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -219,12 +231,94 @@ def pack_call(segments: Sequence, w_star: torch.Tensor, stat: torch.Tensor | Non
                       counters=counters, seed=seed, step=step, chain_ids=chain_ids, num_chains=num_chains)
 
 
+# --- the prepared update ------------------------------------------------------------------------
+
+#: The counters an update is packed with before its steps are known (``prepare_segments``).
+PREPARE_COUNTERS = StepCounters(step=0)
+
+
+class PreparedUpdate:
+    """An update checked and packed once (``Backend.prepare_segments``), launched at many steps.
+
+    ``launch(counters, grads=None)`` applies the step of ``counters`` in place, bit for bit as
+    ``update_segments`` with the prepared arguments and these counters would. ``grads``: this
+    step's gradients, one tensor per segment given to ``prepare_segments`` (a bare tensor for a
+    single segment), each of its segment's shape, dtype and device and contiguous (checked on the
+    host, no synchronisation); they replace the prepared ones from then on. Everything else is
+    bound at prepare: the segments' weights, w*, stat (read and written at each launch, in place)
+    and the hyperparameters, chain indices and mask (read once: prepare again to change them). Only
+    the current gradients are referenced (a replaced one can be freed). Launches on CUDA go to the
+    current stream: use the stream that was current at prepare (or synchronise first).
+
+    A backend's subclass implements ``_launch(counters, step)`` with ``self.call`` (the packed call;
+    its counters are ``PREPARE_COUNTERS``, never this step's) and ``self.grads`` (the current
+    gradient of each of ``call.segments``); it is only built for a supported call with elements and
+    chains. This base class launches the backend's ``launch`` on the call with the step's counters
+    and gradients.
+    """
+
+    def __init__(self, backend: "Backend", call: UpdateCall):
+        self.backend, self.call = backend, call
+        self.grads = [s.grad for s in call.segments]
+        self._expect: tuple = ()  # per given segment: (shape, dtype, index into call.segments or None)
+        self._device = call.device
+
+    def launch(self, counters: StepCounters, grads: Sequence[torch.Tensor] | torch.Tensor | None = None) -> None:
+        """One step with ``counters`` (and this step's ``grads``), in place."""
+        if not isinstance(counters, StepCounters):
+            raise ValueError(f"counters must be a StepCounters, got {type(counters).__name__}")
+        step = counters.step
+        if type(step) is not int or not 0 <= step <= philox.MAX_STEP:
+            step = _index("counters.step", step, 0, philox.MAX_STEP)
+        if grads is not None:
+            self._replace_grads(grads)
+        if self.grads:
+            self._launch(counters, step)
+
+    def _replace_grads(self, grads) -> None:
+        expect = self._expect
+        if isinstance(grads, torch.Tensor):
+            if len(expect) != 1:
+                raise ValueError(f"grads must be a sequence of {len(expect)} tensors, one per segment, got one tensor")
+            grads = (grads,)
+        elif not isinstance(grads, (list, tuple)):
+            grads = tuple(grads)
+        if len(grads) != len(expect):
+            raise ValueError(f"grads must hold one tensor per segment ({len(expect)}), got {len(grads)}")
+        device = self._device
+        for k, (g, (shape, dtype, at)) in enumerate(zip(grads, expect)):
+            if (not isinstance(g, torch.Tensor) or g.shape != shape or g.dtype != dtype or g.device != device
+                    or not g.is_contiguous()):
+                got = (f"a {type(g).__name__}" if not isinstance(g, torch.Tensor) else
+                       f"{tuple(g.shape)} {g.dtype} on {g.device}{'' if g.is_contiguous() else ', not contiguous'}")
+                raise ValueError(f"grads[{k}] must be a contiguous {tuple(shape)} tensor of {dtype} on {device} "
+                                 f"(segment {k}'s w), got {got}")
+        for g, (_, _, at) in zip(grads, expect):
+            if at is not None:
+                self.grads[at] = g
+
+    def _launch(self, counters: StepCounters, step: int) -> None:
+        call = self.call
+        segments = tuple(s._replace(grad=g) for s, g in zip(call.segments, self.grads))
+        self.backend.launch(replace(call, segments=segments, counters=counters, step=step))
+
+    def __repr__(self) -> str:
+        c = self.call
+        return (f"<prepared {self.backend.name} update: {len(c.segments)} segment(s), {c.num_chains} chain(s), "
+                f"{c.dtype}, {c.settings.sampler}>")
+
+
+class _NoOp(PreparedUpdate):
+    """A prepared update without elements or chains: its launches check their arguments and do nothing."""
+
+
 # --- the base class ------------------------------------------------------------------------------
 
 
 class Backend:
     """One implementation of the update. A subclass sets ``name`` and ``devices`` (device types it
-    updates tensors on) and implements ``launch``; it may extend ``load`` and ``not_supported_reasons``."""
+    updates tensors on) and implements ``prepare_call`` or ``launch``; it may extend ``load`` and
+    ``not_supported_reasons``."""
 
     name: str = "?"
     devices: tuple[str, ...] = ()
@@ -239,9 +333,17 @@ class Backend:
             return [f"the tensors are on {call.device}; it updates tensors on {where}"]
         return []
 
+    def prepare_call(self, call: UpdateCall) -> PreparedUpdate:
+        """The ``PreparedUpdate`` of ``call`` (supported, with elements and chains; see that class).
+        This one relaunches ``launch`` with each step's counters."""
+        return PreparedUpdate(self, call)
+
     def launch(self, call: UpdateCall) -> None:
-        """Apply the update of ``call`` in place (its segments' w and its stat). Never sees an empty call."""
-        raise NotImplementedError
+        """Apply the update of ``call`` in place (its segments' w and its stat). Never sees an empty call.
+        This one prepares ``call`` and launches it at ``call.counters``."""
+        if type(self).prepare_call is Backend.prepare_call:
+            raise NotImplementedError(f"the {self.name} backend implements neither launch nor prepare_call")
+        self.prepare_call(call)._launch(call.counters, call.step)
 
     def update(
         self,
@@ -301,13 +403,47 @@ class Backend:
         self.run(pack_call(segments, w_star, stat, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings,
                            counters=counters, seed=seed, chain_ids=chain_ids, mask=mask))
 
+    def prepare_segments(
+        self,
+        segments: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]],
+        w_star: torch.Tensor,
+        stat: torch.Tensor | None,
+        *,
+        lr: float | torch.Tensor,
+        nbeta: float | torch.Tensor,
+        gamma: float | torch.Tensor,
+        settings: SamplerSettings,
+        seed: int,
+        chain_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> PreparedUpdate:
+        """``update_segments``'s arguments but the counters, checked (ValueError, NotSupportedError) and
+        packed once: ``prepared.launch(counters, grads=None)`` is ``update_segments`` at ``counters``
+        (see ``PreparedUpdate``)."""
+        segments = list(segments)
+        call = pack_call(segments, w_star, stat, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings,
+                         counters=PREPARE_COUNTERS, seed=seed, chain_ids=chain_ids, mask=mask)
+        self._check_supported(call)
+        if call.segments and call.num_chains:
+            prepared, at = self.prepare_call(call), iter(range(len(call.segments)))
+            # The gradients live in prepared.grads only: a replaced one is not kept alive by the call.
+            prepared.call = replace(call, segments=tuple(s._replace(grad=None) for s in call.segments))
+        else:
+            prepared, at = _NoOp(self, replace(call, segments=())), None
+        prepared._expect = tuple((seg[0].shape, seg[0].dtype, next(at) if at is not None and seg[0].shape[1] else None)
+                                 for seg in segments)
+        return prepared
+
     __call__ = update
 
-    def run(self, call: UpdateCall) -> None:
-        """Launch a packed call, after ``not_supported_reasons`` (NotSupportedError listing them)."""
+    def _check_supported(self, call: UpdateCall) -> None:
         reasons = self.not_supported_reasons(call)
         if reasons:
             raise NotSupportedError(f"the {self.name} backend cannot run this update: " + "; ".join(reasons))
+
+    def run(self, call: UpdateCall) -> None:
+        """Launch a packed call, after ``not_supported_reasons`` (NotSupportedError listing them)."""
+        self._check_supported(call)
         if call.segments and call.num_chains:
             self.launch(call)
 

@@ -17,8 +17,9 @@ import threading
 import torch
 
 from . import build, native
-from .backend import Backend, UpdateCall
+from .backend import Backend, PreparedUpdate, UpdateCall
 from .build import CUDA_SOURCE, NVCC_FLAGS  # noqa: F401
+from .update_spec import StepCounters
 
 _LOCK = threading.Lock()
 _LIBS: dict[str, ctypes.CDLL] = {}  # architecture -> loaded library
@@ -60,7 +61,7 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> None:
 class CudaBackend(Backend):
     """The CUDA kernel: one launch of ``llc_sgld_update_cuda`` for a single buffer, else one launch
     of ``llc_sgld_update_segments_cuda``, whose blocks find their segment by a binary search over a
-    table copied to the device each call (the [S, 5] rows, then the S + 1 first blocks)."""
+    table on the device (the [S, 5] rows, then the S + 1 first blocks); ``_CudaPrepared``."""
 
     name = "cuda"
     devices = ("cuda",)
@@ -83,33 +84,59 @@ class CudaBackend(Backend):
         except Exception as e:
             raise RuntimeError(f"loading the CUDA update failed: {type(e).__name__}: {e}") from e
 
-    def launch(self, call: UpdateCall) -> None:
-        device = call.device
-        lib = _library(device)
-        args, keep = native.kernel_args(call)
-        buffers = [args[k] for k in native.BUFFERS]
-        scalars = [args[k] for k in native.SCALARS]
+    def prepare_call(self, call: UpdateCall) -> PreparedUpdate:
+        return _CudaPrepared(self, call)
+
+
+class _CudaPrepared(PreparedUpdate):
+    """The CUDA kernel's arguments, built once (``native.NativeCall``; for segments the table with its
+    first blocks, on the device, copied again only when a gradient pointer changes). A launch sets the
+    step's scalars and launches on the device's current stream: the stream current at prepare, which
+    the per-chain values and the table were copied on (or synchronise before launching on another)."""
+
+    def __init__(self, backend: CudaBackend, call: UpdateCall):
+        super().__init__(backend, call)
+        self.device = device = call.device
+        self.lib = lib = _library(device)
+        self.args = native.NativeCall(call)
+        self.n_local = call.n_local
+        if call.single:
+            (seg,) = call.segments
+            self.table, self.w_ptr, self.size, self.offset = None, seg.w.data_ptr(), seg.n, seg.global_offset
+            return
+        table = native.segment_table(call)
+        per_block = lib.llc_cuda_segment_block_groups()
+        ns, offsets = table[:, 2], table[:, 4]
+        groups = (offsets + ns - 1) // 4 + 1 - offsets // 4
+        first = torch.zeros(len(table) + 1, dtype=torch.int64)
+        first[1:] = torch.cumsum((groups + per_block - 1) // per_block, 0)
+        self.host = torch.cat([table.reshape(-1), first])  # the [S, 5] rows, then the S + 1 first blocks
+        self.pointers = native.GradPointers(self.host[:table.numel()].view(table.shape))
+        self.head = (len(table), int(first[-1]))
         with torch.cuda.device(device):
-            stream = torch.cuda.current_stream(device).cuda_stream
-            if call.single:
-                (seg,) = call.segments
-                code = lib.llc_sgld_update_cuda(seg.w.data_ptr(), seg.grad.data_ptr(), *buffers, seg.n, *scalars,
-                                                seg.global_offset, args["dtype"], stream)
+            self.table = self._device_table()
+
+    def _device_table(self) -> torch.Tensor:
+        """A new device copy of the table (the last one may still be read by a kernel in flight)."""
+        return self.host.pin_memory().to(self.device, non_blocking=True)
+
+    def _launch(self, counters: StepCounters, step: int) -> None:
+        lib, args = self.lib, self.args
+        scalars = args.scalars_at(counters, step)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            if self.table is None:
+                code = lib.llc_sgld_update_cuda(self.w_ptr, self.grads[0].data_ptr(), *args.buffers, self.size,
+                                                *scalars, self.offset, args.dtype, stream)
             else:
-                table = native.segment_table(call)
-                per_block = lib.llc_cuda_segment_block_groups()
-                ns, offsets = table[:, 2], table[:, 4]
-                groups = (offsets + ns - 1) // 4 + 1 - offsets // 4
-                first = torch.zeros(len(table) + 1, dtype=torch.int64)
-                first[1:] = torch.cumsum((groups + per_block - 1) // per_block, 0)
-                device_table = torch.cat([table.reshape(-1), first]).pin_memory().to(device, non_blocking=True)
-                keep += (device_table,)
-                code = lib.llc_sgld_update_segments_cuda(device_table.data_ptr(), len(table), int(first[-1]),
-                                                         *buffers, call.n_local, *scalars, args["dtype"], stream)
+                if self.pointers.update(self.grads):
+                    self.table = self._device_table()
+                code = lib.llc_sgld_update_segments_cuda(self.table.data_ptr(), *self.head, *args.buffers,
+                                                         self.n_local, *scalars, args.dtype, stream)
         _check(lib, code, "the CUDA SGLD update")
-        # The temporaries in keep (ids, mask, per-chain values, table) are freed through torch's caching
-        # allocator, which orders their reuse after this stream's kernel.
-        del keep
+        # What the pointers point into (args.keep: ids, mask, per-chain values; the table) lives with this
+        # object and is freed through torch's caching allocator, which orders its reuse after this stream's
+        # kernels.
 
 
 cuda_update = CudaBackend()

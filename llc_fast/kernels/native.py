@@ -1,11 +1,12 @@
 """What the compiled kernels of ``csrc/`` (the C++ and CUDA backends) take: an ``UpdateCall`` as
-raw pointers, codes and host scalars, the fields of ``UpdateArgs`` in ``csrc/sgld_update.h``."""
+raw pointers, codes and host scalars, the fields of ``UpdateArgs`` in ``csrc/sgld_update.h``
+(``kernel_args``; ``NativeCall`` for a prepared update: built once, the step's scalars per launch)."""
 from __future__ import annotations
 
 import torch
 
 from .backend import UpdateCall
-from .update_spec import SAMPLERS
+from .update_spec import SAMPLERS, StepCounters
 
 #: Codes the kernels take for the weights' dtype (bfloat16 is passed as its uint16 bits).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
@@ -57,6 +58,52 @@ def kernel_args(call: UpdateCall) -> tuple[dict, tuple]:
         dtype=DTYPE_CODES[call.dtype],
     )
     return args, (ids, mask, lr, nbeta, gamma)
+
+
+#: The scalars that change from one step to the next (``NativeCall.scalars_at``).
+_STEP, _STAT_SCALE, _UPDATE_STATISTIC = (SCALARS.index(k) for k in ("step", "stat_scale", "update_statistic"))
+
+
+class NativeCall:
+    """``kernel_args`` of a prepared call, once: ``buffers`` (the ``BUFFERS``' values, in order),
+    ``dtype``, ``keep`` (what the pointers point into, alive with this object), and the ``SCALARS``
+    of a step from ``scalars_at``."""
+
+    def __init__(self, call: UpdateCall):
+        args, self.keep = kernel_args(call)
+        self.buffers = [args[k] for k in BUFFERS]
+        self._scalars = [args[k] for k in SCALARS]
+        self.dtype = args["dtype"]
+        self._settings = call.settings
+
+    def scalars_at(self, counters: StepCounters, step: int) -> list:
+        """The ``SCALARS``' values at ``counters`` (``step``: counters.step, checked), as ``kernel_args`` makes them."""
+        s = self._settings
+        scalars = self._scalars.copy()
+        scalars[_STEP] = step
+        scalars[_STAT_SCALE] = s.statistic_scale(counters.stat_step) if s.preconditioned else 1.0
+        scalars[_UPDATE_STATISTIC] = bool(counters.update_statistic)
+        return scalars
+
+
+class GradPointers:
+    """The grad pointers of a prepared call's segment table (column 1 of ``segment_table``'s host rows),
+    kept up to date with a prepared update's gradients."""
+
+    def __init__(self, table: torch.Tensor):
+        self._rows = table.numpy()  # shares the table's memory
+        self._ptrs = [int(p) for p in table[:, 1].tolist()]
+
+    def update(self, grads) -> bool:
+        """Write the pointers of ``grads`` (one per row) into the table; whether any changed."""
+        changed = False
+        for k, g in enumerate(grads):
+            p = g.data_ptr()
+            if p != self._ptrs[k]:
+                self._ptrs[k] = p
+                self._rows[k, 1] = p
+                changed = True
+        return changed
 
 
 def segment_table(call: UpdateCall) -> torch.Tensor:

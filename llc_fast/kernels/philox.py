@@ -11,6 +11,8 @@ inside int64.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -46,13 +48,14 @@ def philox4x32(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 of counters (c0, c1, c2, c3) under key (seed low word, seed high word).
 
-    Counters are broadcastable int64 tensors with values in [0, 2**32); returns four int64
-    tensors of 32-bit words, as ``triton.language.philox(seed, c0, c1, c2, c3)`` does.
+    Counters are broadcastable int64 tensors (or Python ints) with values in [0, 2**32); returns
+    four int64 tensors of 32-bit words of their broadcast shape, as
+    ``triton.language.philox(seed, c0, c1, c2, c3)`` does. Integer arithmetic is exact, so the
+    early rounds run on the counters' own shapes (after four rounds every word depends on all four).
     """
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
@@ -86,6 +89,34 @@ def _check_counters(chain_ids: torch.Tensor, step: int, start: int) -> None:
         raise ValueError(f"global element index must be >= 0, got {start}")
 
 
+class GroupCounters(NamedTuple):
+    """The counters of the groups of four covering elements [start, start + count) of each chain,
+    but the step (word c2): what ``words_at`` and ``normals_at`` take, built once by ``group_counters``."""
+
+    c0: torch.Tensor  # [1, G] group index mod 2**32
+    c1: torch.Tensor  # [1, G] group index // 2**32
+    c3: torch.Tensor  # [C, 1] chain + stream * 2**31
+    first: int  # element index of lane 0 of the first group
+    start: int
+    count: int
+
+
+def group_counters(chain_ids: torch.Tensor, start: int, count: int, stream: int) -> GroupCounters:
+    """The ``GroupCounters`` of elements [start, start + count) of the chains ``chain_ids`` (unchecked:
+    ``_check_counters`` is the caller's)."""
+    device = chain_ids.device
+    g0 = start // 4
+    g1 = (start + count - 1) // 4 + 1 if count > 0 else g0
+    groups = torch.arange(g0, g1, dtype=torch.int64, device=device)[None, :]
+    c3 = (chain_ids.to(torch.int64) | (stream << 31))[:, None]
+    return GroupCounters(groups & MASK32, groups >> 32, c3, g0 * 4, start, count)
+
+
+def _counter_words(counters: GroupCounters, seed: int, step: int) -> torch.Tensor:
+    """Philox words [C, G, 4] of the groups of ``counters`` at ``step``."""
+    return torch.stack(philox4x32(counters.c0, counters.c1, step, counters.c3, seed), dim=-1)
+
+
 def _group_words(
     seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int, stream: int
 ) -> tuple[torch.Tensor, int]:
@@ -94,13 +125,8 @@ def _group_words(
     Returns (words [C, G, 4] int64, first element index of group 0).
     """
     _check_counters(chain_ids, step, start)
-    device = chain_ids.device
-    g0 = start // 4
-    g1 = (start + count - 1) // 4 + 1 if count > 0 else g0
-    groups = torch.arange(g0, g1, dtype=torch.int64, device=device)[None, :]
-    c3 = (chain_ids.to(torch.int64) | (stream << 31))[:, None]
-    words = philox4x32(groups & MASK32, groups >> 32, torch.tensor(step, device=device), c3, seed)
-    return torch.stack(words, dim=-1), g0 * 4
+    counters = group_counters(chain_ids, start, count, stream)
+    return _counter_words(counters, seed, step), counters.first
 
 
 def _per_element(values: torch.Tensor, first: int, start: int, count: int) -> torch.Tensor:
@@ -109,23 +135,33 @@ def _per_element(values: torch.Tensor, first: int, start: int, count: int) -> to
     return flat[:, start - first : start - first + count]
 
 
+def normals_at(counters: GroupCounters, seed: int, step: int) -> torch.Tensor:
+    """``gaussian_noise`` of the elements and chains of ``counters`` (stream 0) at ``step``: float32 [C, count]."""
+    u = uniform_from_word(_counter_words(counters, seed, step))
+    n0, n1 = box_muller(u[..., 0], u[..., 1])
+    n2, n3 = box_muller(u[..., 2], u[..., 3])
+    return _per_element(torch.stack((n0, n1, n2, n3), dim=-1), counters.first, counters.start, counters.count)
+
+
+def words_at(counters: GroupCounters, seed: int, step: int) -> torch.Tensor:
+    """``rounding_words`` of the elements and chains of ``counters`` (stream 1) at ``step``: int64 [C, count]."""
+    return _per_element(_counter_words(counters, seed, step), counters.first, counters.start, counters.count)
+
+
 def gaussian_noise(seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int) -> torch.Tensor:
     """Standard normals of elements [start, start + count) of each chain: float32 [C, count].
 
     Group g's words (w0, w1, w2, w3) give (n0, n1) = BoxMuller(u(w0), u(w1)) and
     (n2, n3) = BoxMuller(u(w2), u(w3)); element 4g + j takes n_j.
     """
-    words, first = _group_words(seed, chain_ids, step, start, count, STREAM_GAUSSIAN)
-    u = uniform_from_word(words)
-    n0, n1 = box_muller(u[..., 0], u[..., 1])
-    n2, n3 = box_muller(u[..., 2], u[..., 3])
-    return _per_element(torch.stack((n0, n1, n2, n3), dim=-1), first, start, count)
+    _check_counters(chain_ids, step, start)
+    return normals_at(group_counters(chain_ids, start, count, STREAM_GAUSSIAN), seed, step)
 
 
 def rounding_words(seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int) -> torch.Tensor:
     """Random 32-bit words (int64 [C, count]) that drive stochastic rounding of elements."""
-    words, first = _group_words(seed, chain_ids, step, start, count, STREAM_ROUNDING)
-    return _per_element(words, first, start, count)
+    _check_counters(chain_ids, step, start)
+    return words_at(group_counters(chain_ids, start, count, STREAM_ROUNDING), seed, step)
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:

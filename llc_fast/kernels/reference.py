@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import philox
-from .backend import Backend, UpdateCall
+from .backend import Backend, PreparedUpdate, UpdateCall
 from .update_spec import SUPPORTED_PARAM_DTYPES, SamplerSettings, StepCounters, compute_dtype  # noqa: F401
 
 CHUNK = 1 << 20  # elements per pass, to bound the int64 temporaries of the noise
@@ -39,61 +39,102 @@ def sgld_step(w: torch.Tensor, grad: torch.Tensor, w_star: torch.Tensor, stat: t
     grad: [C, N]. w_star, mask: [N]. lr, nbeta, gamma: [C, 1] of the compute dtype. chain_ids:
     int64 [C] on w's device. index_offset: global index of element 0.
     """
-    n = w.shape[1]
-    cdt = compute_dtype(w.dtype)
-    for lo in range(0, n, CHUNK):
-        hi = min(n, lo + CHUNK)
-        sl = slice(lo, hi)
-        wc = w[:, sl].to(cdt)
-        g = grad[:, sl].to(cdt)
-        ws = w_star[sl].to(cdt)
+    philox._check_counters(chain_ids, counters.step, index_offset)
+    _BufferStep(w, mask, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings, chain_ids=chain_ids,
+                index_offset=index_offset).run(w, grad, w_star, stat, counters, counters.step, seed)
+
+
+class _BufferStep:
+    """``sgld_step`` on one buffer of w's shape and dtype, split into what does not change from one
+    step to the next (built once: the chunks, their noise counters and mask, the per-chain values,
+    SGLD's coefficients) and ``run``, the step itself."""
+
+    def __init__(self, w: torch.Tensor, mask: torch.Tensor | None, *, lr: torch.Tensor, nbeta: torch.Tensor,
+                 gamma: torch.Tensor, settings: SamplerSettings, chain_ids: torch.Tensor, index_offset: int):
+        n = w.shape[1]
+        cdt = self.cdt = compute_dtype(w.dtype)
+        self.settings, self.lr, self.nbeta, self.gamma = settings, lr, nbeta, gamma
+        self.chunks = []  # (columns, mask in the compute dtype, noise counters, rounding counters)
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            self.chunks.append((
+                slice(lo, hi), None if mask is None else mask[lo:hi].to(cdt),
+                philox.group_counters(chain_ids, index_offset + lo, hi - lo, philox.STREAM_GAUSSIAN),
+                philox.group_counters(chain_ids, index_offset + lo, hi - lo, philox.STREAM_ROUNDING)
+                if w.dtype == torch.bfloat16 else None))
         if settings.preconditioned:
-            v = stat[:, sl]
-            if counters.update_statistic:
-                alpha = torch.tensor(settings.rmsprop_alpha, dtype=cdt)
-                one_minus_alpha = torch.tensor(1.0 - settings.rmsprop_alpha, dtype=cdt)
-                v.copy_(alpha * v + one_minus_alpha * (g * g))
-            scale = torch.tensor(settings.statistic_scale(counters.stat_step), dtype=cdt)
-            precond = 1.0 / (torch.sqrt(v * scale) + settings.rmsprop_eps)
-        else:
+            self.alpha = torch.tensor(settings.rmsprop_alpha, dtype=cdt)
+            self.one_minus_alpha = torch.tensor(1.0 - settings.rmsprop_alpha, dtype=cdt)
+        else:  # G = 1: the drift and noise coefficients -(lr/2)*G and noise_level*sqrt(lr*G) are fixed
             precond = torch.ones((), dtype=cdt, device=w.device)
-        drift = nbeta * g + gamma * (wc - ws)
-        if settings.weight_decay:
-            drift = drift + settings.weight_decay * wc
-        xi = philox.gaussian_noise(seed, chain_ids, counters.step, index_offset + lo, hi - lo).to(cdt)
-        delta = -(0.5 * lr) * precond * drift + settings.noise_level * torch.sqrt(lr * precond) * xi
-        if mask is not None:
-            delta = delta * mask[sl].to(cdt)
-        new = wc + delta
-        if settings.box is not None:
-            new = torch.minimum(torch.maximum(new, ws - settings.box), ws + settings.box)
-        if w.dtype == torch.bfloat16:
-            words = philox.rounding_words(seed, chain_ids, counters.step, index_offset + lo, hi - lo)
-            w[:, sl] = philox.stochastic_round_to_bf16(new, words)
-        else:
-            w[:, sl] = new
+            self.coefs = (-(0.5 * lr) * precond, settings.noise_level * torch.sqrt(lr * precond))
+
+    def run(self, w: torch.Tensor, grad: torch.Tensor, w_star: torch.Tensor, stat: torch.Tensor | None,
+            counters: StepCounters, step: int, seed: int) -> None:
+        settings, cdt, lr, nbeta, gamma = self.settings, self.cdt, self.lr, self.nbeta, self.gamma
+        for sl, m, noise, rounding in self.chunks:
+            wc = w[:, sl].to(cdt)
+            g = grad[:, sl].to(cdt)
+            ws = w_star[sl].to(cdt)
+            if settings.preconditioned:
+                v = stat[:, sl]
+                if counters.update_statistic:
+                    v.copy_(self.alpha * v + self.one_minus_alpha * (g * g))
+                scale = torch.tensor(settings.statistic_scale(counters.stat_step), dtype=cdt)
+                precond = 1.0 / (torch.sqrt(v * scale) + settings.rmsprop_eps)
+                drift_coef, noise_coef = -(0.5 * lr) * precond, settings.noise_level * torch.sqrt(lr * precond)
+            else:
+                drift_coef, noise_coef = self.coefs
+            drift = nbeta * g + gamma * (wc - ws)
+            if settings.weight_decay:
+                drift = drift + settings.weight_decay * wc
+            xi = philox.normals_at(noise, seed, step).to(cdt)
+            delta = drift_coef * drift + noise_coef * xi
+            if m is not None:
+                delta = delta * m
+            new = wc + delta
+            if settings.box is not None:
+                new = torch.minimum(torch.maximum(new, ws - settings.box), ws + settings.box)
+            if w.dtype == torch.bfloat16:
+                w[:, sl] = philox.stochastic_round_to_bf16(new, philox.words_at(rounding, seed, step))
+            else:
+                w[:, sl] = new
+
+
+class _TorchPrepared(PreparedUpdate):
+    """The reference's prepared update: one ``_BufferStep`` per segment, on w*, stat and mask sliced to
+    the segment's columns, with the segment's global offset."""
+
+    def __init__(self, backend: "TorchBackend", call: UpdateCall):
+        super().__init__(backend, call)
+        lr, nbeta, gamma = (v[:, None] for v in call.per_chain_values())
+        chain_ids = call.chain_ids.to(call.device)
+        philox._check_counters(chain_ids, 0, 0)  # once (a host sync for chain indices on an accelerator)
+        self.steps = [(seg.local, call.w_star[seg.local],
+                       _BufferStep(seg.w, None if call.mask is None else call.mask[seg.local], lr=lr, nbeta=nbeta,
+                                   gamma=gamma, settings=call.settings, chain_ids=chain_ids,
+                                   index_offset=seg.global_offset)) for seg in call.segments]
+
+    def _launch(self, counters: StepCounters, step: int) -> None:
+        call = self.call
+        for seg, grad, (sl, w_star, buffer_step) in zip(call.segments, self.grads, self.steps):
+            stat = None if call.stat is None else call.stat[:, sl]
+            if stat is not None and not stat.is_contiguous():
+                stat = stat.contiguous()
+            buffer_step.run(seg.w, grad, w_star, stat, counters, step, call.seed)
+            if stat is not None and stat.data_ptr() != call.stat[:, sl].data_ptr():
+                call.stat[:, sl].copy_(stat)
 
 
 class TorchBackend(Backend):
     """The reference as a backend ("torch"): ``sgld_step`` once per segment, on w*, stat and mask
-    sliced to the segment's columns, with the segment's global offset."""
+    sliced to the segment's columns, with the segment's global offset (``_TorchPrepared``)."""
 
     name = "torch"
     devices = ("cpu", "cuda")
 
-    def launch(self, call: UpdateCall) -> None:
-        lr, nbeta, gamma = (v[:, None] for v in call.per_chain_values())
-        chain_ids = call.chain_ids.to(call.device)
-        for seg in call.segments:
-            sl = seg.local
-            stat = None if call.stat is None else call.stat[:, sl]
-            if stat is not None and not stat.is_contiguous():
-                stat = stat.contiguous()
-            sgld_step(seg.w, seg.grad, call.w_star[sl], stat, None if call.mask is None else call.mask[sl], lr=lr,
-                      nbeta=nbeta, gamma=gamma, settings=call.settings, counters=call.counters, seed=call.seed,
-                      chain_ids=chain_ids, index_offset=seg.global_offset)
-            if stat is not None and stat.data_ptr() != call.stat[:, sl].data_ptr():
-                call.stat[:, sl].copy_(stat)
+    def prepare_call(self, call: UpdateCall) -> PreparedUpdate:
+        return _TorchPrepared(self, call)
 
 
 #: The reference update, ``Backend.update``'s signature: ``reference_update(w, grad, w_star, stat, ...)``.

@@ -4,12 +4,16 @@ Tensors on a CUDA device, or anywhere with TRITON_INTERPRET=1 (the tests). A sin
 goes to the kernel whose LEAD (index_offset mod 4) is a constant, so its loads are known to be
 aligned; several segments go to the segments kernel, which reads a small int64 table (one row
 per segment: pointers as integers, n, local start, global offset, first block) copied to the
-device each call, and finds its segment by a binary search over the first blocks.
+device when prepared and again when a gradient pointer changes, and finds its segment by a binary
+search over the first blocks.
 
 Hyperparameters. Python numbers go to the kernel as float32 scalars (no host-to-device copy
 per step); per-chain tensors as a [3, C] device tensor. For float64 weights every value goes
 through a float64 device tensor, since Triton passes Python floats as float32. Chain indices
 given on the host as a contiguous range go as their first index (no tensor).
+
+A prepared update (``_TritonPrepared``) builds all of that once; a launch adds the step, the seed
+and the statistic's scale (for float64 weights a new settings table only when the scale changes).
 
 This module imports without triton; ``load()`` and the first launch import the kernels.
 """
@@ -19,7 +23,9 @@ import os
 
 import torch
 
-from .backend import Backend, UpdateCall
+from . import native
+from .backend import Backend, PreparedUpdate, UpdateCall
+from .update_spec import StepCounters
 
 # Groups of four elements per program: 256 groups = 1024 elements with 8 warps on a GPU; the
 # interpreter pays per program, so it takes up to 16384 groups = 65536 elements at once.
@@ -60,20 +66,32 @@ def _chain_args(call: UpdateCall) -> tuple[torch.Tensor | None, int]:
     return ids.to(call.device).contiguous(), 0
 
 
-def _hyper_args(call: UpdateCall) -> tuple[torch.Tensor | None, list[float], torch.Tensor | None, list[float]]:
-    """(hp [3, C] or None, (lr, nbeta, gamma) scalars, sp [7] float64 or None, the 7 setting scalars)."""
+def _hyper_args(call: UpdateCall) -> tuple[torch.Tensor | None, list[float], list[float]]:
+    """(hp [3, C] or None, (lr, nbeta, gamma) scalars, the 7 setting values (float64) with the statistic's
+    scale, index 2, at 1.0: ``_settings_args`` makes a step's)."""
     is_f64 = call.dtype == torch.float64
     if not is_f64 and all(isinstance(v, (int, float)) for v in (call.lr, call.nbeta, call.gamma)):
         hp, scalars = None, [_f32(v) for v in (call.lr, call.nbeta, call.gamma)]
     else:
         hp, scalars = torch.stack(call.per_chain_values()), [0.0] * 3
     s = call.settings
-    values = [s.rmsprop_alpha, 1.0 - s.rmsprop_alpha,
-              s.statistic_scale(call.counters.stat_step) if s.preconditioned else 1.0, s.rmsprop_eps,
-              s.weight_decay, s.box if s.box is not None else 0.0, s.noise_level]
+    values = [s.rmsprop_alpha, 1.0 - s.rmsprop_alpha, 1.0, s.rmsprop_eps, s.weight_decay,
+              s.box if s.box is not None else 0.0, s.noise_level]
+    return hp, scalars, values
+
+
+_SCALE = 2  # the statistic's scale among the setting values
+
+
+def _settings_args(values: list[float], scale: float, is_f64: bool,
+                   device: torch.device) -> tuple[torch.Tensor | None, list[float]]:
+    """(sp [7] float64 on the device or None, the 7 setting scalars) with the statistic's scale ``scale``:
+    float64 weights take every value from the float64 table (Triton passes Python floats as float32)."""
+    values = values.copy()
+    values[_SCALE] = scale
     if is_f64:
-        return hp, scalars, torch.tensor(values, dtype=torch.float64).to(call.device), [0.0] * len(values)
-    return hp, scalars, None, [_f32(v) for v in values]
+        return torch.tensor(values, dtype=torch.float64).to(device), [0.0] * len(values)
+    return None, [_f32(v) for v in values]
 
 
 def _mask_arg(call: UpdateCall) -> torch.Tensor | None:
@@ -87,8 +105,82 @@ def _mask_arg(call: UpdateCall) -> torch.Tensor | None:
     return mask
 
 
+class _TritonPrepared(PreparedUpdate):
+    """The launch arguments, built once: tiling, chain indices, per-chain values, mask, flags, the segment
+    table (on the device for CUDA, copied again only when a gradient pointer changes); a launch adds the
+    step's settings scalars (the statistic's scale, cached per value), seed and step."""
+
+    def __init__(self, backend: "TritonBackend", call: UpdateCall):
+        super().__init__(backend, call)
+        from . import triton_kernels as kernels
+
+        s, num_chains = call.settings, call.num_chains
+        is_bf16 = call.dtype == torch.bfloat16
+        self.is_f64 = call.dtype == torch.float64
+        groups, blocks = _tiling(call)
+        chain_tensor, chain_base = _chain_args(call)
+        hp, hyper, self.values = _hyper_args(call)
+        mask = _mask_arg(call)
+        self.bits = bits = (lambda t: t.view(torch.int16)) if is_bf16 else (lambda t: t)  # bf16 as int16 patterns
+        self.w_star = dummy = bits(call.w_star)
+        self.head = [call.stat if call.stat is not None else dummy, mask if mask is not None else dummy,
+                     hp if hp is not None else dummy]
+        self.chain = [chain_tensor if chain_tensor is not None else dummy, *hyper]
+        self.keep = (chain_tensor, hp, mask)
+        self.dummy, self.seed, self.sp_cache = dummy, call.seed, (None, None)
+        flags = dict(PRECOND=s.preconditioned, HAS_WD=s.weight_decay != 0.0, HAS_BOX=s.box is not None,
+                     HAS_MASK=mask is not None, HP_PTR=hp is not None, SP_PTR=self.is_f64,
+                     CHAIN_PTR=chain_tensor is not None, IS_BF16=is_bf16, IS_F64=self.is_f64, num_warps=GPU_NUM_WARPS)
+        self.flags = {update: dict(flags, UPDATE_V=s.preconditioned and update) for update in (False, True)}
+        if call.single:
+            (seg,) = call.segments
+            self.kernel = kernels._sgld_update_kernel[(blocks[0] * num_chains,)]
+            self.w, self.table = bits(seg.w), None
+            self.tail = [seg.n, seg.global_offset // 4, chain_base, num_chains]
+            self.consts = dict(GROUPS=groups, LEAD=seg.global_offset % 4)
+            return
+        rows, first = [], 0
+        for seg, b in zip(call.segments, blocks):
+            rows.append([seg.w.data_ptr(), seg.grad.data_ptr(), seg.n, seg.local_start, seg.global_offset, first])
+            first += b
+        search_steps = max(1, (len(rows) - 1).bit_length())
+        rows += [[0, 0, 0, 0, 0, 2**62]] * ((1 << search_steps) - len(rows))
+        self.host_table = torch.tensor(rows, dtype=torch.int64)
+        self.pointers = native.GradPointers(self.host_table)
+        self.table = self._device_table()
+        self.kernel = kernels._sgld_update_segments_kernel[(first * num_chains,)]
+        self.tail = [call.n_local, chain_base, num_chains]
+        self.consts = dict(GROUPS=groups, SEARCH_STEPS=search_steps)
+
+    def _device_table(self) -> torch.Tensor:
+        """The segment table where the kernel reads it (a new device copy on CUDA: the last may still be read)."""
+        if self.call.device.type == "cuda":
+            return self.host_table.pin_memory().to(self.call.device, non_blocking=True)
+        return self.host_table
+
+    def _settings(self, counters: StepCounters) -> tuple[torch.Tensor | None, list[float]]:
+        s = self.call.settings
+        scale = s.statistic_scale(counters.stat_step) if s.preconditioned else 1.0
+        cached_scale, cached = self.sp_cache
+        if cached_scale != scale:
+            cached = _settings_args(self.values, scale, self.is_f64, self.call.device)
+            self.sp_cache = (scale, cached)
+        return cached
+
+    def _launch(self, counters: StepCounters, step: int) -> None:
+        sp, values = self._settings(counters)
+        shared = [*self.head, sp if sp is not None else self.dummy, *self.chain, *values, self.seed, step]
+        flags = self.flags[bool(counters.update_statistic)]
+        if self.table is None:
+            self.kernel(self.w, self.bits(self.grads[0]), self.w_star, *shared, *self.tail, **self.consts, **flags)
+            return
+        if self.pointers.update(self.grads) and self.call.device.type == "cuda":
+            self.table = self._device_table()
+        self.kernel(self.table, self.w_star, *shared, *self.tail, **self.consts, **flags)
+
+
 class TritonBackend(Backend):
-    """The Triton kernels (see the module docstring)."""
+    """The Triton kernels (see the module docstring; ``_TritonPrepared`` holds the launch arguments)."""
 
     name = "triton"
 
@@ -110,43 +202,8 @@ class TritonBackend(Backend):
                            f"launch ({MAX_PROGRAMS} programs)")
         return reasons
 
-    def launch(self, call: UpdateCall) -> None:
-        from . import triton_kernels as kernels
-
-        s, num_chains = call.settings, call.num_chains
-        is_bf16, is_f64 = call.dtype == torch.bfloat16, call.dtype == torch.float64
-        groups, blocks = _tiling(call)
-        chain_tensor, chain_base = _chain_args(call)
-        hp, hyper, sp, values = _hyper_args(call)
-        mask = _mask_arg(call)
-        bits = (lambda t: t.view(torch.int16)) if is_bf16 else (lambda t: t)  # bfloat16 moves as int16 bit patterns
-        w_star = bits(call.w_star)
-        dummy = w_star
-        shared = [call.stat if call.stat is not None else dummy, mask if mask is not None else dummy,
-                  hp if hp is not None else dummy, sp if sp is not None else dummy,
-                  chain_tensor if chain_tensor is not None else dummy, *hyper, *values, call.seed, call.step]
-        flags = dict(PRECOND=s.preconditioned, UPDATE_V=s.preconditioned and call.counters.update_statistic,
-                     HAS_WD=s.weight_decay != 0.0, HAS_BOX=s.box is not None, HAS_MASK=mask is not None,
-                     HP_PTR=hp is not None, SP_PTR=sp is not None, CHAIN_PTR=chain_tensor is not None,
-                     IS_BF16=is_bf16, IS_F64=is_f64, num_warps=GPU_NUM_WARPS)
-        if call.single:
-            (seg,) = call.segments
-            kernels._sgld_update_kernel[(blocks[0] * num_chains,)](
-                bits(seg.w), bits(seg.grad), w_star, *shared, seg.n, seg.global_offset // 4, chain_base, num_chains,
-                GROUPS=groups, LEAD=seg.global_offset % 4, **flags)
-            return
-        rows, first = [], 0
-        for seg, b in zip(call.segments, blocks):
-            rows.append([seg.w.data_ptr(), seg.grad.data_ptr(), seg.n, seg.local_start, seg.global_offset, first])
-            first += b
-        search_steps = max(1, (len(rows) - 1).bit_length())
-        rows += [[0, 0, 0, 0, 0, 2**62]] * ((1 << search_steps) - len(rows))
-        table = torch.tensor(rows, dtype=torch.int64)
-        if call.device.type == "cuda":
-            table = table.pin_memory().to(call.device, non_blocking=True)
-        kernels._sgld_update_segments_kernel[(first * num_chains,)](
-            table, w_star, *shared, call.n_local, chain_base, num_chains, GROUPS=groups, SEARCH_STEPS=search_steps,
-            **flags)
+    def prepare_call(self, call: UpdateCall) -> PreparedUpdate:
+        return _TritonPrepared(self, call)
 
 
 triton_update = TritonBackend()
