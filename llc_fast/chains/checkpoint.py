@@ -26,11 +26,30 @@ def rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.name}.rank{rank}-of-{world}")
 
 
-def write(path: str | os.PathLike, payload: dict) -> Path:
-    """torch.save ``payload`` to ``path`` atomically (a complete file or none)."""
+def previous_path(path: str | os.PathLike) -> Path:
+    return Path(f"{path}.previous")
+
+
+def write(path: str | os.PathLike, payload: dict, keep_previous: bool = False) -> Path:
+    """torch.save ``payload`` to ``path`` atomically (a complete file or none); keep_previous: the file it
+    replaces stays as ``<path>.previous`` (ranks that must agree on a generation need the one before)."""
     buf = io.BytesIO()
     torch.save(dict(payload, format=FORMAT), buf)
+    if keep_previous and Path(path).exists():
+        os.replace(path, previous_path(path))
     return write_atomically(path, buf.getvalue())
+
+
+def read_generations(path: str | os.PathLike) -> dict[int, dict]:
+    """{generation: payload} of the checkpoint at ``path`` and of the one it replaced, where present."""
+    out = {}
+    for p in (Path(path), previous_path(path)):
+        if p.is_file():
+            payload = read(p)
+            out[payload.get("generation", 0)] = payload
+    if not out:
+        read(path)  # raises, saying what is missing
+    return out
 
 
 def read(path: str | os.PathLike) -> dict:

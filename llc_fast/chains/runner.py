@@ -106,6 +106,7 @@ class RunControl:
     stop_on_signal: bool = True
     rank: int = 0
     world: int = 1
+    generation: int = 0  # checkpoints written so far (a resumed run continues the count)
 
     @property
     def has_target(self) -> bool:
@@ -244,9 +245,11 @@ class _Run:
         from . import checkpoint
 
         path = checkpoint.rank_path(path or self.control.checkpoint, self.control.rank, self.control.world)
+        self.control.generation += 1
         payload = dict(self.control.meta, init_loss=self.init_loss, engine=self.engine.name, group_size=self.size,
-                       rows=self.state.num_chains, groups=[g.snapshot(self.state, g is live) for g in self.groups])
-        checkpoint.write(path, payload)
+                       rows=self.state.num_chains, generation=self.control.generation,
+                       groups=[g.snapshot(self.state, g is live) for g in self.groups])
+        checkpoint.write(path, payload, keep_previous=self.control.world > 1)
         return str(path)
 
     def advance(self, group: _Group, last_step: int, keep: bool) -> None:
@@ -362,23 +365,36 @@ def _mala(engine, G, batches, w_old, grad_old, loss_old, state, stat, settings, 
                                state.flat_mask)
 
 
-def control_for(config, rank: int = 0, world: int = 1) -> RunControl:
+def control_for(config, rank: int = 0, world: int = 1, agree: Callable | None = None) -> RunControl:
     """The RunControl of an ``LLCConfig``: its checkpoint settings, the checkpoint it resumes (read and checked
-    against the config) and its stopping target."""
+    against the config) and its stopping target.
+
+    agree: for ranks that must resume from the same step (an FSDP shard group), a function that takes this rank's
+    available checkpoint generations and returns the one every rank of the group has (a rank killed between
+    two ranks' writes leaves them one generation apart; each rank keeps its previous checkpoint for this)."""
     from . import checkpoint
 
     meta = dict(config=config.fingerprint(), world=world)
     resume = None
     if config.resume is not None:
         path = checkpoint.rank_path(config.resume, rank, world)
-        resume = checkpoint.read(path)
+        candidates = checkpoint.read_generations(path)
+        if agree is not None:
+            chosen = agree(sorted(candidates))
+            if chosen not in candidates:
+                raise ValueError(f"the ranks' checkpoints {path} have no generation in common: they were not written "
+                                 "by one run (or more than one save apart); start the run again")
+            resume = candidates[chosen]
+        else:
+            resume = candidates[max(candidates)]
         checkpoint.check_same_config(resume, meta["config"], path)
         if resume.get("world", 1) != world:
             raise ValueError(f"checkpoint {path} was written by {resume.get('world', 1)} process(es); resume it with "
                              f"as many (now {world})")
     return RunControl(checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, resume=resume, meta=meta,
                       target_stderr=config.target_stderr, target_rel_error=config.target_rel_error,
-                      min_draws=config.num_draws, check_every=config.check_every, rank=rank, world=world)
+                      min_draws=config.num_draws, check_every=config.check_every, rank=rank, world=world,
+                      generation=resume.get("generation", 0) if resume is not None else 0)
 
 
 def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = None,

@@ -110,7 +110,8 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
     backend = select_backend(config.backend, device)
     mine = cm.chains(config.num_chains)
     show = config.progress and cm.rank == 0
-    control = control_for(config, rank=cm.rank, world=cm.world_size)
+    control = control_for(config, rank=cm.rank, world=cm.world_size,
+                          agree=_common_generation(cm) if sharded else None)
 
     t0 = time.perf_counter()
     if sharded:
@@ -134,6 +135,17 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
                  num_chain_groups=cm.num_chain_groups, batch_split=config.batch_split if sharded else None,
                  distributed_backend=str(dist.get_backend()))
     return ChainRun(init_loss, trace, timing, facts, report=cm.rank == 0)
+
+
+def _common_generation(cm):
+    """The newest checkpoint generation every rank of this shard group has (see ``control_for``)."""
+    def agree(mine: list[int]) -> int | None:
+        everyone: list = [None] * cm.shard_group_size
+        dist.all_gather_object(everyone, mine, group=cm.shard_group)
+        common = set(everyone[0]).intersection(*map(set, everyone[1:]))
+        return max(common) if common else None
+
+    return agree
 
 
 def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard, control) -> ChainRun:
