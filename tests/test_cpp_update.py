@@ -534,6 +534,7 @@ def test_cuda_sources_compile(tmp_path, arch):
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_cuda_noise_matches_reference():
     from llc_fast.kernels.cuda_update import cuda_philox_debug
@@ -548,6 +549,7 @@ def test_cuda_noise_matches_reference():
         assert (normals.cpu() - philox.gaussian_noise(2**32 + 7, ids, 5, start, count)).abs().max() <= NORMAL_TOL
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("sampler, n, chains, opts", F32_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

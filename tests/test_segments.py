@@ -102,7 +102,8 @@ def _compare(dtype, segs, ws_ref, ws_new, stat_ref, stat_new, stat_old, m):
     assert flips <= 4
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.gpu),
+                                     pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segments_match_reference_loop(backend, sampler, dtype):
@@ -170,6 +171,7 @@ def test_cpu_segments_are_one_kernel_call(monkeypatch):
     assert calls == ["sgld_update_segments"]
 
 
+@pytest.mark.gpu
 def test_triton_segments_are_one_launch(monkeypatch):
     from llc_fast.kernels import triton_kernels as module
     from llc_fast.kernels.triton_update import triton_update

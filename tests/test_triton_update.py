@@ -35,6 +35,7 @@ from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
+pytestmark = pytest.mark.gpu  # the Triton kernel: on CUDA tensors with a GPU, else in the interpreter
 XI_TOL = 1e-5
 ULPS = 4
 
