@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 import traceback
 import warnings
@@ -257,6 +258,9 @@ def bench(args, argv) -> int:
     if args.output:
         write_results(args.output, header, [row])
     size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n:,}-parameter"
+    slow = sorted({m.group(1) for w in warns for m in [re.search(r"batching rule for (aten::\w+)", w)] if m})
+    if slow:  # vmap ran these one chain at a time: the step is slower than a batched pass would be
+        mem += f"; vmap fell back to a loop for {', '.join(slow)}"
     print(f"SUMMARY: {size} {args.arch} {args.dtype}, {C} chains, engine {engine}: {step:.3f} s/step, "
           f"{outside:.0%} outside fwd+bwd, {mem}" + (" [quick: not a result]" if args.quick else ""))
     return 0
