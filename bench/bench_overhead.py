@@ -12,8 +12,10 @@ math, and beside the forward and backward passes alone.
     chains' flat weights w [C, N], then one call of ``select_backend(backend, device).update`` per
     step; nothing checked, nothing recorded. The model sees views of the row as its parameters,
     assigned into its modules for the call (the fewest operations, as llc_fast's engine does); the
-    same loop with ``torch.func.functional_call`` instead is timed beside it. Microseconds per step
-    (one step = every chain's forward, backward and update) and the ratios.
+    same loop with ``torch.func.functional_call`` instead, and the same loop with the update prepared
+    once (``backend.prepare_segments``, then ``launch`` per step, as estimate_llc's own loop does) are
+    timed beside it. Microseconds per step (one step = every chain's forward, backward and update) and
+    the ratios.
 (b) ``mlp``: a 784-1024-256-10 ReLU MLP (1,068,810 parameters), 8 chains, 4096 random samples in
     batches of 256, cross-entropy. An ``estimate_llc`` step beside the same vmapped forward+backward
     alone and the update alone on the [8, N] buffers: step / fwd+bwd, and the share of the step
@@ -127,6 +129,20 @@ def hand_loop(chains: FlatChains, batches: list, steps: int, update, *, lr, nbet
                counters=StepCounters(step=t), seed=0, chain_ids=ids)
 
 
+def hand_loop_prepared(chains: FlatChains, batches: list, steps: int, backend, *, lr, nbeta, gamma,
+                       sampler="sgld") -> None:
+    """``hand_loop`` with the update checked and packed once (``backend.prepare_segments``) and launched
+    at each step with that step's gradients, as estimate_llc's loop does."""
+    chains.reset()
+    ids = torch.arange(chains.chains, device=chains.w.device)
+    w, w_star, nb = chains.w, chains.w_star, len(batches)
+    prepared = backend.prepare_segments([(w, torch.zeros_like(w), 0, 0)], w_star, None, lr=lr, nbeta=nbeta,
+                                        gamma=gamma, settings=SamplerSettings(sampler=sampler), seed=0, chain_ids=ids)
+    for t in range(steps):
+        grad, _loss = chains.grad_and_loss(w, batches[t % nb])
+        prepared.launch(StepCounters(step=t), grad.contiguous())
+
+
 def fwd_bwd_loop(chains: FlatChains, batches: list, steps: int) -> None:
     """``steps`` vmapped forward+backward passes alone (the gradients are computed and dropped)."""
     nb = len(batches)
@@ -213,12 +229,16 @@ def part_dln(args, device, backend_name, guard, log) -> dict:
     hands = {"swap": FlatChains(model, loss_fn, C, "swap"), "functional_call": FlatChains(model, loss_fn, C,
                                                                                          "functional_call")}
     numel = hands["swap"].numel
-    update = select_backend(backend_name, device).update
+    backend = select_backend(backend_name, device)
+    update = backend.update
+    prepared = hasattr(backend, "prepare_segments")  # llc_fast's own loop prepares its update once per group
     log(f"## (a) DLN {'-'.join(map(str, DLN_WIDTHS))} rank {DLN_RANK} ({numel} parameters), {C} chains, batch "
         f"{batches[0][0].shape[0]}, sgld lr={hyper['lr']:g} nbeta={hyper['nbeta']:.4g} gamma={hyper['gamma']:g}, "
         f"backend {backend_name}; steps S1={s1}, S2={s2}; {args.rounds} round(s)")
     warm = [lambda: run_estimate(model, batches, loss_fn, hyper, chains=C, steps=3, backend=backend_name)]
     warm += [lambda fc=fc: hand_loop(fc, batches, 3, update, **hyper) for fc in hands.values()]
+    if prepared:
+        warm.append(lambda: hand_loop_prepared(hands["swap"], batches, 3, backend, **hyper))
     for fn in warm:
         err = validate(fn, warmup=2, device=device)
         if err:
@@ -230,18 +250,25 @@ def part_dln(args, device, backend_name, guard, log) -> dict:
             t["est" + tag] = run_estimate(model, batches, loss_fn, hyper, chains=C, steps=s, backend=backend_name)
             for how, fc in hands.items():
                 t[how + tag] = wall(lambda fc=fc, s=s: hand_loop(fc, batches, s, update, **hyper), device)
+            if prepared:
+                t["prepared" + tag] = wall(lambda s=s: hand_loop_prepared(hands["swap"], batches, s, backend, **hyper),
+                                           device)
         v = dict(t, est=marginal(t["est1"], t["est2"], s1, s2))
-        for how in hands:
+        for how in list(hands) + (["prepared"] if prepared else []):
             v[how] = marginal(t[how + "1"], t[how + "2"], s1, s2)
         v["ratio"] = v["est"] / v["swap"] if v["swap"] > 0 else math.nan
         v["ratio_fc"] = v["est"] / v["functional_call"] if v["functional_call"] > 0 else math.nan
+        if prepared:
+            v["ratio_prepared"] = v["est"] / v["prepared"] if v["prepared"] > 0 else math.nan
         return v
 
     def report(a, again):
         v = a.value
         other = "" if a.other is None else f"; other processes kept {a.other:.2f} cores busy"
         log(f"  round: estimate_llc {v['est'] * 1e6:.1f} us/step, hand loop {v['swap'] * 1e6:.1f} us/step "
-            f"(functional_call {v['functional_call'] * 1e6:.1f}), ratio {v['ratio']:.2f}x{other}"
+            f"(functional_call {v['functional_call'] * 1e6:.1f}"
+            + (f", prepared update {v['prepared'] * 1e6:.1f}" if "prepared" in v else "")
+            + f"), ratio {v['ratio']:.2f}x{other}"
             + ("; timing it again" if again else ""))
 
     attempts = guard.run(one_round, want=args.rounds, report=report)
@@ -249,18 +276,25 @@ def part_dln(args, device, backend_name, guard, log) -> dict:
     est, hand, hand_fc, ratio, ratio_fc = (_spread([a.value[k] for a in used])
                                            for k in ("est", "swap", "functional_call", "ratio", "ratio_fc"))
     busy = "" if clean else "  <- machine busy in every round: ignore"
-    log(f"{'':<44} {'us/step median (range)':>28} {'us/chain-step':>14}")
-    log(f"{'estimate_llc (sampling loop)':<44} {_fmt_us(est):>28} {est['median'] * 1e6 / C:>14.1f}{busy}")
-    log(f"{'hand loop: vmap grad (swap) + update':<44} {_fmt_us(hand):>28} {hand['median'] * 1e6 / C:>14.1f}{busy}")
-    log(f"{'hand loop: vmap grad (functional_call) + update':<44} {_fmt_us(hand_fc):>28} "
+    log(f"{'':<48} {'us/step median (range)':>28} {'us/chain-step':>14}")
+    log(f"{'estimate_llc (sampling loop)':<48} {_fmt_us(est):>28} {est['median'] * 1e6 / C:>14.1f}{busy}")
+    log(f"{'hand loop: vmap grad (swap) + update':<48} {_fmt_us(hand):>28} {hand['median'] * 1e6 / C:>14.1f}{busy}")
+    log(f"{'hand loop: vmap grad (functional_call) + update':<48} {_fmt_us(hand_fc):>28} "
         f"{hand_fc['median'] * 1e6 / C:>14.1f}{busy}")
+    extra = {}
+    if prepared:
+        hand_p, ratio_p = (_spread([a.value[k] for a in used]) for k in ("prepared", "ratio_prepared"))
+        extra = dict(hand_loop_prepared_s_per_step=hand_p, ratio_vs_prepared=ratio_p)
+        log(f"{'hand loop: vmap grad (swap) + prepared update':<48} {_fmt_us(hand_p):>28} "
+            f"{hand_p['median'] * 1e6 / C:>14.1f}{busy}")
     log(f"estimate_llc / hand loop: {ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}x, within each "
-        f"round); / the functional_call loop: {ratio_fc['median']:.2f}x{busy}")
+        f"round); / the functional_call loop: {ratio_fc['median']:.2f}x"
+        + (f"; / the prepared-update loop: {extra['ratio_vs_prepared']['median']:.2f}x" if prepared else "") + busy)
     log()
     return dict(part="dln", model=f"DLN {'-'.join(map(str, DLN_WIDTHS))} rank {DLN_RANK}", params=numel, chains=C,
                 batch_size=batches[0][0].shape[0], steps=[s1, s2], backend=backend_name, hyper=hyper,
                 estimate_llc_s_per_step=est, hand_loop_s_per_step=hand, hand_loop_functional_call_s_per_step=hand_fc,
-                ratio=ratio, ratio_vs_functional_call=ratio_fc, clean=clean,
+                ratio=ratio, ratio_vs_functional_call=ratio_fc, **extra, clean=clean,
                 rounds=[dict(a.value, other_cores=a.other, waited_s=a.waited) for a in attempts])
 
 
@@ -396,7 +430,10 @@ def bench(args, argv, device, parts) -> int:
         if r["part"] == "dln":
             summary.append(f"DLN {r['params']} params x {r['chains']} chains: estimate_llc "
                            f"{r['estimate_llc_s_per_step']['median'] * 1e6:.0f} us/step vs hand loop "
-                           f"{r['hand_loop_s_per_step']['median'] * 1e6:.0f} us ({r['ratio']['median']:.2f}x){flag}")
+                           f"{r['hand_loop_s_per_step']['median'] * 1e6:.0f} us ({r['ratio']['median']:.2f}x)"
+                           + (f", prepared-update loop {r['hand_loop_prepared_s_per_step']['median'] * 1e6:.0f} us "
+                              f"({r['ratio_vs_prepared']['median']:.2f}x)" if "ratio_vs_prepared" in r else "")
+                           + flag)
         else:
             size = f"{r['params'] / 1e6:.2f}M" if r["params"] >= 100_000 else f"{r['params']:,}-parameter"
             summary.append(f"MLP {size} x {r['chains']} chains: step/fwd+bwd "
