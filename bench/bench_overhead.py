@@ -440,7 +440,7 @@ def bench(args, argv, device, parts) -> int:
                            f"{r['step_over_fwd_bwd']['median']:.2f}x, {r['outside_share']['median']:.0%} outside "
                            f"fwd+bwd{flag}")
     print(f"# done in {header['wall_s']:.0f} s; load average at end: {header['loadavg_end']}")
-    print("SUMMARY: " + "; ".join(summary) + (" [quick: not a result]" if args.quick else ""))
+    print("SUMMARY: " + ("[quick: not a result] " if args.quick else "") + "; ".join(summary))
     if args.output:
         write_results(args.output, header, rows)
     return 0

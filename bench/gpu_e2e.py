@@ -324,13 +324,13 @@ def bench(args, argv) -> int:
         write_results(args.output, header, rows)
     parts = [f"{_size(r['params'])} x{r['chains']}: " + (f"{r['speedup']:.2f}x" if "speedup" in r else "no ratio")
              for r in rows]
-    quick = " [quick: not a result]" if args.quick else ""
+    quick = "[quick: not a result] " if args.quick else ""
     if devinterp_error:
         failures.append(f"devinterp not importable ({devinterp_error})")
     if failures:
-        print("SUMMARY: FAILED: " + "; ".join(failures)[:400] + "; " + ", ".join(parts) + quick)
+        print("SUMMARY: FAILED: " + quick + "; ".join(failures)[:400] + "; " + ", ".join(parts))
         return 1
-    print("SUMMARY: llc_fast / devinterp chain-steps/s: " + ", ".join(parts) + quick)
+    print("SUMMARY: " + quick + "llc_fast / devinterp chain-steps/s: " + ", ".join(parts))
     return 0
 
 

@@ -261,8 +261,9 @@ def bench(args, argv) -> int:
     slow = sorted({m.group(1) for w in warns for m in [re.search(r"batching rule for (aten::\w+)", w)] if m})
     if slow:  # vmap ran these one chain at a time: the step is slower than a batched pass would be
         mem += f"; vmap fell back to a loop for {', '.join(slow)}"
-    print(f"SUMMARY: {size} {args.arch} {args.dtype}, {C} chains, engine {engine}: {step:.3f} s/step, "
-          f"{outside:.0%} outside fwd+bwd, {mem}" + (" [quick: not a result]" if args.quick else ""))
+    print("SUMMARY: " + ("[quick: not a result] " if args.quick else "")
+          + f"{size} {args.arch} {args.dtype}, {C} chains, engine {engine}: {step:.3f} s/step, "
+          f"{outside:.0%} outside fwd+bwd, {mem}")
     return 0
 
 
