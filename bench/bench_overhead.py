@@ -190,13 +190,17 @@ def mlp_case(device, widths=MLP_WIDTHS, samples=4096, batch_size=256):
     return model, batches, ce_loss, dict(lr=1e-4, nbeta=samples / math.log(samples), gamma=1000.0)
 
 
+COMPILE = False  # --compile: estimate_llc(compile_step=True), the batched pass through torch.compile
+
+
 def run_estimate(model, batches, loss_fn, hyper, *, chains, steps, backend) -> float:
     """Seconds of estimate_llc's sampling loop for ``steps`` steps of ``chains`` chains (L(w*) excluded)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = llc_fast.estimate_llc(model, batches, loss_fn, sampler="sgld", **hyper, num_chains=chains,
                                   num_draws=steps, num_burnin_steps=0, num_init_loss_batches=1, shared_batches=True,
-                                  chain_batching="vmap", backend=backend, progress=False, seed=0)
+                                  chain_batching="vmap", backend=backend, progress=False, seed=0,
+                                  compile_step=COMPILE)
     if r.config.get("engine") != "vmap":
         raise RuntimeError(f"estimate_llc ran engine {r.config.get('engine')!r}, not the vmapped one")
     return r.timing["sampling_s"]
@@ -379,9 +383,14 @@ def main(argv=None) -> int:
                     help="step counts of the MLP part (default 5,25; 2,5 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per part (default 5; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="few steps, one round, no busy retries: a smoke run")
+    ap.add_argument("--compile", action="store_true",
+                    help="estimate_llc with compile_step=True (torch.compile of the batched forward/backward; the "
+                         "compile, at the first step of each run, cancels in the marginal per-step time)")
     add_common_options(ap, each="round")
     ap.set_defaults(retry_busy=None)  # 2, or 0 with --quick
     args = ap.parse_args(argv)
+    global COMPILE
+    COMPILE = args.compile
     if args.dln_steps is None:
         args.dln_steps = (50, 250) if args.quick else (100, 500)
     if args.mlp_steps is None:

@@ -208,7 +208,7 @@ else
     E2E_ARGS=(--device cuda --budget-s 65)
     LM_ARGS=(--device cuda)
     OVERHEAD_ARGS=(--device cuda --rounds 3)
-    CAP_A=15 CAP_B=60 CAP_C=120 CAP_D=75 CAP_E=90 CAP_F=70 CAP_G=40
+    CAP_A=15 CAP_B=60 CAP_C=100 CAP_D=75 CAP_E=90 CAP_F=70 CAP_G=60
 fi
 # the test files that mark GPU tests (collecting only these: the others may import what the GPU machine lacks)
 mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/test_*.py)
@@ -224,8 +224,10 @@ run_stage d bench_update "$CAP_D" bench_update.txt 1 -- "$PY" bench/gpu_update.p
     --output "$OUT/bench_update.json"
 run_stage e e2e-devinterp "$CAP_E" e2e.txt 1 -- "$PY" bench/gpu_e2e.py "${E2E_ARGS[@]}" --output "$OUT/e2e.json"
 run_stage f lm-1b "$CAP_F" lm.txt 1 -- "$PY" bench/gpu_lm.py "${LM_ARGS[@]}" --output "$OUT/lm.json"
-run_stage g overhead "$CAP_G" overhead.txt 1 -- "$PY" bench/bench_overhead.py "${OVERHEAD_ARGS[@]}" \
-    --output "$OUT/overhead.json"
+# g: eager, then the DLN part again with the batched pass through torch.compile (compile_step=True)
+run_stage g overhead "$CAP_G" overhead.txt 1 -- bash -c '"$0" bench/bench_overhead.py "${@:2}" --output "$1/overhead.json" \
+    && "$0" bench/bench_overhead.py "${@:2}" --parts dln --compile --output "$1/overhead-compiled.json"' \
+    "$PY" "$OUT" "${OVERHEAD_ARGS[@]}"
 
 # --- summary ---------------------------------------------------------------------------------------
 TOTAL="$(elapsed)"

@@ -107,6 +107,7 @@ class LLCConfig:
     max_batched_chains: int | None = None
     batch_memory_bytes: int | None = None
     mala_every: int | None = None
+    compile_step: bool = False
     shard_group_size: int | None = None
     batch_split: str = "auto"
     failure_grace_s: float = 10.0

@@ -119,16 +119,22 @@ def _tensor_dims(batch, dim):
 
 
 class VmapEngine(SequentialEngine):
-    """All rows of a group in one vmapped forward and backward pass."""
+    """All rows of a group in one vmapped forward and backward pass.
+
+    compile: run the vmapped forward and backward through ``torch.compile`` (one graph per batch layout,
+    compiled at its first use: seconds on a CPU), the parameters bound by torch's reparametrisation instead
+    of the swap; the chain is the same up to float rounding (the compiled kernels round differently).
+    """
 
     name = "vmap"
     batched = True
 
-    def __init__(self, model: torch.nn.Module, state: FlatState, loss_fn: Callable):
+    def __init__(self, model: torch.nn.Module, state: FlatState, loss_fn: Callable, compile: bool = False):
         super().__init__(model, state, loss_fn)
         layout = state.layout
         sizes = [s.numel for s in layout.slots]
         shapes = [s.shape for s in layout.slots]
+        names = [s.name for s in layout.slots]
 
         def flat_loss(row: torch.Tensor, batch):
             pieces = [p.view(shape) for p, shape in zip(row.split(sizes), shapes)]
@@ -136,11 +142,28 @@ class VmapEngine(SequentialEngine):
                 loss = loss_fn(model, batch)
             return loss.reshape(())
 
+        def reparametrised_loss(row: torch.Tensor, batch):
+            from torch.nn.utils.stateless import _reparametrize_module
+
+            params = {n: p.view(shape) for n, p, shape in zip(names, row.split(sizes), shapes)}
+            with _reparametrize_module(model, params, tie_weights=True):
+                return loss_fn(model, batch).reshape(())
+
+        self.compiled = compile
         self._flat_loss = flat_loss
-        self._grad_and_value = grad_and_value(flat_loss)
+        self._grad_and_value = grad_and_value(reparametrised_loss if compile else flat_loss)
+        self._graphs: dict = {}
 
     def _call(self, w: torch.Tensor, batch, batch_dim):
-        fn = vmap(self._grad_and_value, in_dims=(0, _tensor_dims(batch, batch_dim)), randomness="different")
+        in_dims = (0, _tensor_dims(batch, batch_dim))
+        if self.compiled:
+            key = repr(in_dims)
+            if key not in self._graphs:
+                self._graphs[key] = torch.compile(vmap(self._grad_and_value, in_dims=in_dims, randomness="different"),
+                                                  dynamic=False)
+            fn = self._graphs[key]
+        else:
+            fn = vmap(self._grad_and_value, in_dims=in_dims, randomness="different")
         grad, loss = fn(w, batch)
         return loss.detach(), grad.detach()
 
@@ -163,12 +186,14 @@ class VmapEngine(SequentialEngine):
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).contiguous()
 
 
-def local_engine(model, state: FlatState, loss_fn: Callable, chain_batching: str, probe_batches) -> tuple:
+def local_engine(model, state: FlatState, loss_fn: Callable, chain_batching: str, probe_batches,
+                 compile: bool = False) -> tuple:
     """(engine, fallback reason) for one process: vmap when asked or when it works ("auto": one trial
-    forward/backward on ``probe_batches()``, the group's first batches), else sequential."""
+    forward/backward on ``probe_batches()``, the group's first batches), else sequential. compile: the
+    batched engine's pass through torch.compile (``VmapEngine``)."""
     if chain_batching == "sequential" or state.num_chains == 1:
         return SequentialEngine(model, state, loss_fn), ""
-    engine = VmapEngine(model, state, loss_fn)
+    engine = VmapEngine(model, state, loss_fn, compile=compile)
     if chain_batching == "vmap":
         return engine, ""
     batches = probe_batches()

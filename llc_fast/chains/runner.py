@@ -438,7 +438,13 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
                 return [move_to_device(next(s), device) for s in streams]
 
             batching = config.chain_batching if resume is None else resume["engine"]
-            engine, reason = local_engine(model, state, loss_fn, batching, probe_batches)
+            engine, reason = local_engine(model, state, loss_fn, batching, probe_batches,
+                                          compile=config.compile_step)
+            if config.compile_step and not getattr(engine, "compiled", False):
+                import warnings
+
+                warnings.warn("compile_step=True applies to chains batched in one vmapped pass; this run samples one "
+                              "chain at a time" + (f" ({reason})" if reason else ""), RuntimeWarning, stacklevel=5)
             trace = run_chains(engine, state, data, hyper, settings=settings, schedule=schedule, seed=config.seed,
                                backend=backend, device=device, init_loss=init_loss,
                                shared_batches=config.shared_batches,
@@ -450,6 +456,8 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
             trace.engine = "none"
     t_end = time.perf_counter()
     facts = dict(device=str(device), backend=backend.name, engine=trace.engine, **model_facts(model, layout))
+    if config.compile_step:
+        facts["compiled"] = bool(getattr(engine, "compiled", False)) if hyper.num_chains else False
     return ChainRun(init_loss, trace, dict(init_loss_s=t_init - t0, sampling_s=t_end - t_init), facts)
 
 
