@@ -40,8 +40,10 @@ def _run(args: argparse.Namespace) -> int:
     rows = hf.load_tokens(args.data, seq_len=args.seq_len, token_dtype=args.token_dtype, column=args.column)
     hf.check_tokens(rows, vocab, positions)
     loader = hf.token_loader(rows, args.batch_size)
-    components = None
+    components = args.components
     if args.component:
+        if components is not None:
+            raise ValueError("pass --components or --component, not both")
         components = {"full": None}
         for spec in args.component:
             name, sep, globs = spec.partition("=")
@@ -89,6 +91,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=PARAM_DTYPES)
     p.add_argument("--backend", default="auto")
     p.add_argument("--component", action="append", help="NAME=GLOB[,GLOB...]: a restricted LLC (repeatable)")
+    p.add_argument("--components", choices=["layers", "heads", "attn-mlp", "embeddings"], default=None,
+                   help="restricted LLCs of every layer, attention head, attention/MLP part or embedding (and full)")
     p.add_argument("--save-dir", required=True, help="each finished estimate is written here; a rerun skips them")
     p.add_argument("--output", help="the table (.csv) or the whole result (.json)")
     p.add_argument("--plot", help="PNG of the LLC against the step")

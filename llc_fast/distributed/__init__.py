@@ -4,8 +4,8 @@
 
 ``estimate_llc`` switches to ``estimate_llc_sharded`` when a process group of several ranks is
 initialised. ``mesh`` lays the processes out as chain groups x shard group, ``sharded`` runs the
-chains, ``planner`` estimates per-rank memory before anything is allocated, ``failure`` makes a
-failing rank stop all ranks, ``hf`` loads HuggingFace causal LMs and token data for the CLI.
+chains with ``engine``'s FSDP engine and the one sampling loop, ``planner`` estimates per-rank memory
+before anything is allocated, ``failure`` makes a failing or unanswering rank stop all ranks.
 """
 from .failure import PeerFailedError, failure_guard
 from .mesh import ChainMesh, chain_assignment, init_from_env

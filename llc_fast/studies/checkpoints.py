@@ -237,10 +237,15 @@ def _from_state_dict(state: Mapping, template) -> torch.nn.Module:
 
 
 def component_masks(model: torch.nn.Module, components) -> dict[str, dict | None]:
-    """{name: estimate_llc mask} from {name: list of parameter-name patterns (globs) | {param: 0/1 tensor}}; the
-    component "full" (or None) is the unrestricted LLC."""
+    """{name: estimate_llc mask} from {name: list of parameter-name patterns (globs) | {param: 0/1 tensor}}, or
+    from the name of a standard set ("layers", "heads", "attn-mlp", "embeddings": ``integrations.components``,
+    "full" first); the component "full" (or None) is the unrestricted LLC."""
     if components is None:
         return {FULL: None}
+    if isinstance(components, str):
+        from ..integrations.components import standard
+
+        return standard(model, components)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     out = {}
     for comp, spec in components.items():
@@ -272,7 +277,8 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
     """``estimate_llc`` at every checkpoint (and component), the same seed throughout (see module docstring).
 
     checkpoints: see ``checkpoint_list``. data: a loader used for every checkpoint, or a callable
-    ``data(step) -> loader``. components: {name: parameter-name globs | mask dict}; None: the full LLC.
+    ``data(step) -> loader``. components: {name: parameter-name globs | mask dict}, or "layers", "heads",
+    "attn-mlp", "embeddings" (``llc_fast.integrations.components``); None: the full LLC.
     save_dir: where each estimate is written as it completes (``step<step>_<component>.json``) and read back on
     a rerun. dtype: of HF checkpoint directories. probe: ``perturbation_probe``'s keyword arguments (radii=...,
     kind=...) to run the probe at every checkpoint too (same seed). calibrate: a grid for ``llc_fast.calibrate`` (e.g. dict(lrs=[...], gammas=[...], nbetas=[...],

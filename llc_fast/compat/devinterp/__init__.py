@@ -34,7 +34,7 @@ devinterp's per-chain generators); 1.x returns llc = inf for an infinite loss, t
 ``ChainDivergedError`` as for NaN.
 """
 from .common import ChainDivergedError, DevinterpCompatWarning, _reset_warnings, default_nbeta
-from .masks import create_param_masks
+from ...integrations.components import create_param_masks
 from .optim import SGLD, SGMCMC, RMSpropSGLD
 from .v1 import estimate_learning_coeff, estimate_learning_coeff_with_summary
 from .v2 import compute_llc, llc, lm_logits, per_token_loss, sample

@@ -1,4 +1,12 @@
-"""``create_param_masks``: devinterp 2.x's weight-restriction strings, for common transformer layouts.
+"""Components of a model as weight restrictions (``estimate_llc``'s ``mask``): layers, attention heads,
+attention vs MLP, embeddings; and ``create_param_masks``, devinterp 2.x's restriction strings.
+
+``layers(model)``, ``heads(model)``, ``attn_mlp(model)``, ``embeddings(model)`` and ``standard(model, kind)``
+return {component name: restriction}, ready for ``estimate_over_checkpoints(components=...)`` or one
+``estimate_llc(mask=...)`` per component. A restriction maps parameter names to 0/1 (bool) tensors, or to
+None for a whole parameter.
+
+``create_param_masks``: devinterp 2.x's weight-restriction strings, for common transformer layouts.
 
 Supported strings: "full", "embed", "unembed", "l<i>", "l<i> attn", "l<i> mlp", "l<i>h<j>" (one attention
 head), "l<i>g<j>" (one group of query heads sharing a key/value head), a parameter name, or a list of
@@ -156,3 +164,58 @@ def _heads(model: nn.Module, params: dict, layer: int, kind: str, index: int) ->
             f"no attention parameters of a known layout in layer {layer} of {type(model).__name__}; head "
             "restrictions support GPT-2, GPT-NeoX and q_proj/k_proj/v_proj/o_proj models")
     return masks
+
+
+def _num_layers(model: nn.Module) -> int:
+    return len(model.get_submodule(_blocks(model)))
+
+
+def layers(model: nn.Module) -> dict[str, ParamMasks]:
+    """{"l0": ..., "l1": ...}: every transformer block's parameters."""
+    return {f"l{i}": create_param_masks(model, f"l{i}") for i in range(_num_layers(model))}
+
+
+def attn_mlp(model: nn.Module) -> dict[str, ParamMasks]:
+    """{"l0 attn", "l0 mlp", ...}: the attention and the MLP parameters of every block."""
+    out = {}
+    for i in range(_num_layers(model)):
+        for part in ("attn", "mlp"):
+            masks = create_param_masks(model, f"l{i} {part}")
+            if masks:
+                out[f"l{i} {part}"] = masks
+    return out
+
+
+def heads(model: nn.Module) -> dict[str, ParamMasks]:
+    """{"l0h0", "l0h1", ...}: every attention head (its query, key, value and output weights; with grouped
+    key/value heads the heads of a group share their key/value rows, so their components overlap)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "num_attention_heads"):
+        raise ValueError("head components need a HuggingFace model (config.num_attention_heads)")
+    return {f"l{i}h{h}": create_param_masks(model, f"l{i}h{h}")
+            for i in range(_num_layers(model)) for h in range(cfg.num_attention_heads)}
+
+
+def embeddings(model: nn.Module) -> dict[str, ParamMasks]:
+    """{"embed": ..., "unembed": ...} (one entry when they are tied)."""
+    out = {"embed": create_param_masks(model, "embed")}
+    try:
+        unembed = create_param_masks(model, "unembed")
+    except ValueError:
+        return out
+    if unembed and unembed != out["embed"]:
+        out["unembed"] = unembed
+    return out
+
+
+STANDARD = {"layers": layers, "heads": heads, "attn-mlp": attn_mlp, "embeddings": embeddings}
+
+
+def standard(model: nn.Module, kind: str, full: bool = True) -> dict:
+    """The components of one ``kind`` ("layers", "heads", "attn-mlp", "embeddings"), with "full" (no restriction)
+    first when ``full``."""
+    if kind not in STANDARD:
+        raise ValueError(f"components must be one of {sorted(STANDARD)}, got {kind!r}")
+    out = {"full": None} if full else {}
+    out.update(STANDARD[kind](model))
+    return out
