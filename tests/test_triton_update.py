@@ -467,19 +467,25 @@ def test_bad_inputs_raise_value_error(case):
         assert torch.equal(w, w0)  # nothing written before the error
 
 
-def test_empty_buffers_are_a_no_op(monkeypatch):
-    """No elements or no chains: nothing is launched and nothing changes (the other arguments stay checked)."""
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """The grids of the single-buffer Triton kernel's launches during the test."""
     from llc_fast.kernels import triton_kernels as module
 
-    launches = []
+    grids = []
     kernel = module._sgld_update_kernel
 
     class Counting:
         def __getitem__(self, grid):
-            launches.append(grid)
+            grids.append(grid)
             return kernel[grid]
 
     monkeypatch.setattr(module, "_sgld_update_kernel", Counting())
+    return grids
+
+
+def test_empty_buffers_are_a_no_op(launches):
+    """No elements or no chains: nothing is launched and nothing changes (the other arguments stay checked)."""
     w, grad, w_star, stat, kwargs = _good_args()
     before = (w.clone(), stat.clone())
     triton_update(w[:, :0].contiguous(), grad[:, :0].contiguous(), w_star[:0], stat[:, :0].contiguous(), **kwargs)
@@ -491,19 +497,8 @@ def test_empty_buffers_are_a_no_op(monkeypatch):
         triton_update(w[:0], grad[:0], w_star, stat[:0], **dict(kwargs, seed=-1))
 
 
-def test_one_launch_per_step(monkeypatch):
+def test_one_launch_per_step(launches):
     """All chains of a step in a single kernel launch."""
-    from llc_fast.kernels import triton_kernels as module
-
-    launches = []
-    kernel = module._sgld_update_kernel
-
-    class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(module, "_sgld_update_kernel", Counting())
     gen = torch.Generator().manual_seed(0)
     w, grad, w_star, stat, kwargs = _make_inputs(torch.float32, 3, 4097, "rmsprop_sgld", VARIANTS["full"], gen)
     _run_kernel(w, grad, w_star, stat, kwargs)
