@@ -3,7 +3,7 @@ the fast backends that implement the same function behind one base class (``back
 from .backend import Backend, NotSupportedError, UpdateCall
 from .dispatch import BackendInfo, backend_names, backends, select_backend
 from .reference import reference_update
-from .update_spec import SAMPLERS, SamplerSettings, StepCounters
+from .update_spec import SAMPLERS, RowMasks, SamplerSettings, StepCounters
 
 __all__ = ["Backend", "BackendInfo", "NotSupportedError", "UpdateCall", "backend_names", "backends",
-           "select_backend", "reference_update", "SAMPLERS", "SamplerSettings", "StepCounters"]
+           "select_backend", "reference_update", "RowMasks", "SAMPLERS", "SamplerSettings", "StepCounters"]

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from . import philox
-from .update_spec import SUPPORTED_PARAM_DTYPES, SamplerSettings, StepCounters, compute_dtype, per_chain
+from .update_spec import SUPPORTED_PARAM_DTYPES, RowMasks, SamplerSettings, StepCounters, compute_dtype, per_chain
 
 #: Global element indices (offset + n) must stay inside int64, with room for a group of four.
 MAX_INDEX = 2**63 - 1 - 8
@@ -83,7 +83,7 @@ class UpdateCall:
     segments: tuple[Segment, ...]
     w_star: torch.Tensor
     stat: torch.Tensor | None
-    mask: torch.Tensor | None
+    mask: "torch.Tensor | RowMasks | None"
     lr: float | torch.Tensor
     nbeta: float | torch.Tensor
     gamma: float | torch.Tensor
@@ -144,8 +144,39 @@ def _shape(t) -> tuple | None:
     return None if t is None else tuple(t.shape)
 
 
+def _check_row_masks(rm: RowMasks, num_chains: int, n_local: int) -> None:
+    """ValueError naming what is wrong with a RowMasks for ``num_chains`` rows of ``n_local`` local elements."""
+    windows, buffer, comp = rm.windows, rm.buffer, rm.row_component
+    if not isinstance(windows, torch.Tensor) or windows.dtype != torch.int64 or windows.ndim != 2 or windows.shape[1] != 3:
+        raise ValueError(f"RowMasks.windows must be an int64 [K, 3] tensor of (lo, hi, offset), got "
+                         f"{_shape(windows) if isinstance(windows, torch.Tensor) else type(windows).__name__}"
+                         f"{'' if not isinstance(windows, torch.Tensor) else f' of {windows.dtype}'}")
+    if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.ndim != 1 or not buffer.is_contiguous():
+        raise ValueError(f"RowMasks.buffer must be a contiguous uint8 [B] tensor of 0/1, got "
+                         f"{_shape(buffer) if isinstance(buffer, torch.Tensor) else type(buffer).__name__}"
+                         f"{'' if not isinstance(buffer, torch.Tensor) else f' of {buffer.dtype}'}")
+    if not isinstance(comp, torch.Tensor) or comp.dtype != torch.int64 or comp.ndim != 1:
+        raise ValueError(f"RowMasks.row_component must be an int64 [C] tensor, got "
+                         f"{_shape(comp) if isinstance(comp, torch.Tensor) else type(comp).__name__}"
+                         f"{'' if not isinstance(comp, torch.Tensor) else f' of {comp.dtype}'}")
+    if comp.shape[0] != num_chains:
+        raise ValueError(f"RowMasks.row_component has {comp.shape[0]} rows but the update has {num_chains} chain rows")
+    k_count, size = windows.shape[0], buffer.shape[0]
+    for k, (lo, hi, off) in enumerate(windows.cpu().tolist()):
+        if not 0 <= lo <= hi <= n_local:
+            raise ValueError(f"RowMasks.windows[{k}] = ({lo}, {hi}, {off}): the window [lo, hi) must lie in "
+                             f"[0, N_local = {n_local}]")
+        if not (0 <= off and off + (hi - lo) <= size):
+            raise ValueError(f"RowMasks.windows[{k}] = ({lo}, {hi}, {off}): offset {off} with {hi - lo} values is "
+                             f"outside the buffer's [0, {size})")
+    for c, k in enumerate(comp.cpu().tolist()):
+        if not -1 <= k < k_count:
+            raise ValueError(f"RowMasks.row_component[{c}] = {k} must be -1 (unrestricted) or a component in "
+                             f"[0, {k_count})")
+
+
 def pack_call(segments: Sequence, w_star: torch.Tensor, stat: torch.Tensor | None, *, lr, nbeta, gamma,
-              settings: SamplerSettings, counters: StepCounters, seed: int, chain_ids, mask: torch.Tensor | None,
+              settings: SamplerSettings, counters: StepCounters, seed: int, chain_ids, mask: "torch.Tensor | RowMasks | None",
               single: bool = False) -> UpdateCall:
     """Check the arguments of an update (see the module docstring) and pack them; ValueError naming
     what is wrong. ``single``: the arguments came through ``update`` (messages name w, index_offset)."""
@@ -202,9 +233,13 @@ def pack_call(segments: Sequence, w_star: torch.Tensor, stat: torch.Tensor | Non
                              f"{cdt}, got {None if stat is None else (_shape(stat), stat.dtype)}")
     else:
         stat = None
-    if mask is not None and (mask.shape != (n_local,) or not mask.is_contiguous()):
-        raise ValueError(f"mask must be a contiguous [{n_local}], got {tuple(mask.shape)}")
-    tensors = [w_star, stat, mask] + [t for s in segs for t in (s.w, s.grad)]
+    if isinstance(mask, RowMasks):
+        _check_row_masks(mask, num_chains, n_local)
+    elif mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != (n_local,)
+                               or not mask.is_contiguous()):
+        raise ValueError(f"mask must be a contiguous [{n_local}] tensor or a RowMasks, got "
+                         f"{_shape(mask) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    tensors = [w_star, stat, mask.buffer if isinstance(mask, RowMasks) else mask] + [t for s in segs for t in (s.w, s.grad)]
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -359,14 +394,15 @@ class Backend:
         counters: StepCounters,
         seed: int,
         chain_ids: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: "torch.Tensor | RowMasks | None" = None,
         index_offset: int = 0,
     ) -> None:
         """One sampler step in place on ``w`` [C, N] (and ``stat`` [C, N]).
 
         grad: [C, N], w's dtype (gradient of the mean minibatch loss). w_star: [N]. stat: the
         RMSProp statistic V (float32; float64 for float64 weights), None for SGLD. lr, nbeta,
-        gamma: scalars or [C]. chain_ids: [C] integers in [0, 2**31). mask: [N] of 0/1 or None.
+        gamma: scalars or [C]. chain_ids: [C] integers in [0, 2**31). mask: [N] of 0/1 (shared by
+        every row), a ``RowMasks`` (one mask per chain row, ``update_spec.RowMasks``) or None.
         index_offset: global index of element 0 (a shard's offset; keys the noise).
         """
         if not isinstance(w, torch.Tensor) or w.ndim != 2:
@@ -391,14 +427,15 @@ class Backend:
         counters: StepCounters,
         seed: int,
         chain_ids: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: "torch.Tensor | RowMasks | None" = None,
     ) -> None:
         """One sampler step over several separately allocated segments, in one call or launch.
 
         segments: (w_k [C, n_k], grad_k [C, n_k], local_start_k, global_offset_k); segment k is
         columns [local_start_k, local_start_k + n_k) of w_star [N_local], stat [C, N_local] and mask
         [N_local] (the ranges must not overlap), and its element j draws the noise of global index
-        global_offset_k + j. Equal to ``update`` once per segment on those columns.
+        global_offset_k + j. Equal to ``update`` once per segment on those columns. A ``RowMasks``
+        mask indexes the local flat elements (local_start_k + j), as the shared mask does.
         """
         self.run(pack_call(segments, w_star, stat, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings,
                            counters=counters, seed=seed, chain_ids=chain_ids, mask=mask))
@@ -415,7 +452,7 @@ class Backend:
         settings: SamplerSettings,
         seed: int,
         chain_ids: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: "torch.Tensor | RowMasks | None" = None,
     ) -> PreparedUpdate:
         """``update_segments``'s arguments but the counters, checked (ValueError, NotSupportedError) and
         packed once: ``prepared.launch(counters, grads=None)`` is ``update_segments`` at ``counters``

@@ -9,7 +9,8 @@ One step for every chain c and element i (Welling–Teh convention, ``docs/updat
     w   <- w + m * ( -(lr_c/2)*G*d + noise_level*sqrt(lr_c*G)*xi )
     w   <- clamp(w, w* - box, w* + box)             (if a box is set)
 
-g is the gradient of the mean minibatch loss, m the 0/1 mask, xi the counter-based normal of
+g is the gradient of the mean minibatch loss, m the 0/1 mask (one [N] mask shared by every
+chain row, or a ``RowMasks``: row c's own mask, its element i the local flat index), xi the counter-based normal of
 (seed, chain, step, global element index) from ``philox.gaussian_noise``. bfloat16 weights
 are updated in float32 and stored by stochastic rounding keyed the same way; float64 weights
 are updated in float64.
@@ -25,7 +26,7 @@ import torch
 
 from . import philox
 from .backend import Backend, PreparedUpdate, UpdateCall
-from .update_spec import SUPPORTED_PARAM_DTYPES, SamplerSettings, StepCounters, compute_dtype  # noqa: F401
+from .update_spec import SUPPORTED_PARAM_DTYPES, RowMasks, SamplerSettings, StepCounters, compute_dtype  # noqa: F401
 
 CHUNK = 1 << 20  # elements per pass, to bound the int64 temporaries of the noise
 
@@ -36,8 +37,8 @@ def sgld_step(w: torch.Tensor, grad: torch.Tensor, w_star: torch.Tensor, stat: t
               index_offset: int) -> None:
     """The step above, in place on one buffer ``w`` [C, N] (and ``stat`` [C, N]), arguments checked.
 
-    grad: [C, N]. w_star, mask: [N]. lr, nbeta, gamma: [C, 1] of the compute dtype. chain_ids:
-    int64 [C] on w's device. index_offset: global index of element 0.
+    grad: [C, N]. w_star, mask: [N] (or mask a ``RowMasks`` of C rows). lr, nbeta, gamma: [C, 1] of
+    the compute dtype. chain_ids: int64 [C] on w's device. index_offset: global index of element 0.
     """
     philox._check_counters(chain_ids, counters.step, index_offset)
     _BufferStep(w, mask, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings, chain_ids=chain_ids,
@@ -49,8 +50,10 @@ class _BufferStep:
     step to the next (built once: the chunks, their noise counters and mask, the per-chain values,
     SGLD's coefficients) and ``run``, the step itself."""
 
-    def __init__(self, w: torch.Tensor, mask: torch.Tensor | None, *, lr: torch.Tensor, nbeta: torch.Tensor,
-                 gamma: torch.Tensor, settings: SamplerSettings, chain_ids: torch.Tensor, index_offset: int):
+    def __init__(self, w: torch.Tensor, mask: torch.Tensor | RowMasks | None, *, lr: torch.Tensor, nbeta: torch.Tensor,
+                 gamma: torch.Tensor, settings: SamplerSettings, chain_ids: torch.Tensor, index_offset: int,
+                 local_start: int = 0):
+        """mask: [n] (this buffer's columns), or a RowMasks whose local element local_start + j is column j."""
         n = w.shape[1]
         cdt = self.cdt = compute_dtype(w.dtype)
         self.settings, self.lr, self.nbeta, self.gamma = settings, lr, nbeta, gamma
@@ -58,7 +61,9 @@ class _BufferStep:
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
             self.chunks.append((
-                slice(lo, hi), None if mask is None else mask[lo:hi].to(cdt),
+                slice(lo, hi), None if mask is None else (
+                    mask.rows(local_start + lo, local_start + hi).to(cdt) if isinstance(mask, RowMasks)
+                    else mask[lo:hi].to(cdt)),
                 philox.group_counters(chain_ids, index_offset + lo, hi - lo, philox.STREAM_GAUSSIAN),
                 philox.group_counters(chain_ids, index_offset + lo, hi - lo, philox.STREAM_ROUNDING)
                 if w.dtype == torch.bfloat16 else None))
@@ -111,9 +116,16 @@ class _TorchPrepared(PreparedUpdate):
         chain_ids = call.chain_ids.to(call.device)
         philox._check_counters(chain_ids, 0, 0)  # once (a host sync for chain indices on an accelerator)
         self.steps = [(seg.local, call.w_star[seg.local],
-                       _BufferStep(seg.w, None if call.mask is None else call.mask[seg.local], lr=lr, nbeta=nbeta,
-                                   gamma=gamma, settings=call.settings, chain_ids=chain_ids,
-                                   index_offset=seg.global_offset)) for seg in call.segments]
+                       _BufferStep(seg.w, self._mask(call.mask, seg), lr=lr, nbeta=nbeta, gamma=gamma,
+                                   settings=call.settings, chain_ids=chain_ids, index_offset=seg.global_offset,
+                                   local_start=seg.local_start)) for seg in call.segments]
+
+    @staticmethod
+    def _mask(mask, seg):
+        """The segment's columns of a shared mask; a RowMasks as it is (indexed by local element)."""
+        if mask is None or isinstance(mask, RowMasks):
+            return mask
+        return mask[seg.local]
 
     def _launch(self, counters: StepCounters, step: int) -> None:
         call = self.call

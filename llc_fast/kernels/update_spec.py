@@ -92,3 +92,90 @@ def per_chain(value: float | torch.Tensor, num_chains: int, device: torch.device
     if t.shape != (num_chains,):
         raise ValueError(f"per-chain hyperparameter must be a scalar or have shape ({num_chains},), got {tuple(t.shape)}")
     return t
+
+
+@dataclass(frozen=True, eq=False)
+class RowMasks:
+    """One 0/1 mask per chain row, without a per-row copy: row c uses component ``row_component[c]``.
+
+    windows: int64 [K, 3]; component k's mask is ``buffer[offset_k : offset_k + hi_k - lo_k]`` on the
+        local flat elements [lo_k, hi_k) (row k = (lo_k, hi_k, offset_k)), and 0 (not sampled) on
+        every element outside that window.
+    buffer: uint8 [B] of 0/1, the components' windows concatenated (components may share bytes).
+    row_component: int64 [C]: each chain row's component, or -1 for no restriction (all ones).
+
+    Element i (a local flat index, like the shared [N_local] mask's) of row c has the mask value
+    1 if row_component[c] < 0, else (lo <= i < hi ? buffer[offset + i - lo] : 0) with (lo, hi,
+    offset) = windows[row_component[c]]. The update checks the fields against its sizes
+    (``backend.pack_call``); ``buffer`` must be on the weights' device, ``windows`` and
+    ``row_component`` may be anywhere (they are read on the host once per call or prepare).
+    """
+
+    windows: torch.Tensor
+    buffer: torch.Tensor
+    row_component: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, masks, row_component) -> "RowMasks":
+        """From components ``masks`` (each an [N] 0/1 tensor, or None for no restriction) and
+        each row's index into ``masks``: every mask is trimmed to the window between its first and
+        last nonzero (an all-zero mask is refused: it would sample nothing); rows of a None
+        component get -1."""
+        masks = list(masks)
+        rows = [int(k) for k in row_component]
+        for c, k in enumerate(rows):
+            if not 0 <= k < len(masks):
+                raise ValueError(f"row_component[{c}] = {k} is not an index into the {len(masks)} masks")
+        windows, pieces, index, total, device = [], [], {}, 0, None
+        for k, m in enumerate(masks):
+            if m is None:
+                continue
+            if not isinstance(m, torch.Tensor) or m.ndim != 1:
+                raise ValueError(f"masks[{k}] must be a 1-d 0/1 tensor or None, got {getattr(m, 'shape', type(m))}")
+            if device is not None and m.device != device:
+                raise ValueError(f"masks must be on one device, got {device} and {m.device}")
+            device = m.device
+            nz = torch.nonzero(m != 0).flatten()
+            if nz.numel() == 0:
+                raise ValueError(f"masks[{k}] is all zeros: a component that samples no element")
+            lo, hi = int(nz[0]), int(nz[-1]) + 1
+            index[k] = len(windows)
+            windows.append((lo, hi, total))
+            pieces.append((m[lo:hi] != 0).to(torch.uint8))
+            total += hi - lo
+        buffer = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
+        return cls(windows=torch.tensor(windows, dtype=torch.int64).reshape(-1, 3), buffer=buffer.contiguous(),
+                   row_component=torch.tensor([index.get(k, -1) for k in rows], dtype=torch.int64))
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_component.shape[0])
+
+    def row_windows(self) -> torch.Tensor:
+        """int64 [C, 3] on the host: each row's (lo, hi, offset), (0, 0, -1) for an unrestricted row
+        (what the kernels read: a negative offset means all ones)."""
+        comp = self.row_component.cpu()
+        table = torch.zeros((comp.shape[0], 3), dtype=torch.int64)
+        table[:, 2] = -1
+        restricted = comp >= 0
+        if bool(restricted.any()):
+            table[restricted] = self.windows.cpu()[comp[restricted]]
+        return table
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 [C, stop - start]: the mask values of local elements [start, stop) of every row, on the
+        buffer's device."""
+        table = self.row_windows().to(self.buffer.device)
+        lo, hi, off = (table[:, k:k + 1] for k in range(3))
+        i = torch.arange(start, stop, dtype=torch.int64, device=self.buffer.device)[None, :]
+        inside = (i >= lo) & (i < hi) & (off >= 0)
+        if self.buffer.numel():
+            pos = torch.where(inside, off + i - lo, torch.zeros_like(i))
+            values = torch.where(inside, self.buffer[pos], torch.zeros((), dtype=torch.uint8, device=i.device))
+        else:
+            values = torch.zeros(inside.shape, dtype=torch.uint8, device=i.device)
+        return torch.where(off < 0, torch.ones((), dtype=torch.uint8, device=i.device), values)
+
+    def dense(self, num_elements: int) -> torch.Tensor:
+        """uint8 [C, num_elements]: every row's mask over local elements [0, num_elements) (tests)."""
+        return self.rows(0, num_elements)
