@@ -30,6 +30,12 @@ struct UpdateArgs {
   const void* w_star;
   void* stat;
   const uint8_t* mask;
+  // Per-row masks (RowMasks, llc_fast/kernels/update_spec.py), or both null: row_windows is int64
+  // [C, 3], row c's (lo, hi, offset) resolved by the host (offset < 0: row c is unrestricted);
+  // row c's mask of local element i is lo <= i < hi ? row_mask[offset + i - lo] : 0. When set,
+  // has_mask is false and mask is null.
+  const int64_t* row_windows;
+  const uint8_t* row_mask;
   // [C] per-chain lr, nbeta, gamma (float32; float64 for float64 weights) and chain indices
   const void* lr;
   const void* nbeta;
@@ -108,6 +114,27 @@ LLC_HD Hyper<T> make_hyper(const UpdateArgs& a) {
 
 LLC_HD float t_sqrt(float x) { return sqrtf(x); }
 LLC_HD double t_sqrt(double x) { return sqrt(x); }
+
+// Row c's window of a per-row mask (UpdateArgs::row_windows): elements [lo, hi) of the local
+// flat index take row_mask[offset + i - lo], the others 0; unrestricted rows take 1.
+struct RowWindow {
+  int64_t lo, hi, offset;
+  bool unrestricted;
+};
+
+LLC_HD RowWindow row_window(const UpdateArgs& a, int64_t c) {
+  RowWindow r;
+  r.lo = a.row_windows[3 * c];
+  r.hi = a.row_windows[3 * c + 1];
+  r.offset = a.row_windows[3 * c + 2];
+  r.unrestricted = r.offset < 0;
+  return r;
+}
+
+// The mask value of local element i in row window r.
+LLC_HD bool row_mask_value(const UpdateArgs& a, const RowWindow& r, int64_t i) {
+  return r.unrestricted || (i >= r.lo && i < r.hi && a.row_mask[r.offset + i - r.lo] != 0);
+}
 
 // The new value of one weight. w, g, ws: weight, gradient, w*; v: the statistic (read and,
 // if update_statistic, written; ignored for SGLD); xi: the element's normal; m: mask value.

@@ -311,6 +311,7 @@ struct alignas(64) TileScratch {
   uint32_t words[4][kTileGroups];       // phase 1 output (stream 0, then stream 1 for bfloat16)
   float xi[4 * kTileGroups];            // normals, element order
   uint32_t round_bits[4 * kTileGroups];  // stream-1 words, element order (bfloat16 only)
+  uint8_t mask[4 * kTileGroups];         // a per-row mask's values of a run that leaves its window
 };
 
 // Normals (and, if rounding, stream-1 words) of groups g0 .. g0 + ngroups - 1 in element order.
@@ -417,8 +418,9 @@ void update_run(S* __restrict w, const S* __restrict grad, const S* __restrict w
 
 // Segments (a single-buffer update is one segment with local_start 0 and stat_stride n). Work
 // items are (segment, chain, block of kGroupsPerBlock groups), numbered segment by segment; all
-// run in one OpenMP parallel region.
-template <typename S, bool kPrecond, bool kUpdateStat, bool kMask, bool kWD>
+// run in one OpenMP parallel region. kRowMasks: per-row masks (UpdateArgs::row_windows), each
+// work item looks its row's window up once and gives each run the mask bytes it covers.
+template <typename S, bool kPrecond, bool kUpdateStat, bool kMask, bool kWD, bool kRowMasks = false>
 void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segments, int64_t stat_stride,
                    int num_threads) {
   using T = typename Storage<S>::T;
@@ -462,7 +464,10 @@ void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segment
       S* w = reinterpret_cast<S*>(static_cast<uintptr_t>(seg.w));
       const S* grad = reinterpret_cast<const S*>(static_cast<uintptr_t>(seg.grad));
       const S* ws_seg = w_star + seg.local_start;
-      const uint8_t* mask_seg = kMask ? a.mask + seg.local_start : nullptr;
+      const uint8_t* mask_seg = kMask && !kRowMasks ? a.mask + seg.local_start : nullptr;
+      // A per-row mask: the row's window, once per work item (local indices of the flat buffers).
+      RowWindow rw = {0, 0, -1, true};
+      if constexpr (kRowMasks) rw = row_window(a, c);
       const uint32_t chain = static_cast<uint32_t>(a.chain_ids[c]);
       RowConsts<T> rc;
       rc.lr = lr[c];
@@ -482,9 +487,35 @@ void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segment
         const int64_t e_end = std::min<int64_t>(4 * (tg + tn) - off, n);
         const int64_t t0 = e_begin + off - 4 * tg;  // position of e_begin in the tile
         const int64_t i0 = row + e_begin;
-        update_run<S, kPrecond, kUpdateStat, kMask, kWD>(
-            w + i0, grad + i0, ws_seg + e_begin, kPrecond ? stat_row + e_begin : nullptr,
-            kMask ? mask_seg + e_begin : nullptr, scratch.xi + t0, scratch.round_bits + t0, e_end - e_begin, h, rc);
+        const int64_t count = e_end - e_begin;
+        if constexpr (kRowMasks) {
+          if (rw.unrestricted) {  // all ones: delta * 1 is delta, the unmasked loop
+            update_run<S, kPrecond, kUpdateStat, false, kWD>(
+                w + i0, grad + i0, ws_seg + e_begin, kPrecond ? stat_row + e_begin : nullptr, nullptr,
+                scratch.xi + t0, scratch.round_bits + t0, count, h, rc);
+            continue;
+          }
+          // The run's local elements [l0, l0 + count): inside the window, the buffer's own bytes;
+          // otherwise the values in scratch (zeros outside the window).
+          const int64_t l0 = seg.local_start + e_begin;
+          const uint8_t* m = nullptr;
+          if (l0 >= rw.lo && l0 + count <= rw.hi) {
+            m = a.row_mask + rw.offset + (l0 - rw.lo);
+          } else {
+            std::memset(scratch.mask, 0, static_cast<size_t>(count));
+            const int64_t a0 = std::max(l0, rw.lo), a1 = std::min(l0 + count, rw.hi);
+            if (a1 > a0)
+              std::memcpy(scratch.mask + (a0 - l0), a.row_mask + rw.offset + (a0 - rw.lo), static_cast<size_t>(a1 - a0));
+            m = scratch.mask;
+          }
+          update_run<S, kPrecond, kUpdateStat, true, kWD>(
+              w + i0, grad + i0, ws_seg + e_begin, kPrecond ? stat_row + e_begin : nullptr, m, scratch.xi + t0,
+              scratch.round_bits + t0, count, h, rc);
+        } else {
+          update_run<S, kPrecond, kUpdateStat, kMask, kWD>(
+              w + i0, grad + i0, ws_seg + e_begin, kPrecond ? stat_row + e_begin : nullptr,
+              kMask ? mask_seg + e_begin : nullptr, scratch.xi + t0, scratch.round_bits + t0, count, h, rc);
+        }
       }
     }
   }
@@ -493,7 +524,10 @@ void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segment
 template <typename S, bool kPrecond, bool kUpdateStat>
 void update_impl_flags(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stride, int num_threads) {
   const bool wd = a.weight_decay != 0.0;  // as make_hyper's has_wd
-  if (a.has_mask) {
+  if (a.row_windows) {
+    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true, true>(a, segs, ns, stride, num_threads);
+    else update_impl_t<S, kPrecond, kUpdateStat, true, false, true>(a, segs, ns, stride, num_threads);
+  } else if (a.has_mask) {
     if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true>(a, segs, ns, stride, num_threads);
     else update_impl_t<S, kPrecond, kUpdateStat, true, false>(a, segs, ns, stride, num_threads);
   } else {
@@ -529,7 +563,8 @@ void run_update(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t st
   }
 }
 
-void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t lr,
+void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t row_windows,
+                 uintptr_t row_mask, uintptr_t lr,
                  uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains, int64_t n, uint64_t seed,
                  uint64_t step, double stat_scale, int32_t sampler, bool update_statistic, bool has_mask, bool has_box,
                  double alpha, double one_minus_alpha, double eps, double weight_decay, double box,
@@ -546,6 +581,8 @@ void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, 
   a.w_star = reinterpret_cast<const void*>(w_star);
   a.stat = reinterpret_cast<void*>(stat);
   a.mask = reinterpret_cast<const uint8_t*>(mask);
+  a.row_windows = reinterpret_cast<const int64_t*>(row_windows);
+  a.row_mask = reinterpret_cast<const uint8_t*>(row_mask);
   a.lr = reinterpret_cast<const void*>(lr);
   a.nbeta = reinterpret_cast<const void*>(nbeta);
   a.gamma = reinterpret_cast<const void*>(gamma);
@@ -554,7 +591,7 @@ void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, 
   a.n = n;
   a.index_offset = index_offset;
   if (!a.w || !a.grad || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
-      (has_mask && !a.mask))
+      (has_mask && !a.mask) || (a.row_windows && (has_mask || !a.row_mask)))
     throw std::invalid_argument("sgld_update: null data pointer");
   const Segment seg = {static_cast<int64_t>(w), static_cast<int64_t>(grad), n, 0, index_offset};
   run_update(a, &seg, 1, n, num_threads);
@@ -563,7 +600,7 @@ void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, 
 // One update over several segments (see Segment, sgld_update.h) in one parallel region. segments:
 // int64 [num_segments, 5]; w_star, mask: [n_local]; stat: [C, n_local].
 void sgld_update_segments(uintptr_t segments, int64_t num_segments, uintptr_t w_star, uintptr_t stat, uintptr_t mask,
-                          uintptr_t lr, uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains,
+                          uintptr_t row_windows, uintptr_t row_mask, uintptr_t lr, uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains,
                           int64_t n_local, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
                           bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
                           double eps, double weight_decay, double box, double noise_level, int32_t dtype,
@@ -588,6 +625,8 @@ void sgld_update_segments(uintptr_t segments, int64_t num_segments, uintptr_t w_
   a.w_star = reinterpret_cast<const void*>(w_star);
   a.stat = reinterpret_cast<void*>(stat);
   a.mask = reinterpret_cast<const uint8_t*>(mask);
+  a.row_windows = reinterpret_cast<const int64_t*>(row_windows);
+  a.row_mask = reinterpret_cast<const uint8_t*>(row_mask);
   a.lr = reinterpret_cast<const void*>(lr);
   a.nbeta = reinterpret_cast<const void*>(nbeta);
   a.gamma = reinterpret_cast<const void*>(gamma);
@@ -596,7 +635,7 @@ void sgld_update_segments(uintptr_t segments, int64_t num_segments, uintptr_t w_
   a.n = n_local;
   a.index_offset = 0;
   if (!a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
-      (has_mask && !a.mask))
+      (has_mask && !a.mask) || (a.row_windows && (has_mask || !a.row_mask)))
     throw std::invalid_argument("sgld_update_segments: null data pointer");
   run_update(a, segs, num_segments, n_local, num_threads);
 }
@@ -680,7 +719,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(llc::kBFloat16);
   m.attr("PHILOX_IMPL") = LLC_PHILOX_IMPL;
   m.def("sgld_update", &llc::sgld_update, "One SGLD step in place (see cpp_update.py)", py::arg("w"), py::arg("grad"),
-        py::arg("w_star"), py::arg("stat"), py::arg("mask"), py::arg("lr"), py::arg("nbeta"), py::arg("gamma"),
+        py::arg("w_star"), py::arg("stat"), py::arg("mask"), py::arg("row_windows"), py::arg("row_mask"), py::arg("lr"), py::arg("nbeta"), py::arg("gamma"),
         py::arg("chain_ids"), py::arg("num_chains"), py::arg("n"), py::arg("seed"), py::arg("step"),
         py::arg("stat_scale"), py::arg("sampler"), py::arg("update_statistic"), py::arg("has_mask"),
         py::arg("has_box"), py::arg("alpha"), py::arg("one_minus_alpha"), py::arg("eps"), py::arg("weight_decay"),
@@ -689,7 +728,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgld_update_segments", &llc::sgld_update_segments,
         "One SGLD step in place over several segments, one parallel region (see cpp_update.py)",
         py::arg("segments"), py::arg("num_segments"), py::arg("w_star"), py::arg("stat"), py::arg("mask"),
-        py::arg("lr"), py::arg("nbeta"), py::arg("gamma"), py::arg("chain_ids"), py::arg("num_chains"),
+        py::arg("row_windows"), py::arg("row_mask"), py::arg("lr"), py::arg("nbeta"), py::arg("gamma"), py::arg("chain_ids"), py::arg("num_chains"),
         py::arg("n_local"), py::arg("seed"), py::arg("step"), py::arg("stat_scale"), py::arg("sampler"),
         py::arg("update_statistic"), py::arg("has_mask"), py::arg("has_box"), py::arg("alpha"),
         py::arg("one_minus_alpha"), py::arg("eps"), py::arg("weight_decay"), py::arg("box"), py::arg("noise_level"),

@@ -90,7 +90,8 @@ template <typename S, typename T>
 __device__ __forceinline__ void update_group(const UpdateArgs& a, const Hyper<T>& h, S* __restrict__ w_row,
                                              const S* __restrict__ g_row, const S* __restrict__ w_star,
                                              T* __restrict__ stat_row, const uint8_t* __restrict__ mask, int64_t n,
-                                             int64_t off, int64_t g, uint32_t chain, T lr_c, T nbeta_c, T gamma_c) {
+                                             int64_t off, int64_t g, uint32_t chain, T lr_c, T nbeta_c, T gamma_c,
+                                             bool row_masks, const RowWindow& rw, int64_t local_start) {
   constexpr bool kBF16 = sizeof(S) == 2;
   const Normals4 xi = normals_from_words(group_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamGaussian));
   Words4 rbits = {{0u, 0u, 0u, 0u}};
@@ -113,6 +114,10 @@ __device__ __forceinline__ void update_group(const UpdateArgs& a, const Hyper<T>
     Vec<S>::load(sp, sv);
     if (vp) Vec<T>::load(vp, vv);
     if (mp) Vec<uint8_t>::load(mp, mv);
+    if (row_masks) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) mv[j] = row_mask_value(a, rw, local_start + e0 + j) ? 1 : 0;
+    }
     S out[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -129,8 +134,9 @@ __device__ __forceinline__ void update_group(const UpdateArgs& a, const Hyper<T>
     for (int j = 0; j < 4; ++j) {
       if (j < j0 || j >= j1) continue;
       T v = vp ? vp[j] : T(0);
-      const T o = update_element<T>(to_compute(wp[j]), to_compute(gp[j]), to_compute(sp[j]), &v, xi.n[j],
-                                    !mp || mp[j] != 0, lr_c, nbeta_c, gamma_c, h);
+      const bool m = row_masks ? row_mask_value(a, rw, local_start + e0 + j) : (!mp || mp[j] != 0);
+      const T o = update_element<T>(to_compute(wp[j]), to_compute(gp[j]), to_compute(sp[j]), &v, xi.n[j], m, lr_c,
+                                    nbeta_c, gamma_c, h);
       wp[j] = to_storage(o, static_cast<S*>(nullptr), rbits.w[j]);
       if (vp && h.update_statistic) vp[j] = v;
     }
@@ -153,9 +159,13 @@ __global__ void __launch_bounds__(kThreads) sgld_update_kernel(UpdateArgs a, int
     const T nbeta_c = static_cast<const T*>(a.nbeta)[c];
     const T gamma_c = static_cast<const T*>(a.gamma)[c];
     const int64_t row = c * n;
+    const bool row_masks = a.row_windows != nullptr;
+    RowWindow rw = {0, 0, -1, true};
+    if (row_masks) rw = row_window(a, c);  // once per chain row
     for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_groups; t += stride) {
       update_group<S, T>(a, h, w + row, grad + row, w_star, h.preconditioned ? stat + row : nullptr,
-                         a.has_mask ? a.mask : nullptr, n, a.index_offset, g_first + t, chain, lr_c, nbeta_c, gamma_c);
+                         a.has_mask ? a.mask : nullptr, n, a.index_offset, g_first + t, chain, lr_c, nbeta_c, gamma_c,
+                         row_masks, rw, 0);
     }
   }
 }
@@ -179,6 +189,9 @@ __global__ void __launch_bounds__(kThreads) sgld_update_segments_kernel(UpdateAr
     const T lr_c = static_cast<const T*>(a.lr)[c];
     const T nbeta_c = static_cast<const T*>(a.nbeta)[c];
     const T gamma_c = static_cast<const T*>(a.gamma)[c];
+    const bool row_masks = a.row_windows != nullptr;
+    RowWindow rw = {0, 0, -1, true};
+    if (row_masks) rw = row_window(a, c);  // once per chain row
     for (int64_t vb = blockIdx.x; vb < total_blocks; vb += gridDim.x) {
       int64_t lo = 0, hi = num_segments - 1;  // the last s with first_block[s] <= vb
       while (lo < hi) {
@@ -196,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) sgld_update_segments_kernel(UpdateAr
       update_group<S, T>(a, h, w + row, grad + row, w_star + seg.local_start,
                          h.preconditioned ? stat + c * stat_stride + seg.local_start : nullptr,
                          a.has_mask ? a.mask + seg.local_start : nullptr, n, off, off / 4 + t, chain, lr_c, nbeta_c,
-                         gamma_c);
+                         gamma_c, row_masks, rw, seg.local_start);
     }
   }
 }
@@ -263,7 +276,7 @@ cudaError_t launch_segments(const UpdateArgs& a, const int64_t* table, int64_t n
 // Return codes: a cudaError_t (0 = success), or -1 for bad arguments (the Python side checks
 // them first; these checks only keep a wrong call from reading out of bounds).
 extern "C" int llc_sgld_update_cuda(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, uintptr_t mask,
-                                    uintptr_t lr, uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids,
+                                    uintptr_t row_windows, uintptr_t row_mask, uintptr_t lr, uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids,
                                     int64_t num_chains, int64_t n, uint64_t seed, uint64_t step, double stat_scale,
                                     int32_t sampler, int32_t update_statistic, int32_t has_mask, int32_t has_box,
                                     double alpha, double one_minus_alpha, double eps, double weight_decay, double box,
@@ -279,6 +292,8 @@ extern "C" int llc_sgld_update_cuda(uintptr_t w, uintptr_t grad, uintptr_t w_sta
   a.w_star = reinterpret_cast<const void*>(w_star);
   a.stat = reinterpret_cast<void*>(stat);
   a.mask = has_mask ? reinterpret_cast<const uint8_t*>(mask) : nullptr;
+  a.row_windows = reinterpret_cast<const int64_t*>(row_windows);
+  a.row_mask = reinterpret_cast<const uint8_t*>(row_mask);
   a.lr = reinterpret_cast<const void*>(lr);
   a.nbeta = reinterpret_cast<const void*>(nbeta);
   a.gamma = reinterpret_cast<const void*>(gamma);
@@ -289,7 +304,7 @@ extern "C" int llc_sgld_update_cuda(uintptr_t w, uintptr_t grad, uintptr_t w_sta
   set_scalars(a, seed, step, stat_scale, sampler, update_statistic != 0, has_mask != 0, has_box != 0, alpha,
               one_minus_alpha, eps, weight_decay, box, noise_level, dtype);
   if (!a.w || !a.grad || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
-      (a.has_mask && !a.mask))
+      (a.has_mask && !a.mask) || (a.row_windows && (a.has_mask || !a.row_mask)))
     return -1;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -327,7 +342,8 @@ extern "C" int llc_cuda_segment_block_groups() { return llc::kThreads; }
 // rows (sgld_update.h), then first_block (S + 1 values; first_block[S] = all virtual blocks), built
 // and checked by cuda_update.py. w_star, mask: [n_local]; stat: [C, n_local]. Return codes as above.
 extern "C" int llc_sgld_update_segments_cuda(uintptr_t table, int64_t num_segments, int64_t total_blocks,
-                                             uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t lr,
+                                             uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t row_windows,
+                                             uintptr_t row_mask, uintptr_t lr,
                                              uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids,
                                              int64_t num_chains, int64_t n_local, uint64_t seed, uint64_t step,
                                              double stat_scale, int32_t sampler, int32_t update_statistic,
@@ -345,6 +361,8 @@ extern "C" int llc_sgld_update_segments_cuda(uintptr_t table, int64_t num_segmen
   a.w_star = reinterpret_cast<const void*>(w_star);
   a.stat = reinterpret_cast<void*>(stat);
   a.mask = has_mask ? reinterpret_cast<const uint8_t*>(mask) : nullptr;
+  a.row_windows = reinterpret_cast<const int64_t*>(row_windows);
+  a.row_mask = reinterpret_cast<const uint8_t*>(row_mask);
   a.lr = reinterpret_cast<const void*>(lr);
   a.nbeta = reinterpret_cast<const void*>(nbeta);
   a.gamma = reinterpret_cast<const void*>(gamma);
@@ -356,7 +374,7 @@ extern "C" int llc_sgld_update_segments_cuda(uintptr_t table, int64_t num_segmen
               one_minus_alpha, eps, weight_decay, box, noise_level, dtype);
   const int64_t* t = reinterpret_cast<const int64_t*>(table);
   if (!t || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
-      (a.has_mask && !a.mask))
+      (a.has_mask && !a.mask) || (a.row_windows && (a.has_mask || !a.row_mask)))
     return -1;
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {

@@ -37,7 +37,7 @@ def _library(device: torch.device) -> ctypes.CDLL:
         if arch not in _LIBS:
             lib = ctypes.CDLL(str(build.cuda_library(arch)))
             u64, i64, i32, f64, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32, ctypes.c_double, ctypes.c_size_t
-            buffers = [ptr] * 7 + [i64]  # native.BUFFERS
+            buffers = [ptr] * 9 + [i64]  # native.BUFFERS
             scalars = [u64, u64, f64] + [i32] * 4 + [f64] * 6  # native.SCALARS
             lib.llc_sgld_update_cuda.argtypes = [ptr, ptr, *buffers, i64, *scalars, i64, i32, ptr]
             lib.llc_sgld_update_cuda.restype = ctypes.c_int

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from .backend import UpdateCall
-from .update_spec import SAMPLERS, StepCounters
+from .update_spec import SAMPLERS, RowMasks, StepCounters
 
 #: Codes the kernels take for the weights' dtype (bfloat16 is passed as its uint16 bits).
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 SAMPLER_CODES = {name: code for code, name in enumerate(SAMPLERS)}
 #: The buffers every entry takes, in the order of their C signatures.
-BUFFERS = ("w_star", "stat", "mask", "lr", "nbeta", "gamma", "chain_ids", "num_chains")
+BUFFERS = ("w_star", "stat", "mask", "row_windows", "row_mask", "lr", "nbeta", "gamma", "chain_ids", "num_chains")
 #: The scalars every entry takes, in the order of their C signatures (host float64: the kernel
 #: rounds them once to its compute type).
 SCALARS = ("seed", "step", "stat_scale", "sampler", "update_statistic", "has_mask", "has_box", "alpha",
@@ -23,11 +23,17 @@ def kernel_args(call: UpdateCall) -> tuple[dict, tuple]:
     """(arguments, keep): the ``BUFFERS`` (pointers as ints) and ``SCALARS`` of ``call``, plus
     ``dtype``; ``keep`` holds the temporaries the pointers point into (alive until the kernel has run).
 
-    The mask goes as uint8 (nonzero = 1), the per-chain values as [C] of the compute dtype, the
+    The mask goes as uint8 (nonzero = 1); a ``RowMasks`` as ``row_windows`` (int64 [C, 3], each row's
+    (lo, hi, offset), offset -1 for an unrestricted row) and ``row_mask`` (its buffer), with
+    ``mask`` 0 and has_mask false. The per-chain values as [C] of the compute dtype, the
     chain indices as int64 [C], all on the call's device.
     """
     s = call.settings
-    mask = call.mask
+    mask, row_windows, row_mask = call.mask, None, None
+    if isinstance(mask, RowMasks):  # each row's (lo, hi, offset) resolved on the host, and the buffer
+        row_windows = mask.row_windows().to(call.device)
+        row_mask = mask.buffer if mask.buffer.numel() else torch.zeros(1, dtype=torch.uint8, device=call.device)
+        mask = None
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else (
             mask if mask.dtype == torch.uint8 else (mask != 0).to(torch.uint8))
@@ -37,6 +43,8 @@ def kernel_args(call: UpdateCall) -> tuple[dict, tuple]:
         w_star=call.w_star.data_ptr(),
         stat=call.stat.data_ptr() if call.stat is not None else 0,
         mask=mask.data_ptr() if mask is not None else 0,
+        row_windows=row_windows.data_ptr() if row_windows is not None else 0,
+        row_mask=row_mask.data_ptr() if row_mask is not None else 0,
         lr=lr.data_ptr(),
         nbeta=nbeta.data_ptr(),
         gamma=gamma.data_ptr(),
@@ -57,7 +65,7 @@ def kernel_args(call: UpdateCall) -> tuple[dict, tuple]:
         noise_level=float(s.noise_level),
         dtype=DTYPE_CODES[call.dtype],
     )
-    return args, (ids, mask, lr, nbeta, gamma)
+    return args, (ids, mask, row_windows, row_mask, lr, nbeta, gamma)
 
 
 #: The scalars that change from one step to the next (``NativeCall.scalars_at``).
