@@ -23,7 +23,8 @@ bit-exact in the Triton interpreter (whose bfloat16 arithmetic and conversions a
 compiles for sm_80/sm_90. The preconditioner's square root and division use the IEEE-rounded
 forms (``sqrt_rn``, ``div_rn``), not Triton's approximate float32 defaults.
 
-Arguments. Per-chain values come as scalars or a [3, C] table (HP_PTR), the settings as
+Arguments. The mask is a shared [N_local] one (HAS_MASK) or per-row (ROW_MASK: a RowMasks's
+buffer and each row's (lo, hi, offset), see ``_update_tile``). Per-chain values come as scalars or a [3, C] table (HP_PTR), the settings as
 float32 scalars or a float64 [7] table (SP_PTR, float64 weights), the chain indices as a
 base or an int64 [C] table (CHAIN_PTR); ``triton_update.py`` chooses.
 
@@ -147,13 +148,16 @@ def _tile(block, first_group, lead, n, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptrs, valid, groups, c, num_chains, chain_ptr, chain_base,
-                 hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level, seed,
-                 step, PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
-                 HAS_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr,
-                 IS_BF16: tl.constexpr, IS_F64: tl.constexpr):
+def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, groups, c, num_chains, chain_ptr,
+                 chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box,
+                 noise_level, seed, step, PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr,
+                 HAS_BOX: tl.constexpr, HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr,
+                 SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr):
     """One [GROUPS, 4] tile of chain row c: the pointers address the tile's elements (``valid`` marks the
-    real ones), ``groups`` are the tile's global groups of four. The chain index comes from
+    real ones), ``groups`` are the tile's global groups of four, ``m_idx`` their local flat indices.
+    The mask: the shared one at ``m_ptr + m_idx`` (HAS_MASK), or row c's of a RowMasks (ROW_MASK:
+    ``rw_ptr`` is int64 [C, 3] of each row's (lo, hi, offset), offset < 0 for all ones; element i is
+    ``m_ptr[offset + i - lo]`` inside [lo, hi), 0 outside). The chain index comes from
     ``chain_ptr`` (CHAIN_PTR) or is chain_base + c; the settings as in ``_load_hyper``."""
     if CHAIN_PTR:
         chain = tl.load(chain_ptr + c).to(tl.int64)
@@ -201,7 +205,15 @@ def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptrs, valid, groups, c, num_
         xi = xi.to(tl.float64)
     delta = drift_coef * drift + noise_coef * xi
     if HAS_MASK:
-        delta = delta * tl.load(m_ptrs, mask=valid, other=0).to(wc.dtype)
+        delta = delta * tl.load(m_ptr + m_idx, mask=valid, other=0).to(wc.dtype)
+    if ROW_MASK:  # row c's window, looked up once per tile
+        lo = tl.load(rw_ptr + 3 * c)
+        hi = tl.load(rw_ptr + 3 * c + 1)
+        off = tl.load(rw_ptr + 3 * c + 2)
+        inside = valid & (m_idx >= lo) & (m_idx < hi) & (off >= 0)
+        mv = tl.load(m_ptr + (off + m_idx - lo), mask=inside, other=0).to(tl.int32)
+        mv = tl.where(off < 0, 1, mv)
+        delta = delta * mv.to(wc.dtype)
     new = wc + delta
     if HAS_BOX:
         new = tl.maximum(new, ws - box, propagate_nan=tl.PropagateNan.ALL)
@@ -216,22 +228,22 @@ def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptrs, valid, groups, c, num_
 
 @triton.jit(do_not_specialize=["seed", "step", "n", "g_first", "chain_base"])
 def _sgld_update_kernel(
-    w_ptr, g_ptr, ws_ptr, v_ptr, m_ptr, hp_ptr, sp_ptr, chain_ptr,
+    w_ptr, g_ptr, ws_ptr, v_ptr, m_ptr, rw_ptr, hp_ptr, sp_ptr, chain_ptr,
     lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
     seed, step, n, g_first, chain_base, num_chains,
     GROUPS: tl.constexpr, LEAD: tl.constexpr,
     PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
-    HAS_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr,
-    IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr,
+    CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = (pid % num_chains).to(tl.int64)
     groups, idx, valid = _tile((pid // num_chains).to(tl.int64), g_first, LEAD, n, GROUPS)
     offs = c * n + idx
-    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + idx, v_ptr + offs, m_ptr + idx, valid, groups, c, num_chains,
-                 chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd,
-                 box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, HP_PTR, SP_PTR, CHAIN_PTR,
-                 IS_BF16, IS_F64)
+    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + idx, v_ptr + offs, m_ptr, idx, rw_ptr, valid, groups, c,
+                 num_chains, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale,
+                 eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, ROW_MASK, HP_PTR,
+                 SP_PTR, CHAIN_PTR, IS_BF16, IS_F64)
 
 
 #: Columns of the Triton segment table (int64 [P, 6], P a power of two, rows past the segments padded
@@ -241,13 +253,13 @@ SEG_COLS = tl.constexpr(6)
 
 @triton.jit(do_not_specialize=["seed", "step", "n_local", "chain_base"])
 def _sgld_update_segments_kernel(
-    seg_ptr, ws_ptr, v_ptr, m_ptr, hp_ptr, sp_ptr, chain_ptr,
+    seg_ptr, ws_ptr, v_ptr, m_ptr, rw_ptr, hp_ptr, sp_ptr, chain_ptr,
     lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
     seed, step, n_local, chain_base, num_chains,
     GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
-    HAS_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr,
-    IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+    HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr,
+    CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
 ):
     """All segments of a multi-segment update in one launch. Program pid updates chain pid % C on
     block pid // C of the blocks of all segments, numbered segment after segment; its segment is
@@ -279,7 +291,7 @@ def _sgld_update_segments_kernel(
     groups, idx, valid = _tile(blk - tl.load(row + 5), offset // 4, offset % 4, n, GROUPS)
     offs = c * n + idx
     flat = local_start + idx
-    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + flat, v_ptr + (c * n_local + flat), m_ptr + flat, valid, groups,
-                 c, num_chains, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale,
-                 eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, HP_PTR, SP_PTR,
-                 CHAIN_PTR, IS_BF16, IS_F64)
+    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + flat, v_ptr + (c * n_local + flat), m_ptr, flat, rw_ptr, valid,
+                 groups, c, num_chains, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha,
+                 one_minus_alpha, scale, eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX,
+                 HAS_MASK, ROW_MASK, HP_PTR, SP_PTR, CHAIN_PTR, IS_BF16, IS_F64)

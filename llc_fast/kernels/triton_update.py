@@ -25,7 +25,7 @@ import torch
 
 from . import native
 from .backend import Backend, PreparedUpdate, UpdateCall
-from .update_spec import StepCounters
+from .update_spec import RowMasks, StepCounters
 
 # Groups of four elements per program: 256 groups = 1024 elements with 8 warps on a GPU; the
 # interpreter pays per program, so it takes up to 16384 groups = 65536 elements at once.
@@ -94,9 +94,18 @@ def _settings_args(values: list[float], scale: float, is_f64: bool,
     return None, [_f32(v) for v in values]
 
 
+def _row_mask_args(call: UpdateCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A RowMasks's (buffer, each row's (lo, hi, offset) as int64 [C, 3] on the device), else None."""
+    mask = call.mask
+    if not isinstance(mask, RowMasks):
+        return None
+    buffer = mask.buffer if mask.buffer.numel() else torch.zeros(1, dtype=torch.uint8, device=call.device)
+    return buffer, mask.row_windows().to(call.device)
+
+
 def _mask_arg(call: UpdateCall) -> torch.Tensor | None:
     mask = call.mask
-    if mask is None:
+    if mask is None or isinstance(mask, RowMasks):
         return None
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8)
@@ -120,16 +129,16 @@ class _TritonPrepared(PreparedUpdate):
         groups, blocks = _tiling(call)
         chain_tensor, chain_base = _chain_args(call)
         hp, hyper, self.values = _hyper_args(call)
-        mask = _mask_arg(call)
+        mask, row_masks = _mask_arg(call), _row_mask_args(call)
         self.bits = bits = (lambda t: t.view(torch.int16)) if is_bf16 else (lambda t: t)  # bf16 as int16 patterns
         self.w_star = dummy = bits(call.w_star)
-        self.head = [call.stat if call.stat is not None else dummy, mask if mask is not None else dummy,
-                     hp if hp is not None else dummy]
+        m_arg, rw_arg = row_masks if row_masks is not None else (mask if mask is not None else dummy, dummy)
+        self.head = [call.stat if call.stat is not None else dummy, m_arg, rw_arg, hp if hp is not None else dummy]
         self.chain = [chain_tensor if chain_tensor is not None else dummy, *hyper]
-        self.keep = (chain_tensor, hp, mask)
+        self.keep = (chain_tensor, hp, mask, row_masks)
         self.dummy, self.seed, self.sp_cache = dummy, call.seed, (None, None)
         flags = dict(PRECOND=s.preconditioned, HAS_WD=s.weight_decay != 0.0, HAS_BOX=s.box is not None,
-                     HAS_MASK=mask is not None, HP_PTR=hp is not None, SP_PTR=self.is_f64,
+                     HAS_MASK=mask is not None, ROW_MASK=row_masks is not None, HP_PTR=hp is not None, SP_PTR=self.is_f64,
                      CHAIN_PTR=chain_tensor is not None, IS_BF16=is_bf16, IS_F64=self.is_f64, num_warps=GPU_NUM_WARPS)
         self.flags = {update: dict(flags, UPDATE_V=s.preconditioned and update) for update in (False, True)}
         if call.single:
