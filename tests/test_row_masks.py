@@ -317,3 +317,15 @@ def test_bad_row_masks_are_rejected():
     _bad(RowMasks(good_w, good_b.float(), good_c), "buffer must be a contiguous uint8")
     _bad(RowMasks(good_w, good_b, good_c.int()), "row_component must be an int64")
     _bad(torch.ones(7), r"mask must be a contiguous \[8\]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_unrestricted_is_no_mask(backend):
+    update, device = _backend(backend)
+    rm = RowMasks.from_dense([None], [0, 0, 0])
+    assert rm.buffer.numel() == 0 and rm.row_component.tolist() == [-1, -1, -1]
+    w, grad, w_star, stat, hyper = _case(torch.float32, "rmsprop_sgld", 3, N)
+    kwargs = _kwargs("rmsprop_sgld")
+    plain = _single(update, device, w, grad, w_star, stat, None, hyper, CHAIN_IDS[:3], kwargs, 1)
+    rows = _single(update, device, w, grad, w_star, stat, rm, hyper, CHAIN_IDS[:3], kwargs, 1)
+    assert torch.equal(plain[0], rows[0]) and torch.equal(plain[1], rows[1])
