@@ -13,6 +13,36 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # CI has 2 cores; other processes share them
 
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def update_backend(name: str):
+    """(update function, device of its tensors) of a fused-update backend; skips the test where it cannot run."""
+    if name == "torch":
+        from llc_fast.kernels.reference import reference_update
+
+        return reference_update, torch.device("cpu")
+    if name == "cpu":
+        from llc_fast.kernels.cpp_update import load_cpu_update
+
+        try:
+            return load_cpu_update(), torch.device("cpu")
+        except RuntimeError as e:  # pragma: no cover - no compiler
+            pytest.skip(f"the C++ update cannot be built here: {e}")
+    if name == "triton":
+        pytest.importorskip("triton")
+        from llc_fast.kernels.triton_update import triton_update
+
+        return triton_update, DEVICE
+    if name == "cuda":
+        if not ON_GPU:
+            pytest.skip("no CUDA GPU")
+        from llc_fast.kernels.cuda_update import load_cuda_update
+
+        return load_cuda_update(), DEVICE
+    raise AssertionError(name)
+
 
 # --- shared case builders: (model, data, loss_fn) ------------------------------------------------
 

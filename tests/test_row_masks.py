@@ -18,35 +18,13 @@ from llc_fast.kernels import RowMasks
 from llc_fast.kernels.reference import compute_dtype, reference_update
 from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
+from conftest import update_backend
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 N = 1031  # odd, not a multiple of four
 CHAIN_IDS = [3, 0, 11, 7, 2, 5]
-
-
-def _backend(name):
-    if name == "torch":
-        return reference_update, torch.device("cpu")
-    if name == "cpu":
-        from llc_fast.kernels.cpp_update import load_cpu_update
-
-        try:
-            return load_cpu_update(), torch.device("cpu")
-        except RuntimeError as e:  # pragma: no cover - no compiler
-            pytest.skip(f"the C++ update cannot be built here: {e}")
-    if name == "triton":
-        pytest.importorskip("triton")
-        from llc_fast.kernels.triton_update import triton_update
-
-        return triton_update, DEVICE
-    if name == "cuda":
-        if not ON_GPU:
-            pytest.skip("no CUDA GPU")
-        from llc_fast.kernels.cuda_update import load_cuda_update
-
-        return load_cuda_update(), DEVICE
-    raise AssertionError(name)
 
 
 BACKENDS = ["torch", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -176,7 +154,7 @@ def test_from_dense_refuses_an_all_zero_mask():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_single_buffer(backend, sampler, dtype):
-    update, device = _backend(backend)
+    update, device = update_backend(backend)
     comps = _components(N, seed=1)
     rows = [0, 1, 2, None, 5, 3]  # disjoint, overlapping, unrestricted, sparse, one element at the end
     rm = RowMasks.from_dense(comps + [None], [6 if k is None else k for k in rows])
@@ -197,7 +175,7 @@ def test_single_buffer(backend, sampler, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_one_full_component_is_the_shared_mask(backend, dtype):
-    update, device = _backend(backend)
+    update, device = update_backend(backend)
     m = (torch.arange(N) % 3 != 1).float()
     m[0] = 1.0
     m[-1] = 1.0  # full length: the window is [0, N)
@@ -258,7 +236,7 @@ def _segments_alone(fn, device, segs, w_star, stat, dense, hyper, chain_ids, kwa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_segments_with_windows_across_boundaries(backend, sampler, dtype, steps):
-    fn, device = _backend(backend)
+    fn, device = update_backend(backend)
     comps = []
     for lo, hi in [(2, 6), (4, 533), (300, 700), (529, 531), (0, N_LOCAL)]:  # across segment edges and gaps
         m = torch.zeros(N_LOCAL)
@@ -321,7 +299,7 @@ def test_bad_row_masks_are_rejected():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_unrestricted_is_no_mask(backend):
-    update, device = _backend(backend)
+    update, device = update_backend(backend)
     rm = RowMasks.from_dense([None], [0, 0, 0])
     assert rm.buffer.numel() == 0 and rm.row_component.tolist() == [-1, -1, -1]
     w, grad, w_star, stat, hyper = _case(torch.float32, "rmsprop_sgld", 3, N)

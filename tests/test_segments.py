@@ -19,6 +19,8 @@ from llc_fast.kernels.backend import Backend, NotSupportedError, pack_call
 from llc_fast.kernels.reference import compute_dtype, reference_update, reference_update_segments
 from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
+from conftest import update_backend
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -26,27 +28,6 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 SEGMENTS = [(3, 1, 2**33 + 5), (1, 5, 7), (4097, 6, 2**31 + 1), (2, 4104, 0), (5, 4110, 2**32 - 2)]
 N_LOCAL = 4117
 CHAIN_IDS = [3, 0, 11]
-
-
-def _backend(name):
-    if name == "cpu":
-        from llc_fast.kernels.cpp_update import load_cpu_update
-
-        try:
-            return load_cpu_update(), torch.device("cpu")
-        except RuntimeError as e:  # pragma: no cover - no compiler
-            pytest.skip(f"the C++ update cannot be built here: {e}")
-    if name == "triton":
-        from llc_fast.kernels.triton_update import triton_update
-
-        return triton_update, DEVICE
-    if name == "cuda":
-        if not ON_GPU:
-            pytest.skip("no CUDA GPU")
-        from llc_fast.kernels.cuda_update import load_cuda_update
-
-        return load_cuda_update(), DEVICE
-    raise AssertionError(name)
 
 
 def _case(dtype, sampler, chains, *, per_chain, mask, seed=0, segments=SEGMENTS, n_local=N_LOCAL):
@@ -107,7 +88,7 @@ def _compare(dtype, segs, ws_ref, ws_new, stat_ref, stat_new, stat_old, m):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_segments_match_reference_loop(backend, sampler, dtype):
-    update, device = _backend(backend)
+    update, device = update_backend(backend)
     per_chain = sampler != "rmsprop_sgld"
     chains = 3 if sampler != "sgld" else 1
     segs, w_star, stat, m, hyper = _case(dtype, sampler, chains, per_chain=per_chain, mask=sampler != "sgld",
@@ -139,7 +120,7 @@ def test_reference_loop_is_one_update_per_segment():
 
 def test_float64_and_one_segment_cpu():
     """float64, and a single segment equal to the single-buffer update."""
-    update, _ = _backend("cpu")
+    update, _ = update_backend("cpu")
     segs, w_star, stat, m, hyper = _case(torch.float64, "rmsprop_sgld", 2, per_chain=True, mask=False,
                                          segments=[(4099, 0, 2**31 + 3)], n_local=4099)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld"), counters=StepCounters(step=1), seed=1,
@@ -154,7 +135,7 @@ def test_float64_and_one_segment_cpu():
 def test_cpu_segments_are_one_kernel_call(monkeypatch):
     from llc_fast.kernels import cpp_update
 
-    update, _ = _backend("cpu")
+    update, _ = update_backend("cpu")
     ext = cpp_update.load_cpu_extension()
     calls = []
 
@@ -198,7 +179,7 @@ def test_triton_segments_are_one_launch(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_bad_segments_raise_value_error(backend):
-    update = reference_update if backend == "torch" else _backend(backend)[0]
+    update = reference_update if backend == "torch" else update_backend(backend)[0]
     segs, w_star, stat, m, hyper = _case(torch.float32, "rmsprop_sgld", 1, per_chain=False, mask=True)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld"), counters=StepCounters(step=1), seed=1,
                   chain_ids=torch.tensor([0]), **hyper)
@@ -245,7 +226,7 @@ def test_unsupported_calls_list_the_reasons():
                   **hyper)
     meta = [(torch.zeros(1, 3, device="meta"), torch.zeros(1, 3, device="meta"), 0, 0)]
     with pytest.raises(NotSupportedError, match="cpu backend cannot run this update: the tensors are on meta"):
-        _backend("cpu")[0].update_segments(meta, torch.zeros(N_LOCAL, device="meta"), None, **kwargs)
+        update_backend("cpu")[0].update_segments(meta, torch.zeros(N_LOCAL, device="meta"), None, **kwargs)
     from llc_fast.kernels.triton_update import triton_update
 
     far = [(segs[0][0], segs[0][1], 0, 2**62 - 1)]
@@ -292,7 +273,7 @@ PREPARED_BACKENDS = ["torch", "cpu", pytest.param("triton", marks=pytest.mark.gp
 
 
 def _any_backend(name):
-    return (reference_update, DEVICE) if name == "torch" else _backend(name)
+    return (reference_update, DEVICE) if name == "torch" else update_backend(name)
 
 
 def _prepared_case(sampler, dtype, opts, layout, device):
