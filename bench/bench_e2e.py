@@ -148,27 +148,34 @@ def case_dln(quick: bool) -> Case:
 MLP_WIDTHS = (784, 1024, 256, 10)
 
 
-def case_mlp(quick: bool) -> Case:
-    n, batch = 4096, 256
+def build_mlp(widths, samples: int, batch: int, train_steps: int, device: torch.device):
+    """A ReLU MLP trained ``train_steps`` Adam steps on random labels, its data and its full-data loss, on
+    ``device`` (also gpu_e2e.py's models)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, MLP_WIDTHS[0], generator=gen)
-    y = torch.randint(0, MLP_WIDTHS[-1], (n,), generator=gen)
+    x = torch.randn(samples, widths[0], generator=gen).to(device)
+    y = torch.randint(0, widths[-1], (samples,), generator=gen).to(device)
     torch.manual_seed(0)
     layers = []
-    for i, (a, b) in enumerate(zip(MLP_WIDTHS[:-1], MLP_WIDTHS[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(MLP_WIDTHS) - 2 else [])
-    model = nn.Sequential(*layers)
-    train_steps = 20 if quick else 300
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    model = nn.Sequential(*layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for t in range(train_steps):
-        idx = torch.randint(0, n, (batch,), generator=gen)
+    for _ in range(train_steps):
+        idx = torch.randint(0, samples, (batch,), generator=gen).to(device)
         opt.zero_grad()
         _ce_loss(model, (x[idx], y[idx])).backward()
         opt.step()
     for p in model.parameters():
         p.grad = None
     with torch.no_grad():
-        train_loss = float(_ce_loss(model, (x, y)))
+        loss = float(_ce_loss(model, (x, y)))
+    return model, x, y, loss
+
+
+def case_mlp(quick: bool) -> Case:
+    n, batch = 4096, 256
+    train_steps = 20 if quick else 300
+    model, x, y, train_loss = build_mlp(MLP_WIDTHS, n, batch, train_steps, torch.device("cpu"))
     rows, to_batch, per_token = _indexed(x, y, _ce_per_sample)
     c = Case("mlp", "MLP 784-1024-256-10", model, rows, to_batch, _ce_loss, per_token, batch_size=batch, lr=1e-4,
              nbeta=n / math.log(n), gamma=1000.0, chains=8, draws=10 if quick else 200, burnin=2 if quick else 50,

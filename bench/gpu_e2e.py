@@ -41,7 +41,7 @@ from torch import nn
 from harness import environment, loadavg, print_environment, set_threads, synchronize, transcript, write_results
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
-from bench_e2e import (INIT_SEED, IdsDataset, _ce_loss, _ce_per_sample, _fmt_pm, _indexed,  # noqa: E402
+from bench_e2e import (INIT_SEED, IdsDataset, _ce_loss, _ce_per_sample, _fmt_pm, _indexed, build_mlp,  # noqa: E402
                        _mean_se, _silence_devinterp_progress, devinterp_epoch)
 from bench_overhead import FlatChains, fwd_bwd_loop, wall  # noqa: E402
 
@@ -50,29 +50,6 @@ MODELS = ("784,1024,256,10", "784,4096,1664,10")  # 1,068,810 and 10,049,418 par
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
-
-
-def build_mlp(widths, samples: int, batch: int, train_steps: int, device: torch.device):
-    """A ReLU MLP trained ``train_steps`` Adam steps on random labels, and its data, on ``device``."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(samples, widths[0], generator=gen).to(device)
-    y = torch.randint(0, widths[-1], (samples,), generator=gen).to(device)
-    torch.manual_seed(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
-    model = nn.Sequential(*layers).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(train_steps):
-        idx = torch.randint(0, samples, (batch,), generator=gen).to(device)
-        opt.zero_grad()
-        _ce_loss(model, (x[idx], y[idx])).backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
-    with torch.no_grad():
-        loss = float(_ce_loss(model, (x, y)))
-    return model, x, y, loss
 
 
 def run_llc_fast(model, batches, *, chains, draws, burnin, hyper, init_batches, device) -> dict:
