@@ -158,7 +158,11 @@ class Guard:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the watchdog and wait for it: no store call may outlive the guarded section (the process group
+        and its store are destroyed after it, and a thread still inside a store call then aborts the process)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.poll_s + 5.0)
 
     def check(self) -> None:
         """Raise PeerFailedError if another rank has failed (called between steps; counts the steps)."""
