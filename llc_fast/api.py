@@ -6,7 +6,8 @@ parallel); otherwise by ``llc_fast.chains.runner.sample_local``. Both feed the s
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -14,16 +15,70 @@ from .chains.runner import sample_local
 from .config import LLCConfig
 from .distributed.mesh import launched_world_size
 from .estimators.llc import estimate
+from .estimators.restricted import RestrictedLLCResult, resolve_components
 from .estimators.result import LLCResult
 
 
-def estimate_config(model, data, loss_fn: Callable, config: LLCConfig) -> LLCResult:
-    """``estimate_llc`` for a built ``LLCConfig``: sampled here, or across the torchrun processes."""
+def estimate_config(model, data, loss_fn: Callable, config: LLCConfig, observers=None):
+    """``estimate_llc`` for a built ``LLCConfig``: sampled here, or across the torchrun processes.
+    observers: evaluation sets measured at every draw (``chains.observe.Observers``)."""
     if launched_world_size() > 1:
         from .distributed.sharded import sample_sharded
 
+        if observers is not None or config.components is not None:
+            raise ValueError("restricted LLCs of several components in one run, eval_data/refine and "
+                             "susceptibilities run in one process for now: call them without torchrun")
         return estimate(model, data, loss_fn, config, sample=sample_sharded)
-    return estimate(model, data, loss_fn, config, sample=sample_local)
+    return estimate(model, data, loss_fn, config, sample=sample_local, observers=observers)
+
+
+def observers_for(eval_data=None, refine=None, num_eval_batches: int = 1):
+    """The ``Observers`` of estimate_llc's eval_data= and refine= (None when neither is given)."""
+    from .chains.observe import Observers
+
+    if eval_data is None and not refine:
+        return None
+    sets = {}
+    if refine is not None:
+        if not isinstance(refine, Mapping) or not refine:
+            raise ValueError("refine must be a non-empty dict {subset name: loader or list of batches}, e.g. "
+                             "refine={'code': code_loader, 'prose': prose_loader}")
+        sets.update(refine)
+    if eval_data is not None:
+        if "eval" in sets:
+            raise ValueError("refine has a subset named 'eval', the name eval_data= takes: rename it")
+        sets["eval"] = eval_data
+    return Observers(sets, num_batches=num_eval_batches, primary="eval" if eval_data is not None else None)
+
+
+def estimate_restricted_llcs(model: torch.nn.Module, data, loss_fn: Callable, components, *,
+                             include_full: bool = False, **estimate_llc_options) -> RestrictedLLCResult:
+    """The weight-restricted LLC of every component, from one batched run.
+
+    components: {name: list of parameter-name patterns (exact names or globs such as "layers.3.*") |
+        {param name: 0/1 tensor or None} | None (unrestricted)}, or "layers", "heads", "attn-mlp",
+        "embeddings" (HuggingFace GPT-2, GPT-NeoX and Llama-style models: ``integrations.components``).
+        Components may overlap: each is its own restriction (the weights it does not name stay at w*).
+    include_full: add the unrestricted LLC as component "full".
+    estimate_llc_options: every option of ``estimate_llc`` but mask (lr, nbeta, num_chains, seed, eval_data,
+        refine, ...); lr, nbeta and gamma per chain apply to chain j of every component.
+
+    The run has num_components x num_chains chain rows, batched in groups within the memory budget; chain j
+    of every component reads the same batches and the same noise, so a component's estimate is the one
+    ``estimate_llc(mask=that component)`` gives with the same seed. Returns a ``RestrictedLLCResult``
+    (``result["l0h1"]`` is an LLCResult; ``.table()``, ``.to_csv()``, ``.save()``, ``.plot()``).
+    """
+    if "mask" in estimate_llc_options:
+        raise ValueError("estimate_restricted_llcs takes components, not mask=: give each component its restriction")
+    restrictions = resolve_components(model, components, include_full=include_full)
+    eval_data, refine = estimate_llc_options.pop("eval_data", None), estimate_llc_options.pop("refine", None)
+    num_eval_batches = estimate_llc_options.pop("num_eval_batches", 1)
+    unknown = set(estimate_llc_options) - set(inspect.signature(estimate_llc).parameters)
+    if unknown:
+        raise TypeError(f"estimate_restricted_llcs got unknown option(s) {sorted(unknown)}; it takes estimate_llc's "
+                        "options")
+    config = LLCConfig(components=tuple(restrictions.items()), **estimate_llc_options)
+    return estimate_config(model, data, loss_fn, config, observers_for(eval_data, refine, num_eval_batches))
 
 
 def estimate_llc(
@@ -64,6 +119,9 @@ def estimate_llc(
     max_draws: int | None = None,
     check_every: int | None = None,
     compile_step: bool = False,
+    eval_data=None,
+    refine: Mapping | None = None,
+    num_eval_batches: int = 1,
 ) -> LLCResult:
     """Estimate the LLC of ``model`` at its current weights w*.
 
@@ -102,6 +160,11 @@ def estimate_llc(
     compile_step: run the batched forward and backward through torch.compile (a compile of seconds at the
         first step, then far less Python and dispatch per step on small models; the chain is the same up
         to float rounding). Applies to chains batched in one vmapped pass.
+    eval_data, refine, num_eval_batches: data-refined estimates from the same chains (docs/update.md). The
+        chains are driven by ``data``; at every draw the loss on the first num_eval_batches batches of each
+        evaluation set is taken too. eval_data: the estimate is then nbeta * (E[L_eval(w)] - L_eval(w*))
+        (result.refined["sampling"] keeps the one from ``data``'s minibatch losses); refine={name: loader}:
+        one such estimate per subset in result.refined[name].
 
     Under torchrun (an initialised process group of several ranks) every rank calls this and the
     chains run on all of them (``llc_fast.distributed.estimate_llc_sharded``, which takes the layout
@@ -119,4 +182,4 @@ def estimate_llc(
         target_stderr=target_stderr, target_rel_error=target_rel_error, max_draws=max_draws, check_every=check_every,
         compile_step=compile_step,
     )
-    return estimate_config(model, data, loss_fn, config)
+    return estimate_config(model, data, loss_fn, config, observers_for(eval_data, refine, num_eval_batches))

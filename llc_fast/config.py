@@ -80,6 +80,8 @@ class LLCConfig:
     default n/log n from the data. shard_group_size, batch_split and failure_grace_s apply under torchrun.
     With target_stderr or target_rel_error, num_draws is the fewest draws and max_draws (default 10 x
     num_draws) the most; the MCSE is checked every check_every draws (default max(10, num_draws // 4)).
+    components: ((name, restriction or None), ...): every chain runs once per component, restricted to it
+    (``estimate_restricted_llcs``); the run then has num_chains x len(components) chain rows (``hyper``).
     """
 
     sampler: str = "sgld"
@@ -118,6 +120,7 @@ class LLCConfig:
     target_rel_error: float | None = None
     max_draws: int | None = None
     check_every: int | None = None
+    components: tuple | None = None
     dataset_size: int | None = None  # n, set by for_data when the data knows it
 
     def __post_init__(self) -> None:
@@ -143,6 +146,8 @@ class LLCConfig:
                             "; e.g. mask={'layer.weight': torch.ones_like(layer.weight)}")
         if self.device is not None:
             _check_device(self.device)
+        if self.components is not None:
+            self._check_components()
         self._check_run_control()
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
@@ -154,6 +159,32 @@ class LLCConfig:
         if self.nbeta is not None:
             check_positive("nbeta", self.nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
             object.__setattr__(self, "nbeta", _per_chain("nbeta", self.nbeta, self.num_chains))
+
+    def _check_components(self) -> None:
+        comps = tuple(self.components)
+        if not comps:
+            raise ValueError("components is empty: give at least one component {name: parameter patterns}")
+        names = [c[0] if isinstance(c, tuple) and len(c) == 2 else None for c in comps]
+        if any(not isinstance(n, str) or not n for n in names):
+            raise ValueError("components must be (name, restriction) pairs with non-empty string names")
+        if len(set(names)) != len(names):
+            raise ValueError(f"component names must be unique, got {names}")
+        for name, restriction in comps:
+            if restriction is not None and not isinstance(restriction, Mapping):
+                raise TypeError(f"component {name!r}: a restriction is a dict {{parameter name: 0/1 tensor or None}},"
+                                f" got {type(restriction).__name__}")
+        if self.mask is not None:
+            raise ValueError("mask= and components cannot be combined: give each component its own restriction")
+        object.__setattr__(self, "components", comps)
+
+    @property
+    def component_names(self) -> list[str] | None:
+        return None if self.components is None else [name for name, _ in self.components]
+
+    @property
+    def num_rows(self) -> int:
+        """Chain rows of the run: num_chains, times the number of components."""
+        return self.num_chains * (1 if self.components is None else len(self.components))
 
     def _check_run_control(self) -> None:
         if self.checkpoint_every is not None:
@@ -201,13 +232,20 @@ class LLCConfig:
         """The settings a chain depends on (a checkpoint can only be resumed under the same ones)."""
         import hashlib
 
-        skip = {"progress", "checkpoint", "checkpoint_every", "resume", "failure_grace_s", "mask", "device"}
+        skip = {"progress", "checkpoint", "checkpoint_every", "resume", "failure_grace_s", "mask", "device",
+                "components"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out.update(lr=list(self.lr), nbeta=list(self.nbeta) if self.nbeta else None, gamma=list(self.gamma),
                    device=None if self.device is None else str(self.device))
-        out["mask"] = None if not self.mask else {
-            k: None if v is None else hashlib.sha256(torch.as_tensor(v).float().numpy().tobytes()).hexdigest()[:16]
-            for k, v in sorted(self.mask.items())}
+
+        def digest(mask):
+            return None if not mask else {
+                k: None if v is None else hashlib.sha256(torch.as_tensor(v).float().numpy().tobytes()).hexdigest()[:16]
+                for k, v in sorted(mask.items())}
+
+        out["mask"] = digest(self.mask)
+        if self.components is not None:
+            out["components"] = [[name, digest(r) if r is not None else "full"] for name, r in self.components]
         return out
 
     def replace(self, **changes) -> "LLCConfig":
@@ -243,13 +281,16 @@ class LLCConfig:
         """Per-chain lr, nbeta, gamma ([C] float64) and chain indices; needs nbeta resolved (``for_data``)."""
         if self.nbeta is None:
             raise ValueError("nbeta is not resolved: call LLCConfig.for_data(data) first")
-        return ChainHyper(*(torch.tensor(v, dtype=torch.float64) for v in (self.lr, self.nbeta, self.gamma)),
-                          chain_ids=torch.arange(self.num_chains, dtype=torch.int64))
+        k = 1 if self.components is None else len(self.components)
+        return ChainHyper(*(torch.tensor(v, dtype=torch.float64).repeat(k) for v in (self.lr, self.nbeta, self.gamma)),
+                          chain_ids=torch.arange(self.num_chains, dtype=torch.int64).repeat(k),
+                          component=None if self.components is None else
+                          torch.arange(k, dtype=torch.int64).repeat_interleave(self.num_chains))
 
     def to_dict(self, **run_facts) -> dict:
         """The settings as recorded in ``LLCResult.config``, plus ``run_facts`` (backend, engine, sizes...)."""
         skip = {"progress", "batch_memory_bytes", "shard_group_size", "batch_split", "failure_grace_s", "mask",
-                "checkpoint", "checkpoint_every", "resume"}
+                "checkpoint", "checkpoint_every", "resume", "components"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out.update(lr=list(self.lr), nbeta=list(self.nbeta), gamma=list(self.gamma), device=None,
                    mask=sorted(self.mask) if self.mask else None)

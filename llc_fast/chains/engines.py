@@ -69,6 +69,17 @@ class SequentialEngine:
         with torch.enable_grad(), self.state.install(0):
             check_differentiable(checked_loss(self.loss_fn(self.model, batch), "at w*"), "at w*")
 
+    def evaluate(self, num_rows: int, batch, observable: Callable | None = None) -> torch.Tensor:
+        """``observable(model, batch)`` (default: loss_fn's scalar loss) at rows 0..G-1 on one shared batch,
+        without gradients: [G, *its shape]."""
+        fn = observable or self.loss_fn
+        with torch.no_grad():
+            out = []
+            for row in range(num_rows):
+                with self.state.install(row):
+                    out.append(checked_observable(fn(self.model, batch), observable is None))
+        return torch.stack(out)
+
     def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, None]:
         """Losses [G] of rows 0..G-1; their gradients are left in ``state.grad[:G]``."""
         grad = self.state.grad[:num_rows]
@@ -81,6 +92,16 @@ class SequentialEngine:
                 loss.backward()
             losses.append(loss.detach().reshape(()))
         return torch.stack(losses), None
+
+
+def checked_observable(value, is_loss: bool) -> torch.Tensor:
+    """An evaluation's value: loss_fn's scalar loss (checked as a loss) or an observable's tensor."""
+    if is_loss:
+        return checked_loss(value, "on an evaluation set").detach()
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"observable must return a floating-point torch.Tensor (e.g. per-token losses [T]), got "
+                        f"{type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}")
+    return value.detach()
 
 
 class Unstackable(ValueError):
@@ -166,6 +187,22 @@ class VmapEngine(SequentialEngine):
             fn = vmap(self._grad_and_value, in_dims=in_dims, randomness="different")
         grad, loss = fn(w, batch)
         return loss.detach(), grad.detach()
+
+    def evaluate(self, num_rows: int, batch, observable: Callable | None = None) -> torch.Tensor:
+        """``observable(model, batch)`` (default: the loss) at rows 0..G-1 on one shared batch, in one vmapped
+        forward pass without gradients: [G, *its shape]."""
+        if observable is None:
+            return self.losses(num_rows, batch)
+        layout, model = self.state.layout, self.model
+        sizes = [s.numel for s in layout.slots]
+        shapes = [s.shape for s in layout.slots]
+
+        def flat_observable(row, batch):
+            with swapped_parameters(layout, [p.view(shape) for p, shape in zip(row.split(sizes), shapes)]):
+                return checked_observable(observable(model, batch), False)
+
+        with torch.no_grad():
+            return vmap(flat_observable, in_dims=(0, None), randomness="different")(self.state.w[:num_rows], batch)
 
     def losses(self, num_rows: int, batch) -> torch.Tensor:
         """Losses [G] of rows 0..G-1 on one shared batch, without gradients (one vmapped forward pass)."""

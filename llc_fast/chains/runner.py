@@ -23,6 +23,7 @@ import torch
 
 from ..diagnostics.mala import mala_log_acceptance, potential_and_gradient
 from ..kernels.dispatch import select_backend
+from ..kernels.update_spec import RowMasks
 from ..state.flat import FlatLayout, FlatState
 from ..state.memory import rows_within
 from .data import STREAM_CHAIN, STREAM_INIT_LOSS, BatchStream, derived_seed, move_to_device
@@ -169,11 +170,15 @@ def _set_rng_state(rng: dict, device) -> None:
 
 def run_chains(engine, state, data, hyper: ChainHyper, *, settings, schedule: Schedule, seed: int, backend,
                device: torch.device, init_loss: float, shared_batches: bool = False, progress: bool = False,
-               on_step: Callable[[], None] | None = None, control: RunControl | None = None) -> ChainTrace:
+               on_step: Callable[[], None] | None = None, control: RunControl | None = None,
+               observers=None) -> ChainTrace:
     """Run every chain of ``hyper`` from w*, in groups of ``state.num_chains`` rows (one row for an
     unbatched engine), and return their trace. shared_batches: every chain reads the same batch sequence
     (devinterp's default). on_step: called after each step's forward pass (e.g. to stop when another rank
-    failed). control: checkpoints, resume, a stopping target, signals (``RunControl``).
+    failed). control: checkpoints, resume, a stopping target, signals (``RunControl``). observers: an
+    ``observe.Observers`` with its batches taken and its values at w* measured; each draw's observables are
+    recorded in it (``trace.observed``). Rows of ``hyper.component`` sample their component
+    (``state.row_masks``); a stopping target must then be met by every component.
 
     Groups run one after another; with a stopping target they take turns in rounds of ``check_every`` draws
     (each group's rows and RNG put aside meanwhile), so every chain has the same number of draws when the
@@ -186,11 +191,16 @@ def run_chains(engine, state, data, hyper: ChainHyper, *, settings, schedule: Sc
     groups = [_Group(start, hyper.rows(slice(start, min(hyper.num_chains, start + size))),
                      batch_streams(data, seed, hyper.chain_ids[start:start + size], shared_batches), schedule, device)
               for start in range(0, hyper.num_chains, size)]
+    if observers is not None:
+        observers.allocate(hyper.num_chains, schedule.num_draws)
     if control.resume is not None:
         for group, snap in zip(groups, control.resume["groups"]):
             group.restore(snap, device)
+        for name, values in control.resume.get("observed", {}).items():
+            observers.values[name][...] = values
     run = _Run(engine, state, groups, settings=settings, schedule=schedule, seed=seed, backend=backend, device=device,
-               init_loss=init_loss, shared_batches=shared_batches, on_step=on_step, control=control, size=size)
+               init_loss=init_loss, shared_batches=shared_batches, on_step=on_step, control=control, size=size,
+               observers=observers)
     boundaries = control.boundaries(schedule.num_draws)
     draws = boundaries[-1]
     with _progress_bar(hyper.num_chains * schedule.num_steps, progress) as run.bar, \
@@ -211,6 +221,9 @@ def run_chains(engine, state, data, hyper: ChainHyper, *, settings, schedule: Sc
                      done, init_loss)
         trace.unmoved += [g.start + r for r in g.unmoved]
     trace.draws_target = schedule.num_draws
+    if observers is not None:
+        observers.blank_after(trace.diverged_at, done.first_draw_from)
+        trace.observed = {name: values[:, :draws] for name, values in observers.values.items()}
     return trace
 
 
@@ -218,28 +231,35 @@ class _Run:
     """The step loop over groups (``run_chains``'s state)."""
 
     def __init__(self, engine, state, groups, *, settings, schedule, seed, backend, device, init_loss, shared_batches,
-                 on_step, control, size):
+                 on_step, control, size, observers=None):
         self.engine, self.state, self.groups = engine, state, groups
         self.settings, self.schedule, self.seed, self.backend, self.device = settings, schedule, seed, backend, device
         self.init_loss, self.shared_batches, self.on_step, self.control, self.size = (
             init_loss, shared_batches, on_step, control, size)
+        self.observers = observers
         self.bound = divergence_bound(init_loss)
         self.bar = self.stop = None
 
     def converged(self, draws: int) -> bool:
-        """Whether lambda_hat's MCSE over the first ``draws`` draws of every chain meets the target."""
+        """Whether lambda_hat's MCSE over the first ``draws`` draws of every chain meets the target (for each
+        component, when the rows sample components)."""
         from ..diagnostics.convergence import chain_diagnostics
 
         steps = list(self.schedule.draw_steps)[:draws]
         y = torch.cat([(g.hyper.nbeta.to(self.device)[:, None] * (g.losses[:, steps] - self.init_loss))
                        for g in self.groups]).cpu().numpy()
-        y = y[np.isfinite(y).all(axis=1)]
-        if y.shape[0] == 0:
-            return False
-        mcse = chain_diagnostics(y)["mcse"]
+        parts = [g.hyper.component for g in self.groups]
+        component = torch.cat(parts).numpy() if parts[0] is not None else np.zeros(y.shape[0], dtype=np.int64)
         c = self.control
-        target = c.target_stderr if c.target_stderr is not None else c.target_rel_error * abs(float(y.mean()))
-        return bool(mcse <= target)
+        for k in np.unique(component):
+            yk = y[component == k]
+            yk = yk[np.isfinite(yk).all(axis=1)]
+            if yk.shape[0] == 0:
+                return False
+            target = c.target_stderr if c.target_stderr is not None else c.target_rel_error * abs(float(yk.mean()))
+            if not chain_diagnostics(yk)["mcse"] <= target:
+                return False
+        return True
 
     def save(self, live: "_Group | None", path=None) -> str:
         from . import checkpoint
@@ -249,6 +269,8 @@ class _Run:
         payload = dict(self.control.meta, init_loss=self.init_loss, engine=self.engine.name, group_size=self.size,
                        rows=self.state.num_chains, generation=self.control.generation,
                        groups=[g.snapshot(self.state, g is live) for g in self.groups])
+        if self.observers is not None:
+            payload["observed"] = {name: values.copy() for name, values in self.observers.values.items()}
         checkpoint.write(path, payload, keep_previous=self.control.world > 1)
         return str(path)
 
@@ -264,7 +286,7 @@ class _Run:
         hyper = group.hyper
         step_args = dict(lr=hyper.lr.to(device), nbeta=hyper.nbeta.to(device), gamma=hyper.gamma.to(device),
                          settings=self.settings, seed=self.seed, chain_ids=hyper.chain_ids.to(device),
-                         mask=state.flat_mask)
+                         mask=state.row_masks(hyper.component) if hasattr(state, "row_masks") else state.flat_mask)
         streams, losses_by_step, bad = group.streams, group.losses, group.bad
         every = self.control.checkpoint_every if self.control.checkpoint else None
         prepared = None  # the group's update, checked and packed at its first step
@@ -279,6 +301,9 @@ class _Run:
                     [move_to_device(next(s), device) for s in streams]
                 losses, grad = self.engine.loss_and_grad(G, batches)
                 losses_by_step[:, t] = losses
+                draw = schedule.draw_at(t) if self.observers is not None else None
+                if draw is not None:
+                    self.observers.record(group.start, draw, self.observers.measure(self.engine, G))
                 last = t == schedule.num_steps - 1
                 if (t + 1) % DIVERGENCE_CHECK_EVERY == 0 or last:  # one check of the steps since the last one
                     window = losses_by_step[:, group.checked:t + 1]
@@ -361,8 +386,10 @@ def _mala(engine, G, batches, w_old, grad_old, loss_old, state, stat, settings, 
     if settings.preconditioned:
         scale = settings.statistic_scale(counters.stat_step)
         precond = 1.0 / (torch.sqrt(stat.to(torch.float64) * scale) + settings.rmsprop_eps)
-    return mala_log_acceptance(w_old, state.w[:G], g_old, g_new, u_old, u_new, step_args["lr"], precond,
-                               state.flat_mask)
+    mask = step_args["mask"]
+    if isinstance(mask, RowMasks):
+        mask = mask.dense(state.w.shape[1])
+    return mala_log_acceptance(w_old, state.w[:G], g_old, g_new, u_old, u_new, step_args["lr"], precond, mask)
 
 
 def control_for(config, rank: int = 0, world: int = 1, agree: Callable | None = None) -> RunControl:
@@ -399,11 +426,12 @@ def control_for(config, rank: int = 0, world: int = 1, agree: Callable | None = 
 
 def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = None,
                  on_step: Callable[[], None] | None = None, progress: bool | None = None,
-                 control: RunControl | None = None) -> ChainRun:
-    """Run ``config``'s chains (or only the chains at ``chains``) in this process.
+                 control: RunControl | None = None, observers=None) -> ChainRun:
+    """Run ``config``'s chain rows (or only the rows at ``chains``) in this process.
 
-    config: an ``LLCConfig`` with nbeta resolved; control: its RunControl (default ``control_for(config)``).
-    Returns the ChainRun of those chains, in that order.
+    config: an ``LLCConfig`` with nbeta resolved; control: its RunControl (default ``control_for(config)``);
+    observers: evaluation sets measured at every draw (``observe.Observers``; ``trace.observed``).
+    Returns the ChainRun of those rows, in that order.
     """
     control = control or control_for(config)
     resume = control.resume
@@ -422,7 +450,8 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
     if resume is not None:  # the layout of the run being continued
         rows = resume["rows"]
     state = FlatState(layout, rows, device=device, preconditioned=settings.preconditioned,
-                      initial_statistic=settings.initial_statistic, mask=config.mask)
+                      initial_statistic=settings.initial_statistic, mask=config.mask,
+                      components=None if config.components is None else [r for _, r in config.components])
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
         engine, reason = local_engine(model, state, loss_fn, "sequential", None)
@@ -431,6 +460,13 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
                                      device=device)
         else:
             init_loss = resume["init_loss"]
+        if observers is not None:
+            observers.take_batches(device)
+            if resume is None or "observed_w_star" not in resume:
+                observers.measure_w_star(engine)
+            else:
+                observers.at_w_star = dict(resume["observed_w_star"])
+            control.meta["observed_w_star"] = observers.at_w_star
         t_init = time.perf_counter()
         if hyper.num_chains:
             def probe_batches():
@@ -449,7 +485,7 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
                                backend=backend, device=device, init_loss=init_loss,
                                shared_batches=config.shared_batches,
                                progress=config.progress if progress is None else progress, on_step=on_step,
-                               control=control)
+                               control=control, observers=observers)
             trace.fallback_reason = reason
         else:
             trace = ChainTrace.empty(0, schedule)

@@ -48,6 +48,13 @@ class Schedule:
             return None
         return k // self.mala_every
 
+    def draw_at(self, step: int) -> int | None:
+        """The index of the draw recorded at ``step``, or None if the step records none."""
+        k = step - self.num_burnin_steps
+        if k < 0 or k % self.num_steps_bw_draws or step >= self.num_steps:
+            return None
+        return k // self.num_steps_bw_draws
+
     def first_draw_from(self, step: int) -> int:
         """Index of the first draw recorded at or after ``step``."""
         k = step - self.num_burnin_steps
@@ -62,12 +69,18 @@ class Schedule:
 
 @dataclass(frozen=True)
 class ChainHyper:
-    """Per-chain hyperparameters, each a [C] float64 tensor, and the chains' global indices [C]."""
+    """Per-chain hyperparameters, each a [C] float64 tensor, and the chains' global indices [C].
+
+    component: int64 [C], each row's index into the run's components (``FlatState.components``: the
+    row samples only that component's weights), or None when every row samples the whole layout. Rows
+    of different components may share a chain index: they then read the same batches and noise.
+    """
 
     lr: torch.Tensor
     nbeta: torch.Tensor
     gamma: torch.Tensor
     chain_ids: torch.Tensor
+    component: torch.Tensor | None = None
 
     @property
     def num_chains(self) -> int:
@@ -75,4 +88,5 @@ class ChainHyper:
 
     def rows(self, index) -> "ChainHyper":
         """The chains at ``index`` (a slice or a list of positions)."""
-        return ChainHyper(self.lr[index], self.nbeta[index], self.gamma[index], self.chain_ids[index])
+        return ChainHyper(self.lr[index], self.nbeta[index], self.gamma[index], self.chain_ids[index],
+                          None if self.component is None else self.component[index])

@@ -54,6 +54,7 @@ class ChainTrace:
     fallback_reason: str = ""
     unmoved: list[int] = field(default_factory=list)  # chain positions whose weights never left w*
     draws_target: int | None = None  # the most draws the run could have taken (a stopping target may stop earlier)
+    observed: dict = field(default_factory=dict)  # evaluation set -> [C, D, ...] observable (``chains.observe``)
 
     @classmethod
     def empty(cls, num_chains: int, schedule: Schedule) -> "ChainTrace":
@@ -81,7 +82,8 @@ class ChainTrace:
         return ChainTrace(self.loss_trace[positions], self.burnin_loss_trace[positions],
                           self.mala_acceptance[positions],
                           {where[p]: s for p, s in self.diverged_at.items() if p in where}, self.engine,
-                          self.fallback_reason, [where[p] for p in self.unmoved if p in where])
+                          self.fallback_reason, [where[p] for p in self.unmoved if p in where], self.draws_target,
+                          {name: values[positions] for name, values in self.observed.items()})
 
     @classmethod
     def gather(cls, parts: list[tuple[list[int], "ChainTrace"]], num_chains: int, schedule: Schedule) -> "ChainTrace":

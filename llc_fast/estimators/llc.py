@@ -12,7 +12,9 @@ import warnings
 from collections.abc import Callable
 
 from ..chains.interrupt import SamplingInterrupted
-from ..chains.runner import sample_local
+import numpy as np
+
+from ..chains.runner import ChainRun, sample_local
 from ..chains.trace import DIVERGENCE_FACTOR
 from .result import LLCResult
 
@@ -34,54 +36,131 @@ class AllChainsDivergedError(RuntimeError):
         self.result = result
 
 
-def estimate(model, data, loss_fn: Callable, config, sample: Callable = sample_local) -> LLCResult:
-    """The LLCResult of ``config`` (an ``LLCConfig``): the data checked, nbeta resolved, chains sampled by
-    ``sample(model, data, loss_fn, config) -> ChainRun``."""
+def estimate(model, data, loss_fn: Callable, config, sample: Callable = sample_local, observers=None):
+    """The estimate of ``config`` (an ``LLCConfig``): the data checked, nbeta resolved, chains sampled by
+    ``sample(model, data, loss_fn, config) -> ChainRun``. An ``LLCResult``, or with ``config.components`` a
+    ``RestrictedLLCResult`` (one LLCResult per component). observers: evaluation sets measured at every
+    draw (``chains.observe``; their data-refined estimates in ``result.refined``)."""
+    config, run = sample_run(model, data, loss_fn, config, sample, observers)
+    out = assemble(run, config, observers, component_sizes(model, config))
+    for label, result in (out.items() if config.components is not None else [("", out)]):
+        try:
+            report(result, run, config, label)
+        except AllChainsDivergedError as e:
+            if not label:
+                raise
+            warnings.warn(f"{e} Its llc_mean is NaN; the other components' estimates stand.", LLCDivergenceWarning,
+                          stacklevel=3)
+    return out
+
+
+def sample_run(model, data, loss_fn: Callable, config, sample: Callable = sample_local, observers=None):
+    """(config with nbeta resolved, ChainRun): the checks before sampling, and the sampling. An interrupted run's
+    partial result rides on the ``SamplingInterrupted`` it raises (``.result``)."""
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
     config = config.for_data(data)
     warn_unstable(config)
     try:
-        run = sample(model, data, loss_fn, config)
+        run = sample(model, data, loss_fn, config, **({} if observers is None else dict(observers=observers)))
     except SamplingInterrupted as e:  # keep what was sampled: the partial result rides on the exception
         if e.trace is not None:
-            t = e.trace
-            e.result = LLCResult.from_traces(t.loss_trace, e.init_loss, config.hyper.nbeta.numpy(), t.diverged_at,
-                                             config.to_dict(partial=True, checkpoint=e.checkpoint,
-                                                            draws_taken=t.loss_trace.shape[1]),
-                                             burnin_loss_trace=t.burnin_loss_trace, mala_acceptance=t.mala_acceptance)
+            partial = ChainRun(e.init_loss, e.trace, facts=dict(partial=True, checkpoint=e.checkpoint,
+                                                                draws_taken=e.trace.loss_trace.shape[1]))
+            e.result = assemble(partial, config, observers, component_sizes(model, config))
         raise
     trace = run.trace
     draws = trace.loss_trace.shape[1]
-    steps = config.num_chains * config.schedule.replace(num_draws=draws).num_steps
-    timing = dict(run.timing, steps=steps, steps_per_s=steps / max(run.timing["sampling_s"], 1e-12))
-    facts = dict(run.facts, draws_taken=draws)
+    steps = config.num_rows * config.schedule.replace(num_draws=draws).num_steps
+    run.timing = dict(run.timing, steps=steps, steps_per_s=steps / max(run.timing["sampling_s"], 1e-12))
+    run.facts = dict(run.facts, draws_taken=draws)
     if config.targeted:
-        facts["stopped_by"] = "target" if draws < config.max_draws else "max_draws"
-    result = LLCResult.from_traces(trace.loss_trace, run.init_loss, config.hyper.nbeta.numpy(), trace.diverged_at,
-                                   config.to_dict(**facts), timing, burnin_loss_trace=trace.burnin_loss_trace,
-                                   mala_acceptance=trace.mala_acceptance)
-    if run.report and config.targeted and facts["stopped_by"] == "max_draws":
+        run.facts["stopped_by"] = "target" if draws < config.max_draws else "max_draws"
+    return config, run
+
+
+def assemble(run: ChainRun, config, observers=None, sizes: list[int] | None = None):
+    """The LLCResult of a run's trace (with its data-refined estimates), or one per component in a
+    ``RestrictedLLCResult`` when the run sampled components (rows k*C .. (k+1)*C - 1 are component k)."""
+    trace, nbeta = run.trace, np.asarray(config.nbeta, dtype=np.float64)
+
+    def one(tr, **facts) -> LLCResult:
+        def result(losses, init_loss, **more):
+            return LLCResult.from_traces(losses, init_loss, nbeta, tr.diverged_at,
+                                         config.to_dict(**dict(run.facts, **facts, **more)),
+                                         run.timing, burnin_loss_trace=tr.burnin_loss_trace,
+                                         mala_acceptance=tr.mala_acceptance)
+
+        main = result(tr.loss_trace, run.init_loss)
+        if observers is None or observers.observable is not None:
+            return main
+        refined = {name: result(tr.observed[name].astype(np.float64), float(observers.at_w_star[name]),
+                                eval_set=name) for name in observers.names}
+        if observers.primary is None:
+            main.refined = refined
+            return main
+        primary = refined.pop(observers.primary)
+        primary.refined = dict(refined, sampling=main)
+        return primary
+
+    if config.components is None:
+        return one(trace)
+    from .restricted import RestrictedLLCResult
+
+    C = config.num_chains
+    results = {}
+    for k, (name, restriction) in enumerate(config.components):
+        facts = dict(component=name, mask=None if restriction is None else sorted(restriction))
+        if sizes is not None:
+            facts.update(num_params=sizes[k], model_num_params=run.facts.get("num_params"))
+        results[name] = one(trace.take(list(range(k * C, (k + 1) * C))), **facts)
+    return RestrictedLLCResult(results, timing=dict(run.timing), facts=dict(run.facts))
+
+
+def component_sizes(model, config) -> list[int] | None:
+    """Weights each component samples (its restriction's ones), or None without components."""
+    if config.components is None:
+        return None
+    from ..state.flat import FlatLayout
+
+    layout = FlatLayout(model)
+    sizes = []
+    for _, restriction in config.components:
+        if restriction is None:
+            sizes.append(layout.numel)
+        else:
+            sizes.append(sum(int(m.count_nonzero()) for m in layout.checked_mask(restriction).values()))
+    return sizes
+
+
+def report(result: LLCResult, run: ChainRun, config, label: str = "") -> None:
+    """The warnings of one estimate (on the process that reports): a missed target, a fallback from batching,
+    chains that never moved, diverged chains (``report_divergence``). label: the component, if any."""
+    if not run.report:
+        return
+    trace, where = run.trace, f"component {label!r}: " if label else ""
+    if config.targeted and run.facts.get("stopped_by") == "max_draws":
         mcse = result.diagnostics()["mcse"]
         target = config.target_stderr if config.target_stderr is not None else \
             f"{config.target_rel_error:g} x |LLC| = {config.target_rel_error * abs(result.llc_mean):.3g}"
-        warnings.warn(f"max_draws={config.max_draws} came before the target: the MCSE of the estimate is {mcse:.3g}, "
-                      f"the target {target}. Raise max_draws or run more chains", LLCTargetNotMetWarning,
-                      stacklevel=3)
-    if run.report and trace.fallback_reason:
+        warnings.warn(f"{where}max_draws={config.max_draws} came before the target: the MCSE of the estimate is "
+                      f"{mcse:.3g}, the target {target}. Raise max_draws or run more chains", LLCTargetNotMetWarning,
+                      stacklevel=5)
+    if trace.fallback_reason and (not label or label == config.component_names[0]):  # once per run
         warnings.warn(f"the model could not be batched over chains ({trace.fallback_reason}); chains ran one at "
-                      "a time. Pass chain_batching='sequential' to skip the attempt.", RuntimeWarning, stacklevel=3)
-    if run.report and trace.unmoved:
-        warn_unmoved(trace.unmoved, config)
-    report_divergence(result, warn=run.report)
-    return result
+                      "a time. Pass chain_batching='sequential' to skip the attempt.", RuntimeWarning, stacklevel=5)
+    first = config.component_names.index(label) * config.num_chains if label else 0
+    unmoved = [r - first for r in trace.unmoved if first <= r < first + config.num_chains]
+    if unmoved:
+        warn_unmoved(unmoved, config, where)
+    report_divergence(result, warn=True, where=where)
 
 
 class LLCChainsStuckWarning(RuntimeWarning):
     """A chain's weights never left w*: its estimate is only the minibatch noise of the loss at w*."""
 
 
-def warn_unmoved(chains: list[int], config) -> None:
+def warn_unmoved(chains: list[int], config, where: str = "") -> None:
     import math
 
     import torch
@@ -94,9 +173,9 @@ def warn_unmoved(chains: list[int], config) -> None:
            "weights (relative spacing " + ", ".join(f"{k} {v:.2g}" for k, v in resolution.items()) + ")")
     if config.noise_level == 0:
         why = "noise_level=0 and the drift did not change any weight"
-    warnings.warn(f"chain(s) {chains} never moved from w* (every weight is bitwise unchanged after "
+    warnings.warn(f"{where}chain(s) {chains} never moved from w* (every weight is bitwise unchanged after "
                   f"{config.schedule.num_steps - 1} steps): {why}. The estimate is then only the minibatch noise of "
-                  f"the loss at w*; use a larger lr (now {lr:g}).", LLCChainsStuckWarning, stacklevel=4)
+                  f"the loss at w*; use a larger lr (now {lr:g}).", LLCChainsStuckWarning, stacklevel=5)
 
 
 def warn_unstable(config) -> None:
@@ -120,21 +199,21 @@ def divergence_advice(lr: float, nbeta: float, gamma: float) -> str:
             "larger gamma to hold the chain nearer w*")
 
 
-def report_divergence(result: LLCResult, warn: bool = True) -> None:
+def report_divergence(result: LLCResult, warn: bool = True, where: str = "") -> None:
     """Warn about each diverged chain (naming the first bad step and what to change); raise
-    AllChainsDivergedError if no chain is left."""
+    AllChainsDivergedError if no chain is left. where: a prefix naming the component."""
     cfg = result.config
     for c in result.diverged_chains if warn else ():
         step = result.diverged_at_step[c]
         warnings.warn(
-            f"chain {c} diverged at step {step} (its loss became NaN/Inf or moved more than {DIVERGENCE_FACTOR:g}x "
+            f"{where}chain {c} diverged at step {step} (its loss became NaN/Inf or moved more than {DIVERGENCE_FACTOR:g}x "
             f"max(|L(w*)|, 1) away from L(w*) = {result.init_loss:.4g}) and is left out of the mean; "
             + divergence_advice(cfg["lr"][c], cfg["nbeta"][c], cfg["gamma"][c]),
-            LLCDivergenceWarning, stacklevel=4,
+            LLCDivergenceWarning, stacklevel=5,
         )
     if result.diverged_chains and len(result.diverged_chains) == result.num_chains:
         raise AllChainsDivergedError(
-            f"all {result.num_chains} chains diverged; no estimate. "
+            f"{where}all {result.num_chains} chains diverged; no estimate. "
             + divergence_advice(cfg["lr"][0], cfg["nbeta"][0], cfg["gamma"][0])
             + ". The partial traces are in this error's .result.",
             result,

@@ -29,6 +29,9 @@ class LLCResult(SavedAsJson):
     burnin_loss_trace: [C, B] minibatch loss at each burn-in step (not part of the estimate).
     mala_acceptance: [C, K] MALA acceptance of every ``mala_every``-th step after burn-in ([C, 0]
         when not recorded); ``mala_mean`` averages it per chain.
+    refined: {evaluation set: LLCResult} of the data-refined estimates from the same chains
+        (``estimate_llc(refine=...)``; with ``eval_data=`` the estimate itself is the eval set's and
+        ``refined["sampling"]`` the one from the sampling data's minibatch losses).
     """
 
     llc_mean: float
@@ -44,6 +47,7 @@ class LLCResult(SavedAsJson):
     burnin_loss_trace: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     mala_acceptance: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     llc_std_ddof: int = LLC_STD_DDOF
+    refined: dict = field(default_factory=dict)
 
     @classmethod
     def from_traces(cls, loss_trace: np.ndarray, init_loss: float, nbeta: np.ndarray, diverged_at: dict[int, int],
@@ -131,7 +135,8 @@ class LLCResult(SavedAsJson):
         return s
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(dict_factory_skip(self, "refined"))
+        d["refined"] = {name: r.to_dict() for name, r in self.refined.items()}
         d["llc_per_chain"] = _nan_to_none(self.llc_per_chain.tolist())
         for k in ("loss_trace", "burnin_loss_trace", "mala_acceptance"):
             d[k] = _nan_to_none(getattr(self, k).tolist())
@@ -151,6 +156,7 @@ class LLCResult(SavedAsJson):
         d["diverged_at_step"] = {int(k): v for k, v in d["diverged_at_step"].items()}
         for k in ("llc_mean", "llc_std", "llc_stderr"):
             d[k] = math.nan if d[k] is None else d[k]
+        d["refined"] = {name: cls.from_dict(r) for name, r in d.get("refined", {}).items()}
         return cls(**d)
 
 
@@ -177,6 +183,13 @@ class LLCResult(SavedAsJson):
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+
+def dict_factory_skip(result, *skip: str):
+    """A shallow copy of a dataclass with the fields ``skip`` emptied (for asdict on the rest)."""
+    from dataclasses import replace
+
+    return replace(result, **{k: {} for k in skip})
 
 
 def pyplot(headless: bool):

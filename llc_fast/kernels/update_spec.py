@@ -117,17 +117,13 @@ class RowMasks:
 
     @classmethod
     def from_dense(cls, masks, row_component) -> "RowMasks":
-        """From components ``masks`` (each an [N] 0/1 tensor, or None for no restriction) and
-        each row's index into ``masks``: every mask is trimmed to the window between its first and
-        last nonzero (an all-zero mask is refused: it would sample nothing); rows of a None
-        component get -1."""
-        masks = list(masks)
-        rows = [int(k) for k in row_component]
-        for c, k in enumerate(rows):
-            if not 0 <= k < len(masks):
-                raise ValueError(f"row_component[{c}] = {k} is not an index into the {len(masks)} masks")
-        windows, pieces, index, total, device = [], [], {}, 0, None
+        """From components ``masks`` (each an [N] 0/1 tensor, or None for no restriction; an iterable,
+        read one mask at a time) and each row's index into ``masks``: every mask is trimmed to the window
+        between its first and last nonzero (an all-zero mask is refused: it would sample nothing); rows
+        of a None component get -1."""
+        windows, pieces, index, total, device, count = [], [], {}, 0, None, 0
         for k, m in enumerate(masks):
+            count = k + 1
             if m is None:
                 continue
             if not isinstance(m, torch.Tensor) or m.ndim != 1:
@@ -143,9 +139,17 @@ class RowMasks:
             windows.append((lo, hi, total))
             pieces.append((m[lo:hi] != 0).to(torch.uint8))
             total += hi - lo
+        rows = [int(k) for k in row_component]
+        for c, k in enumerate(rows):
+            if not 0 <= k < count:
+                raise ValueError(f"row_component[{c}] = {k} is not an index into the {count} masks")
         buffer = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8, device=device)
         return cls(windows=torch.tensor(windows, dtype=torch.int64).reshape(-1, 3), buffer=buffer.contiguous(),
                    row_component=torch.tensor([index.get(k, -1) for k in rows], dtype=torch.int64))
+
+    def for_rows(self, row_component: torch.Tensor) -> "RowMasks":
+        """The same components for other rows: row c uses this RowMasks's row ``row_component[c]``'s component."""
+        return RowMasks(self.windows, self.buffer, self.row_component[torch.as_tensor(row_component).cpu()])
 
     @property
     def num_rows(self) -> int:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..kernels.reference import SUPPORTED_PARAM_DTYPES, compute_dtype
+from ..kernels.update_spec import RowMasks
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,10 @@ class FlatLayout:
                              "name are frozen. Give 1 to the weights to sample (None samples a whole parameter)")
         return out
 
-    def flat_mask(self, mask: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """A restriction as one [N] float 0/1 mask: the named parameters' masks, 0 for every parameter not named."""
-        out = torch.zeros(self.numel, device=device)
+    def flat_mask(self, mask: dict[str, torch.Tensor], device: torch.device, dtype=torch.float32) -> torch.Tensor:
+        """A restriction as one [N] 0/1 mask (float32 unless ``dtype``): the named parameters' masks, 0 for every
+        parameter not named."""
+        out = torch.zeros(self.numel, device=device, dtype=dtype)
         for name, m in self.checked_mask(mask).items():
             s = self.slot(name)
             out[s.offset : s.offset + s.numel] = m.reshape(-1).to(device=device, dtype=out.dtype)
@@ -146,16 +148,22 @@ class FlatState:
     single-process implementation of ``state.protocol.ChainState``.
 
     mask: {param name: 0/1 tensor} or None; masked weights never move (``flat_mask`` [N] float or None).
+    components: restrictions (each like ``mask``, or None for the whole layout) that chain rows sample
+        one each, by the rows' ``ChainHyper.component`` (``row_masks``); kept as one ``RowMasks``
+        buffer of the components' windows, not a mask per row. Not combined with ``mask``.
     """
 
     supports_mala = True
 
     def __init__(self, layout: FlatLayout, num_chains: int, *, device: torch.device, preconditioned: bool,
-                 initial_statistic: float = 0.0, mask: dict | None = None):
+                 initial_statistic: float = 0.0, mask: dict | None = None, components: list | None = None):
         if layout.dtype not in SUPPORTED_PARAM_DTYPES:
             raise ValueError(f"sampled parameters are {layout.dtype}; cast the model to float32, float64 or bfloat16")
+        if mask and components:
+            raise ValueError("pass mask= or components=, not both (a component is itself a restriction)")
         self.layout, self.device, self.initial_statistic = layout, torch.device(device), initial_statistic
         self.flat_mask = layout.flat_mask(mask, device) if mask else None
+        self.components = components_as_row_masks(layout, components, device) if components else None
         self.w_star = layout.flatten().to(device)
         self.w = self.w_star.expand(num_chains, -1).clone()
         self._grad = None
@@ -185,6 +193,11 @@ class FlatState:
         """The update's segments for rows 0..num_rows-1: one, the whole flat vector (``grad`` None:
         the gradients in ``self.grad``)."""
         return [(self.w[:num_rows], self.grad[:num_rows] if grad is None else grad, 0, 0)]
+
+    def row_masks(self, component: torch.Tensor | None):
+        """The update's mask for rows of these components (int64 [G], ``ChainHyper.component``): a
+        ``RowMasks`` on the run's components, or the shared ``flat_mask`` when the run has none."""
+        return rows_of_components(self.components, component, self.flat_mask)
 
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return None if self.stat is None else self.stat[:num_rows]
@@ -221,6 +234,21 @@ class FlatState:
             leaves.append(leaf)
         with swapped_parameters(self.layout, leaves):
             yield
+
+
+def components_as_row_masks(layout: FlatLayout, components: list, device) -> RowMasks:
+    """The components' windows and 0/1 bytes as a ``RowMasks`` with row k = component k. Each component is a
+    restriction {param name: 0/1 tensor or None} (checked as ``checked_mask``) or None (every sampled weight);
+    their dense [N] masks are built one at a time."""
+    dense = (None if m is None else layout.flat_mask(m, device, dtype=torch.uint8) for m in components)
+    return RowMasks.from_dense(dense, range(len(components)))
+
+
+def rows_of_components(components: RowMasks | None, component: torch.Tensor | None, shared):
+    """Rows' mask: ``components`` (one row per component) for each row's component, or ``shared``."""
+    if components is None or component is None:
+        return shared
+    return components.for_rows(component)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import fnmatch
 import io
 import json
 import math
@@ -25,12 +24,12 @@ import numpy as np
 import torch
 
 from ..api import estimate_llc
+from ..estimators.restricted import FULL, resolve_components
 from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
 from ..files import SavedAsJson
 from .calibrate import calibrate as run_calibration
 from .probe import ProbeResult, perturbation_probe
 
-FULL = "full"
 
 
 @dataclass
@@ -237,31 +236,11 @@ def _from_state_dict(state: Mapping, template) -> torch.nn.Module:
 
 
 def component_masks(model: torch.nn.Module, components) -> dict[str, dict | None]:
-    """{name: estimate_llc mask} from {name: list of parameter-name patterns (globs) | {param: 0/1 tensor}}, or
-    from the name of a standard set ("layers", "heads", "attn-mlp", "embeddings": ``integrations.components``,
-    "full" first); the component "full" (or None) is the unrestricted LLC."""
+    """{name: estimate_llc mask} of ``components`` (``estimators.restricted.resolve_components``); None: the
+    full LLC only."""
     if components is None:
         return {FULL: None}
-    if isinstance(components, str):
-        from ..integrations.components import standard
-
-        return standard(model, components)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    out = {}
-    for comp, spec in components.items():
-        if spec is None or comp == FULL and not spec:
-            out[comp] = None
-            continue
-        if isinstance(spec, Mapping):
-            out[comp] = dict(spec)
-            continue
-        patterns = [spec] if isinstance(spec, str) else list(spec)
-        hit = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
-        if not patterns or not hit:
-            raise ValueError(f"component {comp!r}: the patterns {patterns} match no trainable parameter; "
-                             f"parameters: {names}")
-        out[comp] = {n: None for n in hit}
-    return out
+    return resolve_components(model, components)
 
 
 def _settings_key(options: dict) -> dict:
