@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "calibrate", "estimate", "checkpoints")
+COMMANDS = ("demo", "calibrate", "estimate", "checkpoints", "restricted")
 
 
 def build_parser() -> argparse.ArgumentParser:

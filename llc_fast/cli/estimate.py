@@ -21,21 +21,19 @@ BAD_INPUT_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
 
 
-def _report_interrupt(args: argparse.Namespace, launch, e) -> None:
-    """After Ctrl-C/SIGTERM: the partial result beside --output (rank 0) and the command that resumes."""
-    if launch.rank != 0:
-        return
+def report_interrupt(args: argparse.Namespace, e, prog: str = "llc-fast estimate") -> None:
+    """After Ctrl-C/SIGTERM (on rank 0): the partial result beside --output and the command that resumes."""
     if args.output and e.result is not None:
         from pathlib import Path
 
         partial = Path(args.output).with_suffix(".partial.json")
         e.result.save(partial)
-        print(f"llc-fast estimate: partial result ({e.result.loss_trace.shape[1]} draws per chain) written to "
+        print(f"{prog}: partial result ({e.trace.loss_trace.shape[1]} draws per chain) written to "
               f"{partial}", file=sys.stderr, flush=True)
     command = [a for a in sys.argv if a not in ("--force",)]
     if "--resume" not in command:
         command += ["--resume", e.checkpoint]
-    print(f"llc-fast estimate: stopped; the run is saved in {e.checkpoint}. Resume it with:\n  "
+    print(f"{prog}: stopped; the run is saved in {e.checkpoint}. Resume it with:\n  "
           + " ".join(command), file=sys.stderr, flush=True)
 
 
@@ -75,7 +73,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"llc-fast estimate: refused: {e}", file=sys.stderr, flush=True)
         return PLAN_REFUSED_EXIT_CODE
     except SamplingInterrupted as e:
-        _report_interrupt(args, launch, e)
+        if launch.rank == 0:
+            report_interrupt(args, e)
         return INTERRUPTED_EXIT_CODE
     if launch.initialised_here and dist.is_initialized():
         dist.destroy_process_group()
@@ -85,9 +84,15 @@ def _main(args: argparse.Namespace) -> int:
 def _checked_inputs(args: argparse.Namespace):
     """The token rows, after every input has been checked (output path, model directory, token file and dtype,
     ids against the vocabulary, rows against the positions): nothing is loaded onto a device before."""
+    check_output(args.output, force=args.force, model_dir=args.model)
+    return checked_rows(args)
+
+
+def checked_rows(args: argparse.Namespace):
+    """The token rows of --data (--seq-len, --token-dtype, --column), checked against --model's vocabulary and
+    positions and against --batch-size; the model is not loaded."""
     from ..integrations import hf
 
-    check_output(args.output, force=args.force, model_dir=args.model)
     vocab, positions = hf.model_limits(args.model)
     rows = hf.load_tokens(args.data, seq_len=args.seq_len, token_dtype=args.token_dtype, column=args.column)
     hf.check_tokens(rows, vocab, positions)
@@ -148,21 +153,17 @@ def _run(args: argparse.Namespace, launch, rows):
         plan.check()
 
     # --- sampling ------------------------------------------------------------------------------------
-    kwargs = dict(sampler=args.sampler, lr=args.lr, nbeta=args.nbeta, gamma=args.gamma, num_chains=args.num_chains,
-                  num_draws=args.num_draws, num_burnin_steps=args.num_burnin_steps,
-                  num_steps_bw_draws=args.num_steps_bw_draws, seed=args.seed, progress=rank0 and not args.no_progress,
-                  backend=args.backend, num_init_loss_batches=args.num_init_loss_batches, device=device,
-                  chain_batching="sequential" if batched == 1 else args.chain_batching, max_batched_chains=batched,
-                  checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                  target_stderr=args.target_stderr, max_draws=args.max_draws)
+    kwargs = sampler_options(args, progress=rank0 and not args.no_progress, device=device,
+                             chain_batching="sequential" if batched == 1 else args.chain_batching,
+                             max_batched_chains=batched, target_stderr=args.target_stderr, max_draws=args.max_draws)
     t1 = time.perf_counter()
     if world > 1:
         result = estimate_llc_sharded(model, loader, hf.causal_lm_loss, shard_group_size=shard,
                                       batch_split=args.batch_split, **kwargs)
     else:
         result = estimate_llc(model.to(device), loader, hf.causal_lm_loss, **kwargs)
-    result.config.update(model=str(args.model), data=str(args.data), seq_len=rows.seq_len, batch_size=args.batch_size,
-                         activation_checkpointing=args.activation_checkpointing, cli="llc-fast estimate")
+    result.config.update(provenance(args, rows, "llc-fast estimate"),
+                         activation_checkpointing=args.activation_checkpointing)
     say(f"{result.summary()}; init loss {result.init_loss:.4f}; {time.perf_counter() - t1:.1f} s "
         f"({result.timing['steps_per_s']:.3g} chain steps/s, backend {result.config['backend']!r}, "
         f"engine {result.config['engine']!r})")
@@ -170,6 +171,21 @@ def _run(args: argparse.Namespace, launch, rows):
         result.save(args.output)
         say(f"result written to {args.output}")
     return result
+
+
+def sampler_options(args: argparse.Namespace, **more) -> dict:
+    """estimate_llc's options from the arguments of ``add_sampler_options`` (and ``more``)."""
+    return dict(dict(sampler=args.sampler, lr=args.lr, nbeta=args.nbeta, gamma=args.gamma, num_chains=args.num_chains,
+                     num_draws=args.num_draws, num_burnin_steps=args.num_burnin_steps,
+                     num_steps_bw_draws=args.num_steps_bw_draws, seed=args.seed, progress=not args.no_progress,
+                     backend=args.backend, num_init_loss_batches=args.num_init_loss_batches, device=args.device,
+                     chain_batching=args.chain_batching, max_batched_chains=args.max_batched_chains,
+                     checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume), **more)
+
+
+def provenance(args: argparse.Namespace, rows, cli: str) -> dict:
+    """What a command-line result records of its inputs (into its config)."""
+    return dict(model=str(args.model), data=str(args.data), seq_len=rows.seq_len, batch_size=args.batch_size, cli=cli)
 
 
 def check_output(output: str | None, *, force: bool, model_dir: str | None = None) -> None:
@@ -208,14 +224,11 @@ def positive_int(text: str) -> int:
 
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")  # = distributed.hf's; here so that --help imports no torch
 PARAM_DTYPES = ("bfloat16", "float32", "float64")
+COMPONENT_SETS = ("layers", "heads", "attn-mlp", "embeddings")  # = integrations.components.STANDARD's
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "estimate", help="estimate the LLC of a HuggingFace causal LM on token data (also under torchrun)",
-        description="Estimate the LLC of a causal LM saved with save_pretrained, with next-token cross-entropy on "
-                    "local token data. Runs unchanged under torchrun --nproc_per_node=K -m llc_fast estimate ... "
-                    "(FSDP2 shard groups, chain groups in parallel).")
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """--model, --data and how they are read (--seq-len, --token-dtype, --column, --batch-size, --dtype)."""
     p.add_argument("--model", required=True, help="directory of a HuggingFace causal LM (save_pretrained); local only")
     p.add_argument("--data", required=True,
                    help="token ids: a saved datasets directory (column --column), a .npy [rows, tokens] or a .bin")
@@ -223,6 +236,14 @@ def add_parser(sub) -> None:
                    help="tokens per row: cuts 1-D .npy/.bin data into rows, truncates longer rows")
     p.add_argument("--token-dtype", default="uint16", choices=TOKEN_DTYPES, help="integer type of a .bin file")
     p.add_argument("--column", default="input_ids", help="column of a datasets directory holding the token ids")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="rows per batch of a chain (under torchrun split over its shard group)")
+    p.add_argument("--dtype", default="float32", choices=PARAM_DTYPES,
+                   help="parameter dtype; bfloat16 is updated in float32 and stored by stochastic rounding")
+
+
+def add_sampler_options(p: argparse.ArgumentParser) -> None:
+    """The options of the chains (``sampler_options`` turns them into estimate_llc's)."""
     p.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
     p.add_argument("--lr", type=float, required=True, help="SGLD step size epsilon (e.g. 1e-5 at 1B parameters)")
     p.add_argument("--nbeta", type=float, default=None,
@@ -233,17 +254,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-burnin-steps", type=int, default=0)
     p.add_argument("--num-steps-bw-draws", type=positive_int, default=1)
     p.add_argument("--num-init-loss-batches", type=positive_int, default=16)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch of a chain (split over its shard group)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=PARAM_DTYPES,
-                   help="parameter dtype; bfloat16 is updated in float32 and stored by stochastic rounding")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
-    p.add_argument("--shard-group-size", type=int, default=None,
-                   help="ranks per chain group (divides the number of processes; default all): "
-                        "processes / this many chains run at once")
-    p.add_argument("--batch-split", default="auto", choices=["auto", "split", "replicate"],
-                   help="split a chain's batch over its shard group, or give every rank the whole batch")
     p.add_argument("--chain-batching", default="auto", choices=["auto", "vmap", "sequential"],
                    help="single-model runs (shard group of 1): batch a process's chains in one vmapped pass")
     p.add_argument("--max-batched-chains", type=int, default=None,
@@ -251,6 +262,28 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cuda if available; GPU LOCAL_RANK per process)")
+    p.add_argument("--checkpoint", help="write the run here (every --checkpoint-every steps, and on Ctrl-C/SIGTERM); "
+                                        "under torchrun each rank writes FILE.rank<r>-of-<W>")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
+    p.add_argument("--resume", help="continue the run saved in this checkpoint (same settings), bit for bit")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "estimate", help="estimate the LLC of a HuggingFace causal LM on token data (also under torchrun)",
+        description="Estimate the LLC of a causal LM saved with save_pretrained, with next-token cross-entropy on "
+                    "local token data. Runs unchanged under torchrun --nproc_per_node=K -m llc_fast estimate ... "
+                    "(FSDP2 shard groups, chain groups in parallel).")
+    add_input_options(p)
+    add_sampler_options(p)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
+    p.add_argument("--shard-group-size", type=int, default=None,
+                   help="ranks per chain group (divides the number of processes; default all): "
+                        "processes / this many chains run at once")
+    p.add_argument("--batch-split", default="auto", choices=["auto", "split", "replicate"],
+                   help="split a chain's batch over its shard group, or give every rank the whole batch")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="memory per rank the plan must fit in (default: the GPU's free memory, or on CPU the "
                         "available memory shared by this machine's processes)")
@@ -262,12 +295,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains); "
                                     "checked before any work")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
-    p.add_argument("--checkpoint", help="write the run here (every --checkpoint-every steps, and on Ctrl-C/SIGTERM); "
-                                        "under torchrun each rank writes FILE.rank<r>-of-<W>")
-    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
-    p.add_argument("--resume", help="continue the run saved in this checkpoint (same settings), bit for bit")
     p.add_argument("--target-stderr", type=float, default=None,
                    help="draw until the MCSE of the estimate is at most this (--num-draws at least, --max-draws at most)")
     p.add_argument("--max-draws", type=positive_int, default=None, help="with --target-stderr: the most draws")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_estimate)

@@ -1,0 +1,152 @@
+"""``llc-fast restricted``: the restricted LLC of every component of a HuggingFace causal LM, in one batched run.
+
+    llc-fast restricted --model DIR --data tokens.npy --components heads --include-full \\
+        --lr 1e-4 --nbeta 30 --output heads.json
+
+writes heads.json (the ``RestrictedLLCResult``; ``RestrictedLLCResult.load`` reads it), heads.csv (one row per
+component) and heads.png (a bar per component; skipped, saying so, without matplotlib). ``--components`` is one
+of the standard sets of ``llc_fast.integrations.components``; ``--components-file FILE.json`` holds
+{name: [parameter-name patterns]} instead (exact names or globs such as ``"transformer.h.0.mlp.*"``). Every
+input is checked before sampling: the three outputs (an existing one needs ``--force``), the token data
+(as ``llc-fast estimate``) and every component (a pattern that matches no parameter is named).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .estimate import BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE
+
+PROG = "llc-fast restricted"
+
+
+def _restricted(args: argparse.Namespace) -> int:
+    from ..chains.interrupt import SamplingInterrupted
+
+    try:
+        outputs = _checked_outputs(args)
+        file_components = _read_components_file(args.components_file) if args.components_file else None
+        model, rows, components = _checked_inputs(args, file_components)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        return BAD_INPUT_EXIT_CODE
+    try:
+        _run(args, model, rows, components, outputs)
+    except SamplingInterrupted as e:
+        from .estimate import report_interrupt
+
+        report_interrupt(args, e, prog=PROG)
+        return INTERRUPTED_EXIT_CODE
+    return 0
+
+
+def _checked_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """{".json", ".csv", ".png": path}: --output and the two files beside it, each writable and new (or --force)."""
+    from .estimate import check_output
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("runs in one process; under torchrun use llc_fast.estimate_restricted_llcs from a script")
+    out = Path(args.output).expanduser()
+    if out.suffix != ".json":
+        raise ValueError(f"--output {args.output}: name a .json file (the .csv and .png of the same stem are "
+                         "written beside it)")
+    outputs = {suffix: out.with_suffix(suffix) for suffix in (".json", ".csv", ".png")}
+    for path in outputs.values():
+        check_output(str(path), force=args.force, model_dir=args.model)
+    return outputs
+
+
+def _read_components_file(path: str) -> dict:
+    """{name: [parameter-name patterns]} from a JSON file (a pattern may stand alone; null: the whole model)."""
+    import json
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--components-file {path} does not exist") from None
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--components-file {path} is not valid JSON: {e}") from None
+    example = '{"attn": ["transformer.h.*.attn.*"], "mlp0": ["transformer.h.0.mlp.*"]}'
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"--components-file {path} must hold a non-empty object {{name: [parameter-name patterns]}}, "
+                         f"e.g. {example}")
+    for name, patterns in spec.items():
+        if patterns is None or isinstance(patterns, str):
+            continue
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"--components-file {path}: component {name!r} must map to a list of parameter-name "
+                             f"patterns, got {json.dumps(patterns)}; e.g. {example}")
+    return spec
+
+
+def _checked_inputs(args: argparse.Namespace, file_components: dict | None):
+    """(model, token rows, {name: restriction}): the data checked as ``llc-fast estimate`` does, then the model
+    loaded and every component resolved against its parameters (nothing sampled yet)."""
+    from ..estimators.restricted import resolve_components
+    from ..integrations import hf
+    from ..integrations.components import standard
+    from .estimate import checked_rows
+
+    rows = checked_rows(args)
+    model = hf.load_causal_lm(args.model, hf.PARAM_DTYPES[args.dtype])
+    spec = standard(model, args.components, full=False) if args.components else file_components
+    return model, rows, resolve_components(model, spec, include_full=args.include_full)
+
+
+def _run(args: argparse.Namespace, model, rows, components: dict, outputs: dict[str, Path]) -> None:
+    from .. import estimate_restricted_llcs
+    from ..distributed.mesh import init_from_env
+    from ..integrations import hf
+    from .estimate import provenance, sampler_options
+
+    device = init_from_env(device=args.device).device
+    print(f"model {args.model}: {type(model).__name__}; data {args.data}: {len(rows)} rows x {rows.seq_len} tokens; "
+          f"{len(components)} components ({', '.join(components)}) x {args.num_chains} chains in one run on "
+          f"{device.type}", flush=True)
+    t0 = time.perf_counter()
+    result = estimate_restricted_llcs(model.to(device), hf.token_loader(rows, args.batch_size), hf.causal_lm_loss,
+                                      components, **sampler_options(args, device=device))
+    for r in result.results.values():
+        r.config.update(provenance(args, rows, PROG), component_set=args.components or str(args.components_file))
+    print(result.table(), flush=True)
+    print(f"{len(result)} components in {time.perf_counter() - t0:.1f} s", flush=True)
+    result.save(outputs[".json"])
+    result.to_csv(outputs[".csv"])
+    written = [outputs[".json"], outputs[".csv"]]
+    try:
+        fig = result.plot(outputs[".png"])
+    except ImportError as e:
+        print(f"{PROG}: {e}; {outputs['.png']} not written", file=sys.stderr, flush=True)
+    else:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        written.append(outputs[".png"])
+    print(f"written: {', '.join(map(str, written))}", flush=True)
+
+
+def add_parser(sub) -> None:
+    from .estimate import COMPONENT_SETS, add_input_options, add_sampler_options
+
+    p = sub.add_parser("restricted", help="restricted LLCs of every head, layer, ... of a HuggingFace causal LM, "
+                                          "in one batched run",
+                       description="The weight-restricted LLC of every component of a causal LM saved with "
+                                   "save_pretrained (one batched run; chain j of every component shares batches "
+                                   "and noise), on local token data. Writes OUT.json, OUT.csv and OUT.png.")
+    add_input_options(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--components", choices=COMPONENT_SETS,
+                       help="a standard set: every layer, attention head, attention/MLP part or embedding")
+    which.add_argument("--components-file", metavar="FILE.json",
+                       help="custom components: a JSON object {name: [parameter-name patterns (names or globs)]}")
+    p.add_argument("--include-full", action="store_true", help="also the unrestricted LLC, as component 'full'")
+    add_sampler_options(p)
+    p.add_argument("--output", required=True, metavar="OUT.json",
+                   help="the result (JSON); OUT.csv (the table) and OUT.png (bar chart) are written beside it")
+    p.add_argument("--force", action="store_true", help="overwrite existing OUT.json, OUT.csv, OUT.png")
+    p.set_defaults(func=_restricted)
