@@ -6,14 +6,15 @@
 __version__ = "0.1.0"
 
 from . import oracles  # noqa: E402
-from .api import estimate_llc, estimate_restricted_llcs  # noqa: E402
+from .api import estimate_llc, estimate_restricted_llcs, estimate_susceptibilities  # noqa: E402
 from .config import LLCConfig, default_nbeta  # noqa: E402
 from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult  # noqa: E402
 from .estimators.restricted import RestrictedLLCResult  # noqa: E402
+from .estimators.susceptibility import SusceptibilityResult  # noqa: E402
 from .kernels import backends  # noqa: E402
 from .studies import (CalibrationResult, CheckpointSweepResult, ProbeResult, SweepResult, calibrate,  # noqa: E402
                       estimate_over_checkpoints, perturbation_probe, sweep)
 
-__all__ = ["estimate_llc", "estimate_restricted_llcs", "RestrictedLLCResult", "LLCConfig", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends",
+__all__ = ["estimate_llc", "estimate_restricted_llcs", "RestrictedLLCResult", "estimate_susceptibilities", "SusceptibilityResult", "LLCConfig", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends",
            "oracles", "calibrate", "CalibrationResult", "default_nbeta", "sweep", "SweepResult", "perturbation_probe",
            "ProbeResult", "estimate_over_checkpoints", "CheckpointSweepResult", "__version__"]

@@ -17,6 +17,7 @@ from .distributed.mesh import launched_world_size
 from .estimators.llc import estimate
 from .estimators.restricted import RestrictedLLCResult, resolve_components
 from .estimators.result import LLCResult
+from .estimators.susceptibility import SusceptibilityResult
 
 
 def estimate_config(model, data, loss_fn: Callable, config: LLCConfig, observers=None):
@@ -36,7 +37,7 @@ def observers_for(eval_data=None, refine=None, num_eval_batches: int = 1):
     """The ``Observers`` of estimate_llc's eval_data= and refine= (None when neither is given)."""
     from .chains.observe import Observers
 
-    if eval_data is None and not refine:
+    if eval_data is None and refine is None:
         return None
     sets = {}
     if refine is not None:
@@ -183,3 +184,40 @@ def estimate_llc(
         compile_step=compile_step,
     )
     return estimate_config(model, data, loss_fn, config, observers_for(eval_data, refine, num_eval_batches))
+
+
+def estimate_susceptibilities(model, data, loss_fn: Callable, components, observables: Mapping, *,
+                              per_token_fn: Callable | None = None, include_full: bool = False,
+                              num_eval_batches: int = 1, token_losses: bool = False,
+                              token_losses_path: str | os.PathLike | None = None,
+                              **estimate_llc_options) -> SusceptibilityResult:
+    """chi(C, s) for every component C and subset s (module docstring), from one batched restricted run.
+
+    components: as ``estimate_restricted_llcs`` ({name: parameter patterns | restriction} or "heads",
+        "layers", ...). observables: {subset name: loader or list of batches}; the first num_eval_batches
+        batches of each (and of ``data``, the reference set) are evaluated at every draw.
+    per_token_fn(model, batch) -> per-token (or per-sample) losses [..., T]: adds per-token
+        susceptibilities (result.token_chi) and, with token_losses=True, the losses themselves as
+        [component, chain, draw, token] arrays (streamed to .npy files under token_losses_path).
+    estimate_llc_options: lr, nbeta, num_chains, num_draws, seed, ... (as estimate_llc).
+    """
+    from .chains.observe import Observers
+    from .estimators.susceptibility import REFERENCE, flat_tokens, susceptibilities_from, token_storage
+
+    if not isinstance(observables, Mapping) or not observables:
+        raise ValueError("observables must be a non-empty dict {subset name: loader or list of batches}")
+    if REFERENCE in observables:
+        raise ValueError(f"{REFERENCE!r} names the reference set (the sampling data's batches): rename that subset")
+    if (token_losses or token_losses_path is not None) and per_token_fn is None:
+        raise ValueError("token_losses needs per_token_fn(model, batch) -> per-token losses")
+    if "mask" in estimate_llc_options:
+        raise ValueError("estimate_susceptibilities takes components, not mask=")
+    restrictions = resolve_components(model, components, include_full=include_full)
+    config = LLCConfig(components=tuple(restrictions.items()), **estimate_llc_options)
+    sets = {REFERENCE: data, **observables}
+    observers = Observers(sets, num_batches=num_eval_batches,
+                          observable=None if per_token_fn is None else flat_tokens(per_token_fn),
+                          storage=token_storage(token_losses_path, len(restrictions)) if per_token_fn else None)
+    llcs = estimate_config(model, data, loss_fn, config, observers)
+    return susceptibilities_from(observers, llcs, config.num_chains, list(observables), token_losses,
+                                 token_losses_path)

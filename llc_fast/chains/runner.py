@@ -223,7 +223,7 @@ def run_chains(engine, state, data, hyper: ChainHyper, *, settings, schedule: Sc
     trace.draws_target = schedule.num_draws
     if observers is not None:
         observers.blank_after(trace.diverged_at, done.first_draw_from)
-        trace.observed = {name: values[:, :draws] for name, values in observers.values.items()}
+        observers.values = trace.observed = {name: values[:, :draws] for name, values in observers.values.items()}
     return trace
 
 

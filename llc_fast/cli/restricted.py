@@ -89,12 +89,11 @@ def _checked_inputs(args: argparse.Namespace, file_components: dict | None):
     loaded and every component resolved against its parameters (nothing sampled yet)."""
     from ..estimators.restricted import resolve_components
     from ..integrations import hf
-    from ..integrations.components import standard
     from .estimate import checked_rows
 
     rows = checked_rows(args)
     model = hf.load_causal_lm(args.model, hf.PARAM_DTYPES[args.dtype])
-    spec = standard(model, args.components, full=False) if args.components else file_components
+    spec = args.components or file_components
     return model, rows, resolve_components(model, spec, include_full=args.include_full)
 
 

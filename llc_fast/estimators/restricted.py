@@ -34,7 +34,7 @@ def resolve_components(model: torch.nn.Module, components, include_full: bool = 
     if isinstance(components, str):
         from ..integrations.components import standard
 
-        out = standard(model, components)
+        out = standard(model, components, full=False)
     elif isinstance(components, Mapping):
         if not components:
             raise ValueError("components is empty: give {name: parameter patterns}, e.g. {'layer0': ['layers.0.*']}")

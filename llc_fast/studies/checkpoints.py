@@ -240,7 +240,7 @@ def component_masks(model: torch.nn.Module, components) -> dict[str, dict | None
     full LLC only."""
     if components is None:
         return {FULL: None}
-    return resolve_components(model, components)
+    return resolve_components(model, components, include_full=isinstance(components, str))
 
 
 def _settings_key(options: dict) -> dict:
