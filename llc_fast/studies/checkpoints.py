@@ -1,11 +1,12 @@
 """LLC over training checkpoints: the same estimate at every checkpoint, with common random numbers.
 
-``estimate_over_checkpoints`` runs ``estimate_llc`` once per (checkpoint, component) with the same
-seed, so every checkpoint sees the same noise and batch order and differences between checkpoints are
-not sampling noise. Each finished estimate is written to ``save_dir`` as it completes; a rerun of the same
-call skips the ones already there (their settings are checked), so a killed sweep continues where it
-stopped and ends with the table of an uninterrupted one. Components are weight restrictions
-(``estimate_llc``'s ``mask``: the restricted LLC of each part), giving a [checkpoint x component] table.
+``estimate_over_checkpoints`` estimates every component at every checkpoint with the same seed, so every
+checkpoint sees the same noise and batch order and differences between checkpoints are not sampling noise.
+The components of one checkpoint are one batched run (``estimate_restricted_llcs``: each component's chains
+are those ``estimate_llc(mask=component)`` samples). Each finished estimate is written to ``save_dir``; a
+rerun of the same call skips the ones already there (their settings are checked), so a killed sweep
+continues where it stopped and ends with the table of an uninterrupted one. Components are weight
+restrictions (the restricted LLC of each part), giving a [checkpoint x component] table.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import estimate_llc
+from ..api import estimate_llc, estimate_restricted_llcs
 from ..estimators.restricted import FULL, resolve_components
 from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
 from ..files import SavedAsJson
@@ -283,15 +284,22 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
             at = step if calibrate_at == "each" else next(iter(calibration))
             settings.update({k: calibration[at][k] for k in ("lr", "gamma", "nbeta")})
         model_at = None
-        for comp, mask in component_masks(model if model is not None else load(), components).items():
-            file = save / f"step{step}_{comp}.json" if save is not None else None
-            result = _done(file, settings, mask)
-            if result is None:
-                model_at = model_at or load()
-                result = estimate_llc(model_at, data_at(step), loss_fn, mask=mask, **settings)
-                if file is not None:
-                    result.save(file)
-            rows.append(_row(step, comp, result, file))
+        masks = component_masks(model if model is not None else load(), components)
+        files = {comp: save / f"step{step}_{comp}.json" if save is not None else None for comp in masks}
+        results = {comp: _done(files[comp], settings, mask) for comp, mask in masks.items()}
+        todo = {comp: masks[comp] for comp, result in results.items() if result is None}
+        if todo:  # every missing component of this checkpoint in one batched run
+            model_at = model_at or load()
+            if len(todo) == 1:
+                (comp, mask), = todo.items()
+                fresh = {comp: estimate_llc(model_at, data_at(step), loss_fn, mask=mask, **settings)}
+            else:
+                fresh = estimate_restricted_llcs(model_at, data_at(step), loss_fn, todo, **settings).results
+            for comp, result in fresh.items():
+                if files[comp] is not None:
+                    result.save(files[comp])
+                results[comp] = result
+        rows += [_row(step, comp, results[comp], files[comp]) for comp in masks]
         if probe is not None:
             file = save / f"probe_step{step}.json" if save is not None else None
             if file is not None and file.is_file():
