@@ -398,3 +398,36 @@ def test_token_losses_stream_to_disk(tmp_path, capsys):
     with pytest.raises(ValueError, match="reference set"):
         llc_fast.estimate_susceptibilities(model, batches, loss_fn, {"first": ["0.*"]}, {"sampling": batches},
                                            lr=1e-3, nbeta=3.0)
+
+
+def test_ctrl_c_keeps_a_partial_restricted_result_and_resumes_to_the_full_run(tmp_path):
+    import os
+    import signal
+
+    from llc_fast.chains.interrupt import SamplingInterrupted
+
+    model, loader, loss_fn = mlp_case()
+    kw = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=2, num_draws=15, seed=1, progress=False)
+    comps = {"first": ["0.*"], "last": ["2.*"]}
+    evalset = [next(iter(loader))]
+    full = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, comps, refine={"x": evalset}, **kw)
+    calls = []
+
+    def interrupting(m, b):
+        calls.append(1)
+        if len(calls) == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(m, b)
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(SamplingInterrupted) as info:
+        llc_fast.estimate_restricted_llcs(model, loader, interrupting, comps, refine={"x": evalset},
+                                          checkpoint=str(path), **kw)
+    partial = info.value.result
+    assert isinstance(partial, llc_fast.RestrictedLLCResult) and partial.names == ["first", "last"]
+    assert partial["first"].config["partial"] and "x" in partial["first"].refined
+    again = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, comps, refine={"x": evalset},
+                                              resume=str(path), **kw)
+    for name in comps:
+        np.testing.assert_array_equal(full[name].loss_trace, again[name].loss_trace)
+        np.testing.assert_array_equal(full[name].refined["x"].loss_trace, again[name].refined["x"].loss_trace)

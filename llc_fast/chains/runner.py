@@ -357,6 +357,8 @@ class _Run:
         for g in self.groups:
             trace.record(g.start, g.losses[:, :partial.num_steps].cpu().numpy(),
                          g.mala[:, :partial.num_mala].cpu().numpy(), partial, self.init_loss)
+        if self.observers is not None:
+            trace.observed = {n: v[:, :partial.num_draws] for n, v in self.observers.values.items()}
         name = _signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another rank"
         raise SamplingInterrupted(
             f"sampling stopped by {name} after step {group.t - 1} of the group starting at chain {group.start}; the "
