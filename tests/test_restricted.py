@@ -431,3 +431,19 @@ def test_ctrl_c_keeps_a_partial_restricted_result_and_resumes_to_the_full_run(tm
     for name in comps:
         np.testing.assert_array_equal(full[name].loss_trace, again[name].loss_trace)
         np.testing.assert_array_equal(full[name].refined["x"].loss_trace, again[name].refined["x"].loss_trace)
+
+
+def test_tiny_gpt2_per_token_susceptibilities_of_every_head():
+    from llc_fast.integrations.hf import causal_lm_loss, causal_lm_token_losses
+
+    model, loader, loss_fn = gpt2_case()
+    batches = list(loader)
+    assert torch.allclose(causal_lm_token_losses(model, batches[0]).mean(), causal_lm_loss(model, batches[0]))
+    res = llc_fast.estimate_susceptibilities(model, loader, loss_fn, "heads", {"s1": batches[1:2], "s2": batches[2:3]},
+                                             per_token_fn=causal_lm_token_losses, token_losses=True, lr=1e-4,
+                                             nbeta=10.0, gamma=100.0, num_chains=2, num_draws=8, progress=False)
+    assert res.components == ["l0h0", "l0h1", "l1h0", "l1h1"] and res.chi.shape == (4, 2)
+    tokens = 8 * 11  # 8 rows of 12 tokens: 11 predictions each
+    assert res.token_chi["s1"].shape == (4, tokens) and res.token_losses["s2"].shape == (4, 2, 8, tokens)
+    np.testing.assert_allclose(res.token_chi["s1"].mean(axis=1), res.chi[:, 0], rtol=1e-4, atol=1e-9)
+    assert np.isfinite(res.chi).all() and np.isfinite(res.chi_stderr).all()

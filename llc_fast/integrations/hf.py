@@ -6,7 +6,8 @@
   directory (``save_to_disk``; column ``input_ids``), a ``.npy`` array ([rows, T], or 1-D cut into
   rows of ``seq_len``) or a raw ``.bin`` of token ids (``token_dtype``, cut into rows of
   ``seq_len``). ``.npy`` and ``.bin`` are memory-mapped: only the batches drawn are read.
-* ``causal_lm_loss(model, batch)``: mean next-token cross-entropy over the batch (float32).
+* ``causal_lm_loss(model, batch)``: mean next-token cross-entropy over the batch (float32);
+  ``causal_lm_token_losses``: the same per predicted token.
 """
 from __future__ import annotations
 
@@ -22,11 +23,22 @@ TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
 PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def causal_lm_loss(model, batch) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 from tokens <= t, over every position of every row."""
+def _logits_and_targets(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """([rows x (T-1), vocab] float32 logits of positions 0..T-2, [rows x (T-1)] next tokens) of a token batch."""
     ids = batch["input_ids"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (list, tuple)) else batch
     logits = model(input_ids=ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    return logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+
+
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens <= t, over every position of every row."""
+    return F.cross_entropy(*_logits_and_targets(model, batch))
+
+
+def causal_lm_token_losses(model, batch) -> torch.Tensor:
+    """The cross-entropy of each predicted token, [rows x (T-1)] (row-major): ``per_token_fn`` of
+    ``estimate_susceptibilities`` for token batches; its mean is ``causal_lm_loss``."""
+    return F.cross_entropy(*_logits_and_targets(model, batch), reduction="none")
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
