@@ -27,7 +27,7 @@ def _checkpoints(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..integrations import hf
     from ..studies.checkpoints import checkpoint_list, estimate_over_checkpoints
-    from .estimate import check_output
+    from .estimate import chain_options, check_output
 
     check_output(args.output, force=True)
     check_output(args.plot, force=True)
@@ -54,10 +54,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{len(rows)} rows x {rows.seq_len} tokens", flush=True)
     result = estimate_over_checkpoints(
         args.models, loader, hf.causal_lm_loss, dtype=dtype,
-        components=components, save_dir=args.save_dir, sampler=args.sampler, lr=args.lr, nbeta=args.nbeta,
-        gamma=args.gamma, num_chains=args.num_chains, num_draws=args.num_draws,
-        num_burnin_steps=args.num_burnin_steps, seed=args.seed, progress=not args.no_progress,
-        num_init_loss_batches=args.num_init_loss_batches, backend=args.backend)
+        components=components, save_dir=args.save_dir, **chain_options(args))
     print(result.table(), flush=True)
     if args.output:
         (result.to_csv if args.output.endswith(".csv") else result.save)(args.output)
@@ -69,33 +66,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from .estimate import PARAM_DTYPES, TOKEN_DTYPES, positive_int
+    from .estimate import COMPONENT_SETS, add_chain_options, add_input_options
 
     p = sub.add_parser("checkpoints", help="the LLC of every HuggingFace checkpoint in a directory (resumable)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True, help="directory of save_pretrained checkpoints named with their step")
-    p.add_argument("--data", required=True, help="token ids: a datasets directory, a .npy or a .bin (as estimate)")
-    p.add_argument("--seq-len", type=positive_int)
-    p.add_argument("--token-dtype", default="uint16", choices=TOKEN_DTYPES)
-    p.add_argument("--column", default="input_ids")
-    p.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--nbeta", type=float, default=None)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--num-chains", type=positive_int, default=4)
-    p.add_argument("--num-draws", type=positive_int, default=100)
-    p.add_argument("--num-burnin-steps", type=int, default=0)
-    p.add_argument("--num-init-loss-batches", type=positive_int, default=16)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=PARAM_DTYPES)
-    p.add_argument("--backend", default="auto")
+    add_input_options(p, model=False)
+    add_chain_options(p)
     p.add_argument("--component", action="append", help="NAME=GLOB[,GLOB...]: a restricted LLC (repeatable)")
-    p.add_argument("--components", choices=["layers", "heads", "attn-mlp", "embeddings"], default=None,
+    p.add_argument("--components", choices=COMPONENT_SETS, default=None,
                    help="restricted LLCs of every layer, attention head, attention/MLP part or embedding (and full)")
     p.add_argument("--save-dir", required=True, help="each finished estimate is written here; a rerun skips them")
     p.add_argument("--output", help="the table (.csv) or the whole result (.json)")
     p.add_argument("--plot", help="PNG of the LLC against the step")
     p.add_argument("--log-x", action="store_true", help="log-scale steps in the plot")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_checkpoints)

@@ -173,14 +173,19 @@ def _run(args: argparse.Namespace, launch, rows):
     return result
 
 
-def sampler_options(args: argparse.Namespace, **more) -> dict:
-    """estimate_llc's options from the arguments of ``add_sampler_options`` (and ``more``)."""
+def chain_options(args: argparse.Namespace, **more) -> dict:
+    """estimate_llc's options from the arguments of ``add_chain_options`` (and ``more``)."""
     return dict(dict(sampler=args.sampler, lr=args.lr, nbeta=args.nbeta, gamma=args.gamma, num_chains=args.num_chains,
                      num_draws=args.num_draws, num_burnin_steps=args.num_burnin_steps,
                      num_steps_bw_draws=args.num_steps_bw_draws, seed=args.seed, progress=not args.no_progress,
                      backend=args.backend, num_init_loss_batches=args.num_init_loss_batches, device=args.device,
-                     chain_batching=args.chain_batching, max_batched_chains=args.max_batched_chains,
-                     checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume), **more)
+                     chain_batching=args.chain_batching, max_batched_chains=args.max_batched_chains), **more)
+
+
+def sampler_options(args: argparse.Namespace, **more) -> dict:
+    """estimate_llc's options from the arguments of ``add_sampler_options`` (and ``more``)."""
+    return chain_options(args, **dict(dict(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                                           resume=args.resume), **more))
 
 
 def provenance(args: argparse.Namespace, rows, cli: str) -> dict:
@@ -227,9 +232,11 @@ PARAM_DTYPES = ("bfloat16", "float32", "float64")
 COMPONENT_SETS = ("layers", "heads", "attn-mlp", "embeddings")  # = integrations.components.STANDARD's
 
 
-def add_input_options(p: argparse.ArgumentParser) -> None:
-    """--model, --data and how they are read (--seq-len, --token-dtype, --column, --batch-size, --dtype)."""
-    p.add_argument("--model", required=True, help="directory of a HuggingFace causal LM (save_pretrained); local only")
+def add_input_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    """--model (unless ``model`` is False), --data and how they are read (--seq-len, --token-dtype, --column,
+    --batch-size, --dtype)."""
+    if model:
+        p.add_argument("--model", required=True, help="directory of a HuggingFace causal LM (save_pretrained); local only")
     p.add_argument("--data", required=True,
                    help="token ids: a saved datasets directory (column --column), a .npy [rows, tokens] or a .bin")
     p.add_argument("--seq-len", type=positive_int,
@@ -242,8 +249,8 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
                    help="parameter dtype; bfloat16 is updated in float32 and stored by stochastic rounding")
 
 
-def add_sampler_options(p: argparse.ArgumentParser) -> None:
-    """The options of the chains (``sampler_options`` turns them into estimate_llc's)."""
+def add_chain_options(p: argparse.ArgumentParser) -> None:
+    """The options of the chains (``chain_options`` turns them into estimate_llc's)."""
     p.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
     p.add_argument("--lr", type=float, required=True, help="SGLD step size epsilon (e.g. 1e-5 at 1B parameters)")
     p.add_argument("--nbeta", type=float, default=None,
@@ -262,11 +269,16 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cuda if available; GPU LOCAL_RANK per process)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_sampler_options(p: argparse.ArgumentParser) -> None:
+    """The chains' options and the run's checkpoints (``sampler_options`` turns them into estimate_llc's)."""
+    add_chain_options(p)
     p.add_argument("--checkpoint", help="write the run here (every --checkpoint-every steps, and on Ctrl-C/SIGTERM); "
                                         "under torchrun each rank writes FILE.rank<r>-of-<W>")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
     p.add_argument("--resume", help="continue the run saved in this checkpoint (same settings), bit for bit")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def add_parser(sub) -> None:
