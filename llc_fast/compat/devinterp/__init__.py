@@ -7,8 +7,10 @@ Change the import, keep the call::
                                                             ->  from llc_fast.compat.devinterp import ...
     from devinterp.optim import SGLD, SGMCMC                ->  from llc_fast.compat.devinterp import SGLD, SGMCMC
 
-devinterp 2.x (``llc``, ``sample``, ``compute_llc``, ``create_param_masks``): same signatures and
-defaults as devinterp 2.0.1, same output variables and dims. All chains read the same batches in the
+devinterp 2.x (``llc``, ``sample``, ``compute_llc``, ``create_param_masks``, ``susceptibilities``,
+``compute_susceptibilities``, ``to_obs_id``): same signatures and defaults as devinterp 2.0.1, same output
+variables and dims. ``susceptibilities`` samples all its weight restrictions ("full" included) as the
+components of one batched run instead of one ``sample()`` each. All chains read the same batches in the
 same order as devinterp's (its seeded DataLoader order, replayed every pass); only the noise differs,
 which comes from llc_fast's counter-based generator. devinterp 1.x (``estimate_learning_coeff_with_summary``,
 ``estimate_learning_coeff``): same arguments and returned keys as devinterp 1.3.2. The samplers ``SGLD``,
@@ -22,10 +24,12 @@ B/log B with B the batch size). A warning says so once per process. The native A
 ``llc_fast.estimate_llc``, averages only the draws after burn-in, uses ddof=1 and leaves diverged chains
 out; ``llc``/``sample``/``compute_llc`` take ``conventions="llc_fast"`` for those rules.
 
-Not supported (clear errors): observables in ``sample`` (susceptibilities), ``init_noise``,
-``save_metrics``, SGNHT, 1.x ``callbacks`` (for MALA acceptance use ``estimate_llc(mala_every=k)``).
-Recorded per-token losses are collapsed to the mean loss of each step: the ``batch_sampling``/``batch``
-and ``token_pos`` dims have size 1 (the LLC does not change) and ``sampling_input_ids_micro`` is absent.
+Not supported (clear errors): ``init_noise``, ``save_metrics``, SGNHT, 1.x ``callbacks`` (for MALA
+acceptance use ``estimate_llc(mala_every=k)``). The sampling losses are recorded as the mean loss of each
+step: the ``batch_sampling``/``batch`` dims have size 1, ``init_loss`` and the sampling losses have one
+value per chain (and step or draw) repeated over ``token_pos`` (size 1 without observables; the LLC does
+not change) and ``sampling_input_ids_micro`` is absent. Observables (``loss_<id>``, ``input_ids_<id>``) are
+per token, as devinterp's.
 
 Known differences besides the noise: with fewer batches than ``num_init_loss_batches`` per epoch, 2.x
 cycles them for the initial loss, this layer averages one pass; with
@@ -37,10 +41,12 @@ from .common import ChainDivergedError, DevinterpCompatWarning, _reset_warnings,
 from ...integrations.components import create_param_masks
 from .optim import SGLD, SGMCMC, RMSpropSGLD
 from .v1 import estimate_learning_coeff, estimate_learning_coeff_with_summary
-from .v2 import compute_llc, llc, lm_logits, per_token_loss, sample
+from .susceptibility import compute_susceptibilities, susceptibilities
+from .v2 import compute_llc, llc, lm_logits, per_token_loss, sample, to_obs_id
 
 __all__ = [
     "llc", "sample", "compute_llc", "create_param_masks", "estimate_learning_coeff_with_summary",
     "estimate_learning_coeff", "default_nbeta", "SGLD", "RMSpropSGLD", "SGMCMC", "DevinterpCompatWarning",
-    "ChainDivergedError", "lm_logits", "per_token_loss", "_reset_warnings",
+    "ChainDivergedError", "lm_logits", "per_token_loss", "_reset_warnings", "susceptibilities",
+    "compute_susceptibilities", "to_obs_id",
 ]

@@ -1,15 +1,21 @@
-"""devinterp 2.x on llc_fast's engine: ``llc``, ``sample``, ``compute_llc`` (language models, per-token losses)."""
+"""devinterp 2.x on llc_fast's engine: ``llc``, ``sample``, ``compute_llc`` (language models, per-token losses);
+``susceptibilities`` (``susceptibility.py``) samples all its weight restrictions with this module's machinery."""
 from __future__ import annotations
 
 import math
+import random
 import sys
+import tempfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ...api import estimate_llc
+from ...api import estimate_config
+from ...chains.observe import Observers
 from ...chains.trace import nan_from_first_bad
+from ...config import LLCConfig
 from .common import (_V2_MESSAGE, CONVENTIONS, DevinterpCompatWarning, _divergence_handled, _only_sampled,
                      _resolve_masks, _seed_from, _train_mode, _warn_once)
 from .optim import sampler_name
@@ -32,19 +38,43 @@ def per_token_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     return -log_probs[..., :-1, :].gather(dim=-1, index=input_ids[..., 1:, None])[..., 0]
 
 
+def to_obs_id(task_name: str) -> str:
+    """devinterp 2.x's observable id of a task name: a valid identifier for variable names (``loss_<id>``)."""
+    result = "".join(c if c.isalnum() or c == "_" else "_" for c in task_name)
+    if result and result[0].isdigit():
+        result = "_" + result
+    return result or "_"
+
+
 class _MeanTokenLoss:
-    """llc_fast's loss_fn(model, batch) from devinterp 2.x's per-token loss_fn(model, input_ids)."""
+    """llc_fast's loss_fn(model, batch) from devinterp 2.x's per-token loss_fn(model, input_ids);
+    ``per_token(model, batch)``: the checked per-token losses themselves (the observables' observable)."""
 
     def __init__(self, loss_fn):
         self.loss_fn = loss_fn or per_token_loss
 
-    def __call__(self, model, batch):
+    def per_token(self, model, batch) -> torch.Tensor:
         input_ids = batch["input_ids"]
         loss = self.loss_fn(model, input_ids)
         expected = tuple(input_ids.shape[:-1]) + (input_ids.shape[-1] - 1,)
         if tuple(loss.shape) != expected:
             raise ValueError(f"loss_fn must return per-token loss of shape {expected}, got {tuple(loss.shape)}")
-        return loss.float().mean()
+        return loss.float()
+
+    def __call__(self, model, batch):
+        return self.per_token(model, batch).mean()
+
+
+def _gather(dataset, idx) -> torch.Tensor:
+    """Rows ``idx`` of a dataset's ``input_ids`` column as one int64 tensor [len(idx), length]."""
+    idx = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+    if hasattr(dataset, "column_names"):  # HuggingFace Dataset: one gather
+        col = dataset[idx]["input_ids"]
+    else:
+        col = [dataset[i]["input_ids"] for i in idx]
+    if isinstance(col, torch.Tensor):
+        return col.long()
+    return torch.stack([torch.as_tensor(r) for r in col]).long()
 
 
 class _Batches:
@@ -66,16 +96,6 @@ class _Batches:
     def __len__(self) -> int:
         return self.num_batches
 
-    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.tolist()
-        if hasattr(self.dataset, "column_names"):  # HuggingFace Dataset: one gather
-            col = self.dataset[idx]["input_ids"]
-        else:
-            col = [self.dataset[i]["input_ids"] for i in idx]
-        if isinstance(col, torch.Tensor):
-            return col.long()
-        return torch.stack([torch.as_tensor(r) for r in col]).long()
-
     def __iter__(self):
         micro = self.n // self.batch_size
         used = micro * self.batch_size
@@ -90,7 +110,7 @@ class _Batches:
         flat = torch.cat(orders)
         rows = self.batch_size * self.accumulation
         for k in range(self.num_batches):
-            yield {"input_ids": self._rows(flat[k * rows:(k + 1) * rows])}
+            yield {"input_ids": _gather(self.dataset, flat[k * rows:(k + 1) * rows])}
 
 
 def _loader_order(n: int, batch_size: int, shuffle: bool, seed: int) -> torch.Tensor:
@@ -100,6 +120,235 @@ def _loader_order(n: int, batch_size: int, shuffle: bool, seed: int) -> torch.Te
     batches = list(torch.utils.data.DataLoader(range(n), batch_size=batch_size, shuffle=shuffle, generator=gen,
                                                drop_last=True))
     return torch.cat(batches) if batches else torch.zeros(0, dtype=torch.int64)
+
+
+class _Observables:
+    """devinterp 2.x's observables: per set, batches_per_draw x batch_size rows chosen once (its
+    DeterministicShuffledSampler: ``random.Random(obs_seed).sample(range(len(dataset)), n)``, in that order), whose
+    per-token losses are taken at every draw. ``observables``: {name: Dataset or (Dataset, batches_per_draw)}."""
+
+    def __init__(self, observables, *, batch_size: int, batches_per_draw: int, obs_seed: int, context_length: int):
+        if not hasattr(observables, "items"):
+            raise TypeError(f"observables must be a dict {{name: Dataset or (Dataset, batches_per_draw)}}, got "
+                            f"{type(observables).__name__}")
+        self.batch_size, self.sets = batch_size, {}  # obs_id -> (input_ids [n, T + 1], batches_per_draw)
+        for name, spec in observables.items():
+            obs_ds, bpd = spec if isinstance(spec, tuple) else (spec, batches_per_draw)
+            oid = to_obs_id(name)
+            if oid in self.sets:
+                raise ValueError(f"observables {name!r} and another one have the same id {oid!r} (to_obs_id): rename one")
+            if isinstance(bpd, bool) or not isinstance(bpd, int) or bpd < 1:
+                raise ValueError(f"batches_per_draw of observable {name!r} must be a positive integer, got {bpd!r}")
+            n = batch_size * bpd
+            if len(obs_ds) < n:
+                raise ValueError(f"observable {name!r}: Dataset size ({len(obs_ds)}) must be >= num_samples ({n})")
+            ids = _gather(obs_ds, random.Random(obs_seed).sample(range(len(obs_ds)), n))
+            if ids.shape[1] != context_length + 1:
+                raise ValueError(f"observable {name!r} has sequences of length {ids.shape[1]}, the sampling dataset "
+                                 f"{context_length + 1}: they must be equal")
+            self.sets[oid] = (ids, bpd)
+
+    def observers(self, per_token, num_components: int) -> Observers:
+        """The sets as llc_fast ``Observers`` of the per-token loss ([draws, rows * tokens] per chain row), held in
+        memory or, beyond llc_fast's in-memory limit, in .npy files under a temporary directory (as devinterp
+        writes its samples to a temporary zarr)."""
+        from ...estimators.susceptibility import IN_MEMORY_LIMIT, token_storage
+
+        def storage(name: str, shape: tuple) -> np.ndarray:
+            large = 4 * int(np.prod(shape, dtype=np.int64)) > IN_MEMORY_LIMIT
+            path = tempfile.mkdtemp(prefix="llc_fast_observables_") if large else None
+            return token_storage(path, num_components)(name, shape)
+
+        bs = self.batch_size
+        sets = {oid: [{"input_ids": ids[i * bs:(i + 1) * bs]} for i in range(bpd)] for oid, (ids, bpd) in
+                self.sets.items()}
+        return Observers(sets, num_batches=max(bpd for _, bpd in self.sets.values()), observable=per_token,
+                         storage=storage)
+
+    def metadata(self) -> list[dict]:
+        return [{"type": "ObserveDifferentDataset", "obs_id": oid, "batches_per_draw": bpd}
+                for oid, (_, bpd) in self.sets.items()]
+
+    def variables(self, observed: dict, every: int, num_draws: int) -> dict:
+        """devinterp's ``loss_<id>`` (chain, draw, batch_<id>, token_pos) and ``input_ids_<id>`` (batch_<id>, token)
+        from one restriction's observed values [chains, recorded draws, rows * tokens], every ``every``-th kept."""
+        out = {}
+        for oid, (ids, _) in self.sets.items():
+            v = observed[oid][:, ::every][:, :num_draws]
+            out[f"loss_{oid}"] = (("chain", "draw", f"batch_{oid}", "token_pos"),
+                                  v.reshape(v.shape[0], v.shape[1], ids.shape[0], -1).astype(np.float32, copy=False))
+            out[f"input_ids_{oid}"] = ((f"batch_{oid}", "token"), ids.numpy())
+        return out
+
+
+@dataclass
+class _Plan:
+    """A ``sample`` call's arguments, checked and mapped onto llc_fast: ``config`` is devinterp's sampler config
+    (metadata and cache key), ``options`` the ``LLCConfig`` options but mask/components."""
+
+    config: dict
+    options: dict
+    data: _Batches
+    loss: _MeanTokenLoss
+    observables: _Observables | None
+    num_chains: int
+    num_draws: int
+    num_burnin_steps: int
+    num_steps_bw_draws: int
+    context_length: int
+    conventions: str
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_draws * self.num_steps_bw_draws + self.num_burnin_steps
+
+
+def _plan(a: dict) -> _Plan:
+    """The ``_Plan`` of ``sample``'s arguments ``a`` (all of them, by name)."""
+    dataset, sampling_method = a["dataset"], a["sampling_method"]
+    if a["conventions"] not in CONVENTIONS:
+        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {a['conventions']!r}")
+    if a["init_noise"]:
+        raise NotImplementedError("init_noise is not supported: llc_fast starts every chain at the trained weights")
+    if a["save_metrics"]:
+        raise NotImplementedError("save_metrics is not supported; for MALA acceptance use llc_fast.estimate_llc(mala_every=k)")
+    kw = dict(a["sampling_method_kwargs"] or {})
+    if not isinstance(sampling_method, str) or sampling_method in ("sgmcmc_sgld", "rmsprop_sgld"):
+        sampler = sampler_name(sampling_method)
+    else:
+        raise ValueError(f"Unknown sampling method {sampling_method}")
+    for name, value in (("eps", a["rmsprop_eps"]), ("alpha", a["rmsprop_alpha"])):
+        if value is None:
+            continue
+        if sampler != "rmsprop_sgld":
+            raise ValueError(f"rmsprop_{name} can only be set when sampling_method='rmsprop_sgld', "
+                             f"got sampling_method={sampling_method!r}")
+        if name in kw:
+            raise ValueError(f"rmsprop_{name} is set both as a top-level argument and in "
+                             f"sampling_method_kwargs[{name!r}]; specify only one.")
+        kw[name] = value
+    if kw.pop("add_grad_correction", False):
+        raise NotImplementedError("add_grad_correction=True is not implemented (devinterp raises too)")
+    alpha, eps = kw.pop("alpha", 0.99), kw.pop("eps", 0.1)
+    if kw:
+        raise TypeError(f"unexpected sampling_method_kwargs {sorted(kw)}")
+    for name in ("batch_size", "gradient_accumulation_steps", "num_steps_bw_draws", "num_draws"):
+        value = a[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    context_length = len(dataset[0]["input_ids"]) - 1
+    if context_length < 1:
+        raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
+    device = a["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = {k: a[k] for k in ("lr", "n_beta", "batch_size", "num_chains", "num_draws", "num_burnin_steps",
+                                "num_steps_bw_draws", "gradient_accumulation_steps", "num_init_loss_batches",
+                                "init_seed", "localization", "noise_level", "llc_weight_decay", "bounding_box_size")}
+    config.update(
+        sampling_method=sampling_method if isinstance(sampling_method, str) else
+        {"sgld": "sgmcmc_sgld"}.get(sampler, sampler),
+        sampling_method_kwargs=dict(a["sampling_method_kwargs"] or {}), init_noise=a["init_noise"],
+        save_metrics=a["save_metrics"], shuffle=a["shuffle"], epoch_mode="cycle",
+        match_sampling_input_ids_across_chains=a["match_sampling_input_ids_across_chains"],
+        scheduler_type="constant", scheduler_kwargs=None, cores=1, online=False,
+    )
+    observables = _Observables(a["observables"], batch_size=a["batch_size"], batches_per_draw=a["batches_per_draw"],
+                               obs_seed=a["obs_seed"], context_length=context_length) if a["observables"] else None
+    shared = a["match_sampling_input_ids_across_chains"]
+    order = _loader_order(len(dataset), a["batch_size"], a["shuffle"], a["init_seed"]) if shared else None
+    data = _Batches(dataset, a["batch_size"], a["gradient_accumulation_steps"], order, a["shuffle"])
+    burnin, every, num_draws = a["num_burnin_steps"], a["num_steps_bw_draws"], a["num_draws"]
+    # llc_fast records every step (devinterp's sampling_loss_micro); devinterp takes a draw's observables after
+    # that step's update, where llc_fast's step t+1 evaluates: with observables the run starts recording one step
+    # later and takes one step more (its loss is not recorded)
+    lag = 1 if observables is not None else 0
+    options = dict(
+        sampler=sampler, lr=a["lr"], nbeta=a["n_beta"], gamma=a["localization"], num_chains=a["num_chains"],
+        num_draws=num_draws * every, num_burnin_steps=burnin + lag, num_steps_bw_draws=1,
+        seed=_seed_from(a["init_seed"]), device=device, progress=a["progress"], rmsprop_alpha=alpha, rmsprop_eps=eps,
+        weight_decay=a["llc_weight_decay"], box=a["bounding_box_size"], noise_level=a["noise_level"],
+        num_init_loss_batches=a["num_init_loss_batches"], backend=a["backend"], shared_batches=shared)
+    return _Plan(config, options, data, _MeanTokenLoss(a["loss_fn"]), observables, a["num_chains"], num_draws,
+                 burnin, every, context_length, a["conventions"])
+
+
+def _restriction(model, masks, what: str):
+    """devinterp's param_masks as (names to sample, llc_fast restriction {name: 0/1 tensor or None (the whole
+    parameter)} over them), or (None, None) for the whole model."""
+    names, flat = _resolve_masks(model, masks, what, require_all=False)
+    if names is None:
+        return None, None
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return names, {n: (flat or {}).get(n) for n in sorted(names) if n in trainable}
+
+
+def _sample_trees(model, plan: _Plan, restrictions: dict) -> dict:
+    """devinterp's sampling DataTree for each of ``restrictions`` ({name: ``_restriction``}), from one llc_fast run:
+    one restriction runs as estimate_llc(mask=) over its parameters only, several as the components of one
+    batched run (chain j of every restriction reads the same batches and noise)."""
+    observers = None
+    if plan.observables is not None:
+        observers = plan.observables.observers(plan.loss.per_token, len(restrictions))
+    with _train_mode(model), _divergence_handled() as holder:
+        if len(restrictions) == 1:
+            (names, restriction), = restrictions.values()
+            mask = restriction if restriction and any(m is not None for m in restriction.values()) else None
+            with _only_sampled(model, names):
+                holder["result"] = estimate_config(model, plan.data, plan.loss, LLCConfig(mask=mask, **plan.options),
+                                                   observers)
+        else:
+            components = tuple((name, r) for name, (_, r) in restrictions.items())
+            holder["result"] = estimate_config(model, plan.data, plan.loss,
+                                               LLCConfig(components=components, **plan.options), observers)
+    result = holder["result"]
+    results = [result] if len(restrictions) == 1 else [result[name] for name in restrictions]
+    C = plan.num_chains
+    return {name: _tree(plan, r, None if observers is None else
+                        {oid: v[k * C:(k + 1) * C] for oid, v in observers.values.items()})
+            for k, (name, r) in enumerate(zip(restrictions, results))}
+
+
+def _tree(plan: _Plan, result, observed: dict | None):
+    """devinterp's sampling DataTree of one restriction's LLCResult (and observed values)."""
+    import xarray as xr
+
+    num_steps, burnin, every, num_draws = plan.num_steps, plan.num_burnin_steps, plan.num_steps_bw_draws, plan.num_draws
+    steps = nan_from_first_bad(np.concatenate([result.burnin_loss_trace, result.loss_trace], axis=1))[:, :num_steps]
+    for c in result.diverged_chains:
+        ran = int(np.isfinite(steps[c]).sum())
+        warnings.warn(f"Chain failed: chain {c}'s loss became NaN/Inf after {ran} of {num_steps} steps; as in "
+                      "devinterp 2.x its LLC is computed from the steps before (llc_fast.estimate_llc would leave "
+                      "the chain out)", RuntimeWarning, stacklevel=4)
+    draws = steps[:, burnin::every][:, :num_draws]
+    # llc_fast records the mean loss of each step: the batch dims have size 1 and token_pos repeats it at every
+    # position when observables give token_pos its size (means, hence compute_llc, are unchanged)
+    tokens = 1 if plan.observables is None else plan.context_length
+    f32 = np.float32
+
+    def per_token(a):
+        return np.repeat(a[..., None].astype(f32), tokens, axis=-1)
+
+    variables = {
+        "init_loss": (("chain", "token_pos"), np.full((plan.num_chains, tokens), result.init_loss, dtype=f32)),
+        "sampling_loss_micro": (("chain", "step", "batch_sampling", "token_pos"), per_token(steps[:, :, None])),
+        "sampling_loss": (("chain", "draw", "batch", "token_pos"), per_token(draws[:, :, None])),
+    }
+    if plan.observables is not None:
+        variables.update(plan.observables.variables(observed, every, num_draws))
+    ds = xr.Dataset(
+        variables,
+        attrs={
+            "metadata": {"config": {"sampler": plan.config,
+                                    "observables": [] if plan.observables is None else plan.observables.metadata(),
+                                    "chain_buffer_size": min(50, num_draws),
+                                    "shared_observable_dims": ["token", "token_pos"],
+                                    "tokenizer_context_length": plan.context_length + 1}},
+            "completed": 1,
+            "llc_fast": {"conventions": plan.conventions, "diverged_chains": result.diverged_chains,
+                         "engine": result.config.get("engine"), "backend": result.config.get("backend"),
+                         "seed": result.config["seed"], "timing": result.timing},
+        },
+    )
+    return xr.DataTree(ds)
 
 
 def sample(model, dataset, observables, *, lr: float, n_beta: float, param_masks=None, num_chains: int = 4,
@@ -115,108 +364,19 @@ def sample(model, dataset, observables, *, lr: float, n_beta: float, param_masks
     """devinterp 2.0.1's ``sample``: SGLD chains over a language-model dataset (``input_ids`` column), on
     llc_fast's engine. Returns an ``xarray.DataTree`` with ``sampling_loss_micro`` (chain, step,
     batch_sampling, token_pos), ``sampling_loss`` (chain, draw, batch, token_pos), ``init_loss`` (chain,
-    token_pos) and devinterp's ``metadata`` attribute; the batch and token dims have size 1 (the mean loss
-    of each step). llc_fast extras: ``conventions`` (recorded for ``compute_llc``), ``backend``, ``progress``.
+    token_pos) and devinterp's ``metadata`` attribute; the batch dims have size 1 (the mean loss of each step),
+    and so has token_pos without observables (with them it has their size and repeats that mean).
+    observables {name: Dataset or (Dataset, batches_per_draw)}: as devinterp, batches_per_draw x batch_size rows
+    of each chosen once (obs_seed), ``input_ids_<id>`` (batch_<id>, token) and their per-token losses at every draw
+    ``loss_<id>`` (chain, draw, batch_<id>, token_pos), <id> = ``to_obs_id(name)``.
+    llc_fast extras: ``conventions`` (recorded for ``compute_llc``), ``backend``, ``progress``.
     """
-    import xarray as xr
-
-    if conventions not in CONVENTIONS:
-        raise ValueError(f"conventions must be one of {CONVENTIONS}, got {conventions!r}")
-    if observables:
-        raise NotImplementedError(
-            "observables (per-draw losses on other datasets, for susceptibilities) are not computed by llc_fast; "
-            "pass observables={} (llc() does not use them)")
-    if init_noise:
-        raise NotImplementedError("init_noise is not supported: llc_fast starts every chain at the trained weights")
-    if save_metrics:
-        raise NotImplementedError("save_metrics is not supported; for MALA acceptance use llc_fast.estimate_llc(mala_every=k)")
-    kw = dict(sampling_method_kwargs or {})
-    if not isinstance(sampling_method, str) or sampling_method in ("sgmcmc_sgld", "rmsprop_sgld"):
-        sampler = sampler_name(sampling_method)
-    else:
-        raise ValueError(f"Unknown sampling method {sampling_method}")
-    for name, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
-        if value is None:
-            continue
-        if sampler != "rmsprop_sgld":
-            raise ValueError(f"rmsprop_{name} can only be set when sampling_method='rmsprop_sgld', "
-                             f"got sampling_method={sampling_method!r}")
-        if name in kw:
-            raise ValueError(f"rmsprop_{name} is set both as a top-level argument and in "
-                             f"sampling_method_kwargs[{name!r}]; specify only one.")
-        kw[name] = value
-    if kw.pop("add_grad_correction", False):
-        raise NotImplementedError("add_grad_correction=True is not implemented (devinterp raises too)")
-    alpha, eps = kw.pop("alpha", 0.99), kw.pop("eps", 0.1)
-    if kw:
-        raise TypeError(f"unexpected sampling_method_kwargs {sorted(kw)}")
-    for name, value in (("batch_size", batch_size), ("gradient_accumulation_steps", gradient_accumulation_steps),
-                        ("num_steps_bw_draws", num_steps_bw_draws), ("num_draws", num_draws)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    context_length = len(dataset[0]["input_ids"]) - 1
-    if context_length < 1:
-        raise ValueError(f"Sequences must have length >= 2 for next-token loss (got {context_length + 1}).")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = dict(
-        lr=lr, n_beta=n_beta, batch_size=batch_size, num_chains=num_chains, num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws,
-        gradient_accumulation_steps=gradient_accumulation_steps, num_init_loss_batches=num_init_loss_batches,
-        init_seed=init_seed, localization=localization, noise_level=noise_level, llc_weight_decay=llc_weight_decay,
-        bounding_box_size=bounding_box_size,
-        sampling_method=sampling_method if isinstance(sampling_method, str) else
-        {"sgld": "sgmcmc_sgld"}.get(sampler, sampler),
-        sampling_method_kwargs=dict(sampling_method_kwargs or {}), init_noise=init_noise, save_metrics=save_metrics,
-        shuffle=shuffle, epoch_mode="cycle",
-        match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
-        scheduler_type="constant", scheduler_kwargs=None, cores=1, online=False,
-    )
+    plan = _plan(dict(locals()))
     if output_path is not None:
-        cached = _cached(output_path, config)
+        cached = _cached(output_path, plan.config)
         if cached is not None:
             return cached
-
-    order = _loader_order(len(dataset), batch_size, shuffle, init_seed) if match_sampling_input_ids_across_chains \
-        else None
-    data = _Batches(dataset, batch_size, gradient_accumulation_steps, order, shuffle)
-    names, mask = _resolve_masks(model, param_masks, "param_masks", require_all=False)
-    num_steps = num_draws * num_steps_bw_draws + num_burnin_steps
-    with _train_mode(model), _only_sampled(model, names), _divergence_handled() as holder:
-        holder["result"] = estimate_llc(
-            model, data, _MeanTokenLoss(loss_fn), sampler=sampler, lr=lr, nbeta=n_beta, gamma=localization,
-            num_chains=num_chains, num_draws=num_draws * num_steps_bw_draws, num_burnin_steps=num_burnin_steps,
-            num_steps_bw_draws=1, seed=_seed_from(init_seed), device=device, progress=progress,
-            rmsprop_alpha=alpha, rmsprop_eps=eps, weight_decay=llc_weight_decay,
-            box=bounding_box_size, noise_level=noise_level, mask=mask,
-            num_init_loss_batches=num_init_loss_batches, backend=backend,
-            shared_batches=match_sampling_input_ids_across_chains)
-    result = holder["result"]
-    steps = nan_from_first_bad(np.concatenate([result.burnin_loss_trace, result.loss_trace], axis=1))
-    for c in result.diverged_chains:
-        ran = int(np.isfinite(steps[c]).sum())
-        warnings.warn(f"Chain failed: chain {c}'s loss became NaN/Inf after {ran} of {num_steps} steps; as in "
-                      "devinterp 2.x its LLC is computed from the steps before (llc_fast.estimate_llc would leave "
-                      "the chain out)", RuntimeWarning, stacklevel=2)
-    draws = steps[:, num_burnin_steps::num_steps_bw_draws][:, :num_draws]
-    f32 = np.float32
-    ds = xr.Dataset(
-        {
-            "init_loss": (("chain", "token_pos"), np.full((num_chains, 1), result.init_loss, dtype=f32)),
-            "sampling_loss_micro": (("chain", "step", "batch_sampling", "token_pos"), steps[:, :, None, None].astype(f32)),
-            "sampling_loss": (("chain", "draw", "batch", "token_pos"), draws[:, :, None, None].astype(f32)),
-        },
-        attrs={
-            "metadata": {"config": {"sampler": config, "observables": [], "chain_buffer_size": min(50, num_draws),
-                                    "shared_observable_dims": ["token", "token_pos"],
-                                    "tokenizer_context_length": context_length + 1}},
-            "completed": 1,
-            "llc_fast": {"conventions": conventions, "diverged_chains": result.diverged_chains,
-                         "engine": result.config.get("engine"), "backend": result.config.get("backend"),
-                         "seed": result.config["seed"], "timing": result.timing},
-        },
-    )
-    tree = xr.DataTree(ds)
+    tree, = _sample_trees(model, plan, {"sample": _restriction(model, param_masks, "param_masks")}).values()
     if output_path is not None:
         tree.to_zarr(str(output_path), consolidated=False)
     return tree
@@ -287,8 +447,8 @@ def llc(model, dataset, observables, *, lr: float, n_beta: float, param_masks=No
     pass through). Returns an ``xarray.Dataset`` with llc_mean, llc_std, llc_per_chain, llc_scalar,
     loss_trace and init_loss. ``observables`` are not used by the LLC and not computed here."""
     if observables:
-        warnings.warn("observables are not computed by llc_fast (llc() does not use them)", DevinterpCompatWarning,
-                      stacklevel=2)
+        warnings.warn("observables are not computed by llc() (the LLC does not use them; sample() computes them)",
+                      DevinterpCompatWarning, stacklevel=2)
     samples = sample(model, dataset, {}, lr=lr, n_beta=n_beta, param_masks=param_masks, loss_fn=loss_fn, **kwargs)
     return _compute_llc(samples, None, stacklevel=4)
 
