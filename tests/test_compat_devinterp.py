@@ -647,7 +647,7 @@ def test_bad_input_gives_clear_errors():
         compat.llc(gpt, ds, {}, lr=1e-3, n_beta=10.0, sampling_method="sgnht")
     with pytest.raises(ValueError, match="rmsprop_eps can only be set"):
         compat.llc(gpt, ds, {}, lr=1e-3, n_beta=10.0, rmsprop_eps=0.1)
-    with pytest.raises(NotImplementedError, match="observables"):
+    with pytest.raises(ValueError, match="must be >= num_samples"):  # devinterp's check of an observable's size
         compat.sample(gpt, ds, {"other": ds}, lr=1e-3, n_beta=10.0)
     with pytest.raises(ValueError, match="not a parameter of the model"):
         compat.llc(gpt, ds, {}, lr=1e-3, n_beta=10.0, param_masks={"nope": None})
