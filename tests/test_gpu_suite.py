@@ -19,6 +19,7 @@ STAGES = {  # id: (name, raw output, result files)
     "e": ("e2e-devinterp", "e2e.txt", ["e2e.json"]),
     "f": ("lm-1b", "lm.txt", ["lm.json"]),
     "g": ("overhead", "overhead.txt", ["overhead.json"]),
+    "h": ("restricted", "restricted.txt", ["restricted.json"]),
 }
 
 pytestmark = pytest.mark.skipif(os.environ.get("LLC_FAST_GPU_SUITE") == "1",
