@@ -42,8 +42,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from harness import (LoadGuard, add_common_options, environment, loadavg, print_environment, set_threads,
-                     synchronize, transcript, validate, write_results)
+from harness import (LoadGuard, add_common_options, checked_device, environment, loadavg, print_environment,
+                     set_threads, synchronize, transcript, validate, write_results)
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels import SamplerSettings, StepCounters, select_backend  # noqa: E402
@@ -403,9 +403,7 @@ def main(argv=None) -> int:
     for p in parts:
         if p not in ("dln", "mlp"):
             ap.error(f"unknown part {p!r}; choose from dln, mlp")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    device = checked_device(ap, args.device)
     with transcript(args.log, argv):
         return bench(args, argv, device, parts)
 

@@ -56,8 +56,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness import (LoadGuard, add_common_options, environment, loadavg, print_environment, set_threads,
-                     synchronize, transcript, write_results)
+from harness import (LoadGuard, add_common_options, checked_device, environment, loadavg, print_environment,
+                     set_threads, synchronize, transcript, write_results)
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.integrations.components import heads as head_components  # noqa: E402
@@ -287,9 +287,7 @@ def main(argv=None) -> int:
     parts = [p for p in PARTS if p in parts]
     if args.sequences < args.batch_size:
         ap.error("--sequences must be at least --batch-size")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    device = checked_device(ap, args.device)
     with transcript(args.log, argv):
         return bench(args, argv, device, parts)
 

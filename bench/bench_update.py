@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from harness import (LoadGuard, add_common_options, available_memory, environment, loadavg, print_environment,
-                     set_threads, time_calls, time_interleaved, transcript, validate, write_results)
+from harness import (LoadGuard, add_common_options, available_memory, checked_device, environment, loadavg,
+                     print_environment, set_threads, time_calls, time_interleaved, transcript, validate,
+                     write_results)
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels.dispatch import select_backend  # noqa: E402
@@ -239,9 +240,7 @@ def main(argv=None) -> int:
     add_common_options(ap, each="point", output="write the rows as .csv or .json (with the header information)")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    device = checked_device(ap, args.device)
     if args.cap is None:
         args.cap = ["torch=2^24"] if device.type == "cpu" else []
     try:

@@ -29,6 +29,14 @@ BUSY_CORES = 0.25  # other processes keeping this many cores busy make a CPU tim
 
 # --- timing ------------------------------------------------------------------------------------
 
+def checked_device(ap, name: str) -> torch.device:
+    """--device as a torch.device; argparse's error if it asks for CUDA and there is none."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

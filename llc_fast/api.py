@@ -69,17 +69,25 @@ def estimate_restricted_llcs(model: torch.nn.Module, data, loss_fn: Callable, co
     ``estimate_llc(mask=that component)`` gives with the same seed. Returns a ``RestrictedLLCResult``
     (``result["l0h1"]`` is an LLCResult; ``.table()``, ``.to_csv()``, ``.save()``, ``.plot()``).
     """
-    if "mask" in estimate_llc_options:
-        raise ValueError("estimate_restricted_llcs takes components, not mask=: give each component its restriction")
-    restrictions = resolve_components(model, components, include_full=include_full)
     eval_data, refine = estimate_llc_options.pop("eval_data", None), estimate_llc_options.pop("refine", None)
     num_eval_batches = estimate_llc_options.pop("num_eval_batches", 1)
-    unknown = set(estimate_llc_options) - set(inspect.signature(estimate_llc).parameters)
-    if unknown:
-        raise TypeError(f"estimate_restricted_llcs got unknown option(s) {sorted(unknown)}; it takes estimate_llc's "
-                        "options")
-    config = LLCConfig(components=tuple(restrictions.items()), **estimate_llc_options)
+    config = components_config("estimate_restricted_llcs", model, components, include_full, estimate_llc_options)
     return estimate_config(model, data, loss_fn, config, observers_for(eval_data, refine, num_eval_batches))
+
+
+EVAL_OPTIONS = ("eval_data", "refine", "num_eval_batches")  # estimate_llc's options that are not LLCConfig's
+
+
+def components_config(caller: str, model, components, include_full: bool, options: dict) -> LLCConfig:
+    """The LLCConfig of a run over ``components`` (``resolve_components``) with estimate_llc's other ``options``;
+    ``mask=`` and unknown options are refused, naming ``caller``."""
+    if "mask" in options:
+        raise ValueError(f"{caller} takes components, not mask=: give each component its restriction")
+    restrictions = resolve_components(model, components, include_full=include_full)
+    unknown = set(options) - (set(inspect.signature(estimate_llc).parameters) - set(EVAL_OPTIONS))
+    if unknown:
+        raise TypeError(f"{caller} got unknown option(s) {sorted(unknown)}; it takes estimate_llc's options")
+    return LLCConfig(components=tuple(restrictions.items()), **options)
 
 
 def estimate_llc(
@@ -210,14 +218,11 @@ def estimate_susceptibilities(model, data, loss_fn: Callable, components, observ
         raise ValueError(f"{REFERENCE!r} names the reference set (the sampling data's batches): rename that subset")
     if (token_losses or token_losses_path is not None) and per_token_fn is None:
         raise ValueError("token_losses needs per_token_fn(model, batch) -> per-token losses")
-    if "mask" in estimate_llc_options:
-        raise ValueError("estimate_susceptibilities takes components, not mask=")
-    restrictions = resolve_components(model, components, include_full=include_full)
-    config = LLCConfig(components=tuple(restrictions.items()), **estimate_llc_options)
+    config = components_config("estimate_susceptibilities", model, components, include_full, estimate_llc_options)
     sets = {REFERENCE: data, **observables}
     observers = Observers(sets, num_batches=num_eval_batches,
                           observable=None if per_token_fn is None else flat_tokens(per_token_fn),
-                          storage=token_storage(token_losses_path, len(restrictions)) if per_token_fn else None)
+                          storage=token_storage(token_losses_path, len(config.components)) if per_token_fn else None)
     llcs = estimate_config(model, data, loss_fn, config, observers)
     return susceptibilities_from(observers, llcs, config.num_chains, list(observables), token_losses,
                                  token_losses_path)

@@ -105,3 +105,16 @@ def gpt2_case():
     gen = torch.Generator().manual_seed(2)
     loader = DataLoader(TensorDataset(torch.randint(0, 50, (32, 12), generator=gen)), batch_size=8, shuffle=True)
     return model, loader, lambda m, b: m(input_ids=b[0], labels=b[0]).loss
+
+
+def checkpoint_recorder(path, loss_fn):
+    """(loss_fn that keeps a copy of every checkpoint written to ``path``, the list of (mtime_ns, bytes) copies)."""
+    seen = []
+
+    def recording(m, b):
+        if path.exists() and (not seen or path.stat().st_mtime_ns != seen[-1][0]):
+            seen.append((path.stat().st_mtime_ns, path.read_bytes()))
+        return loss_fn(m, b)
+
+    return recording, seen
+

@@ -18,7 +18,7 @@ from torch import nn
 import llc_fast
 from llc_fast.oracles import quadratic_sgld_expectation
 
-from conftest import gpt2_case, mlp_case
+from conftest import checkpoint_recorder, gpt2_case, mlp_case
 
 NBETA, GAMMA, LR = 20.0, 1.0, 1e-3
 
@@ -173,6 +173,14 @@ def test_mala_acceptance_with_row_masks():
     assert np.all((res["a"].mala_acceptance > 0.5) & (res["a"].mala_acceptance <= 1))
 
 
+def _same_runs(full, again) -> None:
+    """Two restricted runs with a refined set "x" drew the same chains."""
+    assert again.names == full.names
+    for name in full:
+        np.testing.assert_array_equal(full[name].loss_trace, again[name].loss_trace)
+        np.testing.assert_array_equal(full[name].refined["x"].loss_trace, again[name].refined["x"].loss_trace)
+
+
 def test_checkpoint_and_resume_of_a_restricted_run_with_refined_sets(tmp_path):
     model, loader, loss_fn = mlp_case()
     kw = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=2, num_draws=20, seed=1, progress=False,
@@ -181,13 +189,7 @@ def test_checkpoint_and_resume_of_a_restricted_run_with_refined_sets(tmp_path):
     evalset = [next(iter(loader))]
     full = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, comps, refine={"x": evalset}, **kw)
     path = tmp_path / "run.ckpt"
-    seen = []
-
-    def recording(m, b):
-        if path.exists() and (not seen or path.stat().st_mtime_ns != seen[-1][0]):
-            seen.append((path.stat().st_mtime_ns, path.read_bytes()))
-        return loss_fn(m, b)
-
+    recording, seen = checkpoint_recorder(path, loss_fn)
     llc_fast.estimate_restricted_llcs(model, loader, recording, comps, refine={"x": evalset}, checkpoint=str(path),
                                       checkpoint_every=6, **kw)
     assert len(seen) >= 2
@@ -195,9 +197,7 @@ def test_checkpoint_and_resume_of_a_restricted_run_with_refined_sets(tmp_path):
     copy.write_bytes(seen[len(seen) // 2][1])
     again = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, comps, refine={"x": evalset},
                                               resume=str(copy), **kw)
-    for name in comps:
-        np.testing.assert_array_equal(full[name].loss_trace, again[name].loss_trace)
-        np.testing.assert_array_equal(full[name].refined["x"].loss_trace, again[name].refined["x"].loss_trace)
+    _same_runs(full, again)
 
 
 def test_tiny_gpt2_all_heads_in_one_call():
@@ -333,6 +333,10 @@ def test_bad_evaluation_sets(refine, match):
 # --- susceptibilities ---------------------------------------------------------------------------
 
 
+def per_sample(m, b):
+    return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
 def test_susceptibility_oracle_for_quadratic_blocks():
     """chi(C, eval) = -Cov[K(w), K'(w) - K(w)] under C's restricted posterior: in the eigenbasis Q of H_C,
     coordinates are independent with variance s_i^2 and Cov(w_i^2, w_j^2) = 2 s_i^4 delta_ij, so
@@ -360,9 +364,6 @@ def test_susceptibility_of_the_reference_set_itself_is_zero_and_token_layout():
     model, loader, loss_fn = mlp_case()
     batches = list(loader)
 
-    def per_sample(m, b):
-        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-
     res = llc_fast.estimate_susceptibilities(model, batches, loss_fn, {"first": ["0.*"], "last": ["2.*"]},
                                              {"ref": batches[:1], "other": batches[1:2]}, per_token_fn=per_sample,
                                              token_losses=True, lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=3,
@@ -379,9 +380,6 @@ def test_susceptibility_of_the_reference_set_itself_is_zero_and_token_layout():
 def test_token_losses_stream_to_disk(tmp_path, capsys):
     model, loader, loss_fn = mlp_case()
     batches = list(loader)
-
-    def per_sample(m, b):
-        return nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
 
     res = llc_fast.estimate_susceptibilities(model, batches, loss_fn, {"first": ["0.*"]}, {"other": batches[1:2]},
                                              per_token_fn=per_sample, token_losses=True, token_losses_path=tmp_path,
@@ -428,9 +426,7 @@ def test_ctrl_c_keeps_a_partial_restricted_result_and_resumes_to_the_full_run(tm
     assert partial["first"].config["partial"] and "x" in partial["first"].refined
     again = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, comps, refine={"x": evalset},
                                               resume=str(path), **kw)
-    for name in comps:
-        np.testing.assert_array_equal(full[name].loss_trace, again[name].loss_trace)
-        np.testing.assert_array_equal(full[name].refined["x"].loss_trace, again[name].refined["x"].loss_trace)
+    _same_runs(full, again)
 
 
 def test_tiny_gpt2_per_token_susceptibilities_of_every_head():

@@ -19,7 +19,7 @@ from llc_fast.chains import checkpoint as ckpt
 from llc_fast.chains.interrupt import SamplingInterrupted
 from llc_fast.estimators.llc import LLCTargetNotMetWarning
 
-from conftest import mlp_case
+from conftest import checkpoint_recorder, mlp_case
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 REPO = Path(__file__).parent.parent
@@ -44,13 +44,7 @@ def test_a_resumed_run_is_the_uninterrupted_run_bit_for_bit(tmp_path, extra):
     model, loader, loss_fn = mlp_case()
     full = llc_fast.estimate_llc(model, loader, loss_fn, **KW, **extra)
     path = tmp_path / "run.ckpt"
-    seen = []
-
-    def recording(m, b):  # keep a copy of every checkpoint as it is written
-        if path.exists() and (not seen or path.stat().st_mtime_ns != seen[-1][0]):
-            seen.append((path.stat().st_mtime_ns, path.read_bytes()))
-        return loss_fn(m, b)
-
+    recording, seen = checkpoint_recorder(path, loss_fn)
     again = llc_fast.estimate_llc(model, loader, recording, checkpoint=str(path), checkpoint_every=7, **KW, **extra)
     _same(full, again)
     assert len(seen) >= 3
@@ -99,7 +93,7 @@ def test_a_checkpoint_from_other_settings_is_refused_naming_the_difference(tmp_p
 INTERRUPTIBLE = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from conftest import mlp_case
+from conftest import checkpoint_recorder, mlp_case
 import llc_fast
 from llc_fast.chains.interrupt import SamplingInterrupted
 model, loader, loss_fn = mlp_case()

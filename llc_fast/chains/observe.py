@@ -98,10 +98,6 @@ class Observers:
         for name, value in measured.items():
             self.values[name][first_row:first_row + value.shape[0], draw] = value.cpu().numpy()
 
-    def nbytes(self, num_rows: int, num_draws: int) -> int:
-        """Bytes of the arrays ``allocate`` makes."""
-        return sum(4 * num_rows * num_draws * int(np.prod(self.shape(n), dtype=np.int64)) for n in self.names)
-
     def blank_after(self, diverged_at: dict[int, int], first_draw: Callable[[int], int]) -> None:
         """NaN from each diverged row's first bad draw on (as the loss trace)."""
         for row, step in diverged_at.items():

@@ -197,7 +197,9 @@ class FlatState:
     def row_masks(self, component: torch.Tensor | None):
         """The update's mask for rows of these components (int64 [G], ``ChainHyper.component``): a
         ``RowMasks`` on the run's components, or the shared ``flat_mask`` when the run has none."""
-        return rows_of_components(self.components, component, self.flat_mask)
+        if self.components is None or component is None:
+            return self.flat_mask
+        return self.components.for_rows(component)
 
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return None if self.stat is None else self.stat[:num_rows]
@@ -242,13 +244,6 @@ def components_as_row_masks(layout: FlatLayout, components: list, device) -> Row
     their dense [N] masks are built one at a time."""
     dense = (None if m is None else layout.flat_mask(m, device, dtype=torch.uint8) for m in components)
     return RowMasks.from_dense(dense, range(len(components)))
-
-
-def rows_of_components(components: RowMasks | None, component: torch.Tensor | None, shared):
-    """Rows' mask: ``components`` (one row per component) for each row's component, or ``shared``."""
-    if components is None or component is None:
-        return shared
-    return components.for_rows(component)
 
 
 @contextlib.contextmanager
