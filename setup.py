@@ -1,5 +1,5 @@
 """Setuptools entry point. The package is pure Python at install time: its C++ (and, where torch
-has CUDA, CUDA) update kernels are compiled from csrc/ with ninja/nvcc on first use, so installing
+has CUDA, CUDA) update kernels are compiled from csrc/ with the C++ compiler / nvcc on first use, so installing
 never needs a compiler or a particular torch build. A wheel carries csrc/ as llc_fast/csrc."""
 import shutil
 from pathlib import Path

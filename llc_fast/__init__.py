@@ -12,9 +12,10 @@ from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult 
 from .estimators.restricted import RestrictedLLCResult  # noqa: E402
 from .estimators.susceptibility import SusceptibilityResult  # noqa: E402
 from .kernels import backends  # noqa: E402
-from .studies import (CalibrationResult, CheckpointSweepResult, ProbeResult, SweepResult, calibrate,  # noqa: E402
-                      estimate_over_checkpoints, perturbation_probe, sweep)
+from .studies import (AutoCalibrationError, CalibrationResult, CheckpointSweepResult, ProbeResult,  # noqa: E402
+                      SweepResult, calibrate, estimate_llc_auto, estimate_over_checkpoints, perturbation_probe, sweep)
 
 __all__ = ["estimate_llc", "estimate_restricted_llcs", "RestrictedLLCResult", "estimate_susceptibilities", "SusceptibilityResult", "LLCConfig", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends",
-           "oracles", "calibrate", "CalibrationResult", "default_nbeta", "sweep", "SweepResult", "perturbation_probe",
+           "oracles", "estimate_llc_auto", "AutoCalibrationError", "calibrate", "CalibrationResult", "default_nbeta",
+           "sweep", "SweepResult", "perturbation_probe",
            "ProbeResult", "estimate_over_checkpoints", "CheckpointSweepResult", "__version__"]

@@ -13,24 +13,69 @@ import torch
 
 from .chains.runner import sample_local
 from .config import LLCConfig
-from .distributed.mesh import launched_world_size
+from .distributed.mesh import launched_processes, launched_world_size
 from .estimators.llc import estimate
 from .estimators.restricted import RestrictedLLCResult, resolve_components
 from .estimators.result import LLCResult
 from .estimators.susceptibility import SusceptibilityResult
+from .files import check_name_for_file
 
 
 def estimate_config(model, data, loss_fn: Callable, config: LLCConfig, observers=None):
     """``estimate_llc`` for a built ``LLCConfig``: sampled here, or across the torchrun processes.
     observers: evaluation sets measured at every draw (``chains.observe.Observers``)."""
+    if observers is not None or config.components is not None:  # the entry points refuse them first, by name
+        refuse_under_torchrun("a run of several components or with evaluation sets",
+                              "launch it without torchrun")
     if launched_world_size() > 1:
         from .distributed.sharded import sample_sharded
 
-        if observers is not None or config.components is not None:
-            raise ValueError("restricted LLCs of several components in one run, eval_data/refine and "
-                             "susceptibilities run in one process for now: call them without torchrun")
         return estimate(model, data, loss_fn, config, sample=sample_sharded)
     return estimate(model, data, loss_fn, config, sample=sample_local, observers=observers)
+
+
+def refuse_under_torchrun(call: str, advice: str) -> None:
+    """Refuse at once, before any work, ``call`` (what the user typed, e.g. "estimate_restricted_llcs" or
+    "llc-fast restricted") when this process is one of several started by torchrun (ValueError: a command line
+    prints it as one line, exit code 2). ``advice``: what to do instead, something that works."""
+    world = launched_processes()
+    if world > 1:
+        raise ValueError(f"{call} cannot run under torchrun yet (this process is one of {world} it started): "
+                         f"{advice}")
+
+
+def refuse_eval_sets_under_torchrun(caller: str, eval_data, refine) -> None:
+    """``refuse_under_torchrun`` for a call of ``caller`` with eval_data= or refine= (evaluation sets)."""
+    passed = [name for name, value in (("eval_data", eval_data), ("refine", refine)) if value is not None]
+    if passed:
+        refuse_under_torchrun(f"{caller}({'=..., '.join(passed)}=...)", f"leave {' and '.join(passed)} out to "
+                              "sample under torchrun, or launch without torchrun for the data-refined estimates")
+
+
+def refuse_unknown_options(caller: str, options, valid, takes: str) -> None:
+    """Refuse the names in ``options`` that are not in ``valid`` (TypeError naming ``caller``, each unknown name with
+    the closest valid one, and ``takes``: what ``caller`` takes, e.g. "estimate_llc's options")."""
+    import difflib
+
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        named = [f"{u!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+            str(u), list(valid), n=1)) else "") for u in unknown]
+        raise TypeError(f"{caller} got unknown option(s) {', '.join(named)}; it takes {takes}: "
+                        f"{', '.join(valid)}")
+
+
+def llc_option_names() -> list[str]:
+    """The keyword options of ``estimate_llc``, in its order."""
+    return [n for n, p in inspect.signature(estimate_llc).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
+def options_config(caller: str, options: Mapping, **fields) -> LLCConfig:
+    """``LLCConfig(**options, **fields)``: estimate_llc's ``options`` (eval_data, refine and num_eval_batches taken
+    out by the caller) checked once, unknown ones refused naming ``caller``."""
+    refuse_unknown_options(caller, options, [n for n in llc_option_names() if n not in EVAL_OPTIONS],
+                           "estimate_llc's options")
+    return LLCConfig(**options, **fields)
 
 
 def observers_for(eval_data=None, refine=None, num_eval_batches: int = 1):
@@ -46,8 +91,10 @@ def observers_for(eval_data=None, refine=None, num_eval_batches: int = 1):
                              "refine={'code': code_loader, 'prose': prose_loader}")
         sets.update(refine)
     if eval_data is not None:
-        if "eval" in sets:
-            raise ValueError("refine has a subset named 'eval', the name eval_data= takes: rename it")
+        for taken, by in (("eval", "eval_data= takes"), ("sampling", "the sampling data's estimate takes beside "
+                                                                      "eval_data= (result.refined['sampling'])")):
+            if taken in sets:
+                raise ValueError(f"refine has a subset named {taken!r}, the name {by}: rename it")
         sets["eval"] = eval_data
     return Observers(sets, num_batches=num_eval_batches, primary="eval" if eval_data is not None else None)
 
@@ -69,6 +116,8 @@ def estimate_restricted_llcs(model: torch.nn.Module, data, loss_fn: Callable, co
     ``estimate_llc(mask=that component)`` gives with the same seed. Returns a ``RestrictedLLCResult``
     (``result["l0h1"]`` is an LLCResult; ``.table()``, ``.to_csv()``, ``.save()``, ``.plot()``).
     """
+    refuse_under_torchrun("estimate_restricted_llcs", "launch it without torchrun, or under torchrun call "
+                          "estimate_llc(model, data, loss_fn, mask=restriction, ...) once per component")
     eval_data, refine = estimate_llc_options.pop("eval_data", None), estimate_llc_options.pop("refine", None)
     num_eval_batches = estimate_llc_options.pop("num_eval_batches", 1)
     config = components_config("estimate_restricted_llcs", model, components, include_full, estimate_llc_options)
@@ -84,10 +133,7 @@ def components_config(caller: str, model, components, include_full: bool, option
     if "mask" in options:
         raise ValueError(f"{caller} takes components, not mask=: give each component its restriction")
     restrictions = resolve_components(model, components, include_full=include_full)
-    unknown = set(options) - (set(inspect.signature(estimate_llc).parameters) - set(EVAL_OPTIONS))
-    if unknown:
-        raise TypeError(f"{caller} got unknown option(s) {sorted(unknown)}; it takes estimate_llc's options")
-    return LLCConfig(components=tuple(restrictions.items()), **options)
+    return options_config(caller, options, components=tuple(restrictions.items()))
 
 
 def estimate_llc(
@@ -114,6 +160,9 @@ def estimate_llc(
     mask: dict[str, torch.Tensor] | None = None,
     num_init_loss_batches: int = 16,
     freeze_preconditioner_at: int | None = None,
+    preconditioner: str | None = None,
+    preconditioner_samples: int | None = None,
+    preconditioner_max_gain: float | None = None,
     backend: str = "auto",
     shared_batches: bool = False,
     chain_batching: str = "auto",
@@ -141,10 +190,19 @@ def estimate_llc(
         (bias-corrected, V starting at 1; Hitchcock & Hoogland 2025).
     lr, nbeta, gamma: step size epsilon, inverse temperature times n, localization strength; each a
         scalar or one value per chain. nbeta defaults to n/log n when the loader's dataset has a length.
+        ``llc_fast.estimate_llc_auto`` chooses lr and gamma itself (a calibration from the curvature at w*).
     num_draws draws per chain, taken every num_steps_bw_draws steps after num_burnin_steps.
     weight_decay, box (clamp to w* +- box), noise_level, mask ({param name: 0/1 tensor}; masked
-        weights never move): optional parts of the update. rmsprop_alpha, rmsprop_eps: the
+        weights never move; a tied alias such as lm_head.weight names the tensor it is tied to, sampled under
+        every name; result.config["num_params"] counts the sampled weights, result.sampled_mask() gives the
+        mask back): optional parts of the update. rmsprop_alpha, rmsprop_eps: the
         preconditioner's decay and floor; freeze_preconditioner_at: step from which V stays fixed.
+    preconditioner="curvature" (with sampler="sgld"): SGLD with a fixed diagonal preconditioner G from the
+        curvature at w*, gathered before sampling (Hutchinson's estimate of the Hessian's diagonal from
+        preconditioner_samples Hessian-vector products, default 32): G = 1 at the stiffest weight, so lr keeps
+        its meaning there, and each flatter weight's step enlarged to relax as fast, at most
+        preconditioner_max_gain times (default 1000); docs/update.md. result.config's curvature_* facts say
+        what it found and cost.
     num_init_loss_batches: batches averaged for L(w*). backend: "auto" or a name from llc_fast.backends().
     shared_batches: all chains read the same batches (devinterp's default) instead of their own.
     chain_batching: "auto" (chains batched in one vmapped forward/backward where the model allows,
@@ -154,14 +212,18 @@ def estimate_llc(
     mala_every: record the MALA acceptance of every k-th step after burn-in (one more forward and
         backward each time); result.mala_acceptance is then [chains, records].
     batch_memory_bytes: budget for the per-chain flat buffers of one batched group (weights,
-        gradients, RMSProp statistic); default: half the free memory on a GPU, no limit on CPU.
-        Activations come on top and scale with the group size too: lower max_batched_chains if a
-        batched pass runs out of memory.
-    checkpoint, checkpoint_every: write the whole run to this file (atomically) every that many steps;
-        resume: continue the run saved in that file, bit for bit (the same settings are required; they are
-        checked). Ctrl-C or SIGTERM while sampling stops at the next step boundary, writes a checkpoint
-        (to ``checkpoint``, else ./llc_fast_interrupted_<pid>.ckpt) and raises SamplingInterrupted, whose
-        .result is the partial LLCResult; a second Ctrl-C exits at once.
+        gradients, RMSProp statistic); default: half the free memory of the device, planned before
+        sampling on the CPU (available memory) as on a GPU. result.config's rows_per_group and
+        row_plan say how many rows a group has and why. Activations come on top and scale with the
+        group size too: a batched pass that runs out of memory is retried at once in passes of half
+        as many chains (a BatchMemoryWarning; the chains are the same).
+    checkpoint, checkpoint_every: write the whole run to this file (atomically) every that many steps; a write
+        that fails (a full disk) is a warning naming the file and the error, the last checkpoint written stays,
+        and sampling goes on. resume: continue the run saved in that file, bit for bit (the same settings are
+        required; they are checked). Ctrl-C or SIGTERM while sampling stops at the next step boundary, writes a
+        checkpoint (to ``checkpoint``, else ./llc_fast_interrupted_<pid>.ckpt) and raises SamplingInterrupted,
+        whose .result is the partial LLCResult (kept even when that checkpoint cannot be written); a second
+        Ctrl-C exits at once.
     target_stderr / target_rel_error: draw until the Monte Carlo standard error of the estimate is at
         most this (absolute, or relative to |LLC|), checking every check_every draws after num_draws and
         stopping at max_draws (default 10 x num_draws) with a warning if the target was not met;
@@ -180,12 +242,20 @@ def estimate_llc(
     options). The model's parameters are sampled if floating-point with requires_grad; the model itself
     is left bitwise unchanged. Returns an LLCResult.
     """
+    refuse_eval_sets_under_torchrun("estimate_llc", eval_data, refine)
+    if isinstance(lr, str):
+        raise ValueError(f"estimate_llc got lr={lr!r}: it takes a step size (a number, or one per chain)" + (
+            "; for lr and gamma chosen from the curvature at w* by a calibration, call "
+            "llc_fast.estimate_llc_auto(model, data, loss_fn, ...) with the same options but lr and gamma"
+            if lr == "auto" else ", e.g. lr=1e-4"))
     config = LLCConfig(
         sampler=sampler, lr=lr, nbeta=nbeta, gamma=gamma, num_chains=num_chains, num_draws=num_draws,
         num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, seed=seed, device=device,
         progress=progress, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps, weight_decay=weight_decay, box=box,
         noise_level=noise_level, mask=mask, num_init_loss_batches=num_init_loss_batches,
-        freeze_preconditioner_at=freeze_preconditioner_at, backend=backend, shared_batches=shared_batches,
+        freeze_preconditioner_at=freeze_preconditioner_at, preconditioner=preconditioner,
+        preconditioner_samples=preconditioner_samples, preconditioner_max_gain=preconditioner_max_gain,
+        backend=backend, shared_batches=shared_batches,
         chain_batching=chain_batching, max_batched_chains=max_batched_chains, batch_memory_bytes=batch_memory_bytes,
         mala_every=mala_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
         target_stderr=target_stderr, target_rel_error=target_rel_error, max_draws=max_draws, check_every=check_every,
@@ -204,22 +274,33 @@ def estimate_susceptibilities(model, data, loss_fn: Callable, components, observ
     components: as ``estimate_restricted_llcs`` ({name: parameter patterns | restriction} or "heads",
         "layers", ...). observables: {subset name: loader or list of batches}; the first num_eval_batches
         batches of each (and of ``data``, the reference set) are evaluated at every draw.
-    per_token_fn(model, batch) -> per-token (or per-sample) losses [..., T]: adds per-token
-        susceptibilities (result.token_chi) and, with token_losses=True, the losses themselves as
-        [component, chain, draw, token] arrays (streamed to .npy files under token_losses_path).
+    per_token_fn(model, batch) -> per-token (or per-sample) losses [..., T] whose mean is loss_fn's loss (checked
+        at w* on the first batch of data and of each subset before sampling; e.g. ``integrations.hf``'s
+        causal_lm_token_losses with causal_lm_loss): adds per-token susceptibilities (result.token_chi) and,
+        with token_losses=True, the losses themselves as [component, chain, draw, token] arrays (streamed to
+        .npy files under token_losses_path: their total size is checked against the free space and the files are
+        allocated on disk before sampling; subset names become part of the file names).
     estimate_llc_options: lr, nbeta, num_chains, num_draws, seed, ... (as estimate_llc).
     """
     from .chains.observe import Observers
-    from .estimators.susceptibility import REFERENCE, flat_tokens, susceptibilities_from, token_storage
+    from .estimators.susceptibility import (REFERENCE, check_token_losses, flat_tokens, susceptibilities_from,
+                                            token_storage)
 
+    refuse_under_torchrun("estimate_susceptibilities", "launch it without torchrun")
     if not isinstance(observables, Mapping) or not observables:
         raise ValueError("observables must be a non-empty dict {subset name: loader or list of batches}")
+    if token_losses_path is not None:
+        for name in observables:
+            check_name_for_file(name, "observables subset", f"{token_losses_path}/token_losses_<name>.npy")
     if REFERENCE in observables:
         raise ValueError(f"{REFERENCE!r} names the reference set (the sampling data's batches): rename that subset")
     if (token_losses or token_losses_path is not None) and per_token_fn is None:
         raise ValueError("token_losses needs per_token_fn(model, batch) -> per-token losses")
     config = components_config("estimate_susceptibilities", model, components, include_full, estimate_llc_options)
     sets = {REFERENCE: data, **observables}
+    if per_token_fn is not None:
+        check_token_losses(model, loss_fn, per_token_fn, {"the sampling data": data, **{
+            f"subset {name!r}": subset for name, subset in observables.items()}}, seed=config.seed)
     observers = Observers(sets, num_batches=num_eval_batches,
                           observable=None if per_token_fn is None else flat_tokens(per_token_fn),
                           storage=token_storage(token_losses_path, len(config.components)) if per_token_fn else None)

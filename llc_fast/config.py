@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 
 import numpy as np
 import torch
 
 from . import __version__
+from .chains import curvature
 from .chains.data import check_reiterable, dataset_size
+from .chains.identity import digest, normalised
 from .chains.runner import CHAIN_BATCHING
 from .chains.schedule import ChainHyper, Schedule
 from .kernels.dispatch import backend_names
@@ -82,6 +84,9 @@ class LLCConfig:
     num_draws) the most; the MCSE is checked every check_every draws (default max(10, num_draws // 4)).
     components: ((name, restriction or None), ...): every chain runs once per component, restricted to it
     (``estimate_restricted_llcs``); the run then has num_chains x len(components) chain rows (``hyper``).
+    preconditioner="curvature": a fixed diagonal preconditioner from the curvature at w* (``chains.curvature``),
+    from preconditioner_samples Hessian-vector products (default 32), gains at most preconditioner_max_gain
+    (default 1000); None when it is off. rmsprop_alpha and rmsprop_eps do not apply to it.
     """
 
     sampler: str = "sgld"
@@ -103,6 +108,9 @@ class LLCConfig:
     mask: dict | None = None
     num_init_loss_batches: int = 16
     freeze_preconditioner_at: int | None = None
+    preconditioner: str | None = None
+    preconditioner_samples: int | None = None
+    preconditioner_max_gain: float | None = None
     backend: str = "auto"
     shared_batches: bool = False
     chain_batching: str = "auto"
@@ -122,6 +130,7 @@ class LLCConfig:
     check_every: int | None = None
     components: tuple | None = None
     dataset_size: int | None = None  # n, set by for_data when the data knows it
+    identity: dict | None = None  # what the run reads (chains.identity): set by the estimate before sampling
 
     def __post_init__(self) -> None:
         SamplerSettings(sampler=self.sampler, rmsprop_alpha=self.rmsprop_alpha, rmsprop_eps=self.rmsprop_eps,
@@ -149,6 +158,7 @@ class LLCConfig:
         if self.components is not None:
             self._check_components()
         self._check_run_control()
+        self._check_preconditioner()
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
@@ -159,6 +169,38 @@ class LLCConfig:
         if self.nbeta is not None:
             check_positive("nbeta", self.nbeta, hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
             object.__setattr__(self, "nbeta", _per_chain("nbeta", self.nbeta, self.num_chains))
+
+    def _check_preconditioner(self) -> None:
+        """preconditioner="curvature" (a fixed diagonal preconditioner from the curvature at w*) and its settings,
+        resolved to their defaults when it is on."""
+        if self.preconditioner is None:
+            for name in ("preconditioner_samples", "preconditioner_max_gain"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to preconditioner='curvature': pass that too, or leave {name} "
+                                     "out")
+            return
+        if self.preconditioner not in curvature.PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be None (no preconditioner) or one of {curvature.PRECONDITIONERS}"
+                             f" (a fixed diagonal preconditioner from the curvature at w*), got "
+                             f"{self.preconditioner!r}; for an adaptive one pass sampler='rmsprop_sgld' instead")
+        if self.sampler != "sgld":
+            raise ValueError(f"preconditioner={self.preconditioner!r} fixes the preconditioner that "
+                             f"sampler={self.sampler!r} adapts: pass sampler='sgld' (the default) with it, or leave "
+                             "preconditioner out")
+        if self.freeze_preconditioner_at is not None:
+            raise ValueError(f"preconditioner={self.preconditioner!r} is fixed from step 0: leave "
+                             "freeze_preconditioner_at out (it applies to the RMSProp samplers)")
+        if self.preconditioner_samples is None:
+            object.__setattr__(self, "preconditioner_samples", curvature.DEFAULT_SAMPLES)
+        check_count("preconditioner_samples", self.preconditioner_samples, 1)
+        if self.preconditioner_max_gain is None:
+            object.__setattr__(self, "preconditioner_max_gain", curvature.DEFAULT_MAX_GAIN)
+        check_positive("preconditioner_max_gain", self.preconditioner_max_gain,
+                       hint="it bounds how many times an element's step may exceed the stiffest one's, e.g. 1000.")
+        if self.preconditioner_max_gain < 1:
+            raise ValueError(f"preconditioner_max_gain must be >= 1 (the stiffest element keeps gain 1), got "
+                             f"{self.preconditioner_max_gain!r}; e.g. 1000")
+        object.__setattr__(self, "preconditioner_max_gain", float(self.preconditioner_max_gain))
 
     def _check_components(self) -> None:
         comps = tuple(self.components)
@@ -229,24 +271,26 @@ class LLCConfig:
         return self.target_stderr is not None or self.target_rel_error is not None
 
     def fingerprint(self) -> dict:
-        """The settings a chain depends on (a checkpoint can only be resumed under the same ones)."""
-        import hashlib
-
-        skip = {"progress", "checkpoint", "checkpoint_every", "resume", "failure_grace_s", "mask", "device",
-                "components"}
+        """Everything that determines the run's numbers, as JSON values: every resolved option (defaults
+        included), the content of the mask and of each component's restriction, and ``identity`` (the data at
+        w*, the weights, the evaluation sets). A checkpoint is resumed, and a saved result reused, only under
+        an equal fingerprint (``chains.identity.differences`` names what differs). Without a preconditioner its
+        options are left out, so fingerprints saved before they existed still match."""
+        skip = {"progress", "checkpoint", "checkpoint_every", "resume", "failure_grace_s", "mask", "components"}
+        if self.preconditioner is None:
+            skip |= {"preconditioner", "preconditioner_samples", "preconditioner_max_gain"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out.update(lr=list(self.lr), nbeta=list(self.nbeta) if self.nbeta else None, gamma=list(self.gamma),
                    device=None if self.device is None else str(self.device))
 
-        def digest(mask):
-            return None if not mask else {
-                k: None if v is None else hashlib.sha256(torch.as_tensor(v).float().numpy().tobytes()).hexdigest()[:16]
-                for k, v in sorted(mask.items())}
+        def content(mask):
+            return None if not mask else {k: None if v is None else digest(torch.as_tensor(v).float())
+                                          for k, v in sorted(mask.items())}
 
-        out["mask"] = digest(self.mask)
+        out["mask"] = content(self.mask)
         if self.components is not None:
-            out["components"] = [[name, digest(r) if r is not None else "full"] for name, r in self.components]
-        return out
+            out["components"] = [[name, content(r) if r is not None else "full"] for name, r in self.components]
+        return normalised(out)
 
     def replace(self, **changes) -> "LLCConfig":
         return replace(self, **changes)
@@ -266,6 +310,12 @@ class LLCConfig:
 
     @property
     def settings(self) -> SamplerSettings:
+        """The update's settings. With preconditioner="curvature" the update is the RMSProp one with its statistic
+        fixed before sampling (``chains.curvature``): sampler "rmsprop_sgld", eps from preconditioner_max_gain."""
+        if self.preconditioner is not None:
+            return SamplerSettings(sampler="rmsprop_sgld", rmsprop_alpha=self.rmsprop_alpha,
+                                   rmsprop_eps=curvature.statistic_eps(self.preconditioner_max_gain),
+                                   weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level)
         return SamplerSettings(sampler=self.sampler, rmsprop_alpha=self.rmsprop_alpha, rmsprop_eps=self.rmsprop_eps,
                                weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level)
 
@@ -274,7 +324,8 @@ class LLCConfig:
         """The steps of the run: num_draws draws (max_draws when drawing until a target)."""
         return Schedule(num_draws=self.max_draws if self.targeted else self.num_draws, num_burnin_steps=self.num_burnin_steps,
                         num_steps_bw_draws=self.num_steps_bw_draws,
-                        freeze_preconditioner_at=self.freeze_preconditioner_at, mala_every=self.mala_every)
+                        freeze_preconditioner_at=0 if self.preconditioner is not None else
+                        self.freeze_preconditioner_at, mala_every=self.mala_every)
 
     @property
     def hyper(self) -> ChainHyper:
@@ -290,10 +341,14 @@ class LLCConfig:
     def to_dict(self, **run_facts) -> dict:
         """The settings as recorded in ``LLCResult.config``, plus ``run_facts`` (backend, engine, sizes...)."""
         skip = {"progress", "batch_memory_bytes", "shard_group_size", "batch_split", "failure_grace_s", "mask",
-                "checkpoint", "checkpoint_every", "resume", "components"}
+                "checkpoint", "checkpoint_every", "resume", "components", "identity"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out.update(lr=list(self.lr), nbeta=list(self.nbeta), gamma=list(self.gamma), device=None,
                    mask=sorted(self.mask) if self.mask else None)
         out.update(run_facts)
-        out.update(llc_fast_version=__version__, torch_version=torch.__version__)
+        out.update(fingerprint=self.fingerprint(), llc_fast_version=__version__, torch_version=torch.__version__)
         return out
+
+
+#: The default of every option that has one (as ``estimate_llc`` takes them).
+DEFAULTS = {f.name: f.default for f in fields(LLCConfig) if f.default is not MISSING}

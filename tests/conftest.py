@@ -118,3 +118,44 @@ def checkpoint_recorder(path, loss_fn):
 
     return recording, seen
 
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """mount(size) -> a directory on a fresh tmpfs of ``size`` (e.g. "64k"), unmounted after the test; skips the test
+    where mounting is not permitted (not root, a container without CAP_SYS_ADMIN, not Linux)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str):
+        import shutil
+
+        if shutil.which("mount") is None or shutil.which("umount") is None:
+            pytest.skip("cannot mount a tmpfs here: no mount command")
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def counted_mlp():
+    """mlp_case() with a loss_fn that counts its calls: (model, loader, loss_fn, calls), so that a test can see that
+    nothing was sampled."""
+    model, loader, loss_fn = mlp_case()
+    calls = []
+
+    def counting(m, b):
+        calls.append(1)
+        return loss_fn(m, b)
+
+    return model, loader, counting, calls

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 ARGS = ["--lr", "1e-4", "--nbeta", "10", "--num-chains", "2", "--num-draws", "4", "--batch-size", "4",
         "--num-init-loss-batches", "2", "--seed", "1", "--device", "cpu", "--no-progress"]
-CSV_HEADER = ["name", "num_params", "llc_mean", "llc_std", "llc_stderr", "mcse", "diverged"]
+CSV_HEADER = ["name", "num_params", "llc_mean", "llc_std", "llc_stderr", "mcse", "rhat", "trusted", "verdict", "diverged"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,9 @@ def test_heads_and_full_in_one_run_then_no_overwrite(saved, tmp_path, capsys):
     assert table[0][:len(CSV_HEADER)] == CSV_HEADER
     assert [row[0] for row in table[1:]] == names
     assert [float(row[2]) for row in table[1:]] == pytest.approx([result[n].llc_mean for n in names])
+    diagnosed = [result[n].diagnostics() for n in names]
+    assert [(float(row[6]), row[7], row[8]) for row in table[1:]] == [
+        (pytest.approx(d["rhat"]), str(d["ok"]), d["verdict"]) for d in diagnosed]
     png = tmp_path / "heads.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -170,3 +173,30 @@ def test_ctrl_c_keeps_the_partial_run_and_says_how_to_resume(saved, tmp_path):
     assert partial.names == ["l0h0", "l0h1"] and partial["l0h1"].config["partial"]
     assert partial["l0h0"].loss_trace.shape[1] > 0
     assert not any(out.with_suffix(s).exists() for s in (".json", ".csv", ".png"))
+
+
+def test_checkpoint_and_resume_paths_and_options_are_checked_before_the_model_loads(saved, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from llc_fast.integrations import hf
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(hf, "load_causal_lm", never)
+    out = tmp_path / "x.json"
+    cases = [
+        (["--resume", str(tmp_path / "gone.ckpt")],
+         f"--resume {tmp_path / 'gone.ckpt'}: the checkpoint to continue, does not exist"),
+        (["--checkpoint", str(tmp_path / "no" / "run.ckpt")],
+         f"--checkpoint {tmp_path / 'no' / 'run.ckpt'}: the directory {tmp_path / 'no'} does not exist"),
+        (["--checkpoint", str(tmp_path)], f"--checkpoint {tmp_path} is a directory; name a file"),
+        (["--checkpoint", str(saved / "model" / "run.ckpt")], "is inside the model directory"),
+        (["--checkpoint-every", "5"], "checkpoint_every needs checkpoint=PATH"),
+    ]
+    for more, message in cases:
+        assert main(_command(saved, out, "--components", "heads", *more)) == 2, more
+        captured = capsys.readouterr()
+        line = captured.err.strip()
+        assert line.startswith("llc-fast restricted: ") and message in line and "\n" not in line, line
+        assert "Traceback" not in captured.err and not captured.out
+    assert not out.exists() and not (tmp_path / "no").exists()

@@ -7,12 +7,14 @@ Potential values: closed forms and independent quadrature, to the digits printed
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
 from llc_fast.oracles import (
     DLNCoefficient,
     dln_dataset,
+    dln_hessian_eigenvalues,
     dln_learning_coefficient,
     make_dln,
     make_random_rank_dln,
@@ -23,6 +25,7 @@ from llc_fast.oracles import (
     product_expectation,
     quadratic_posterior_expectation,
     quadratic_sgld_expectation,
+    quadratic_sgld_transient_expectation,
     reduced_rank_regression_coefficient,
     sum_of_powers_expectation,
 )
@@ -125,6 +128,34 @@ def test_quadratic_regression_example_value():
     h = torch.linalg.eigvalsh(hessian).numpy()
     nbeta = 100 / math.log(100)
     assert quadratic_sgld_expectation(h, nbeta, 1.0, 0.002) == pytest.approx(0.9719, abs=5e-5)
+
+
+def test_quadratic_transient_from_w_star():
+    """Started at w* = 0: no variance at step 0, exactly lr·G after one step, the variance recursion
+    v_(t+1) = ρ² v_t + ε step by step, and the stationary answer after many steps."""
+    h, nbeta, gamma, lr = np.array([1.0, 0.2, 3.0, 0.0]), 100.0, 1.0, 0.01
+    assert quadratic_sgld_transient_expectation(h, nbeta, gamma, lr, [0]) == 0.0
+    assert quadratic_sgld_transient_expectation(h, nbeta, gamma, lr, [1]) == pytest.approx(
+        float(np.sum(nbeta * h * lr / 2)), rel=1e-12)
+    g = np.array([0.5, 2.0, 0.25, 1.0])
+    eps = lr * g
+    rho2 = (1 - eps * (nbeta * h + gamma) / 2) ** 2
+    v, per_step = np.zeros_like(h), []
+    for _ in range(60):
+        per_step.append(float(np.sum(nbeta * h * v / 2)))
+        v = rho2 * v + eps
+    steps = list(range(7, 60, 3))
+    assert quadratic_sgld_transient_expectation(h, nbeta, gamma, lr, steps, preconditioner=g) == pytest.approx(
+        np.mean([per_step[t] for t in steps]), rel=1e-12)
+    assert quadratic_sgld_transient_expectation(h, nbeta, gamma, lr, [10**7, 10**8]) == pytest.approx(
+        quadratic_sgld_expectation(h, nbeta, gamma, lr), rel=1e-12)
+    tiny = quadratic_sgld_transient_expectation([1e-6], 1.0, 0.0, 1e-9, [1])  # 1 − ρ² ≈ 1e-15, no cancellation
+    assert tiny == pytest.approx(1e-6 * 1e-9 / 2, rel=1e-12)
+    assert quadratic_sgld_transient_expectation([1.0], 1.0, 1.0, 1.0, [0, 1, 2]) == pytest.approx(2 / 3 * 0.5)  # ρ = 0
+    with pytest.raises(ValueError, match="steps must be"):
+        quadratic_sgld_transient_expectation(h, nbeta, gamma, lr, [-1])
+    with pytest.raises(ValueError, match="unstable"):
+        quadratic_sgld_transient_expectation(h, nbeta, gamma, 0.014, [5])
 
 
 def test_quadratic_unstable_chain_raises():
@@ -268,6 +299,37 @@ def test_dln_dataset():
     assert mse_loss(model, data[:]) == 0.0
     with pytest.raises(ValueError):
         dln_dataset(model, 0)
+
+
+@pytest.mark.parametrize("widths, rank", [((3, 4, 2), 1), ((2, 3, 3, 2), 1), ((3, 5), 2), ((4, 3, 2, 3, 3), 2)])
+def test_dln_hessian_eigenvalues_are_autograds(widths, rank):
+    """Against the full Hessian of mse_loss by autograd in float64 at the same teacher and inputs: the m·p
+    returned values are its largest eigenvalues, the others are 0, and r·(p + m − r) of them are nonzero (all
+    m·p for one layer, a regular model)."""
+    model = make_dln(widths, rank, seed=4, scale=0.7)
+    x = dln_dataset(model, 40, seed=5, input_range=10.0).tensors[0].double()
+    ws = [layer.weight.detach().double() for layer in model]
+    sizes = [w.numel() for w in ws]
+
+    def loss(flat):
+        out = x.T
+        for w in torch.split(flat, sizes):
+            out = w.reshape(-1, out.shape[0]) @ out
+        teacher = torch.linalg.multi_dot([*reversed(ws), x.T]) if len(ws) > 1 else ws[0] @ x.T
+        return ((out - teacher) ** 2).mean()
+
+    full = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, torch.cat([w.reshape(-1) for w in ws])))
+    full = np.sort(full.numpy())
+    h = dln_hessian_eigenvalues(model, x)
+    m, p = widths[-1], widths[0]
+    assert h.shape == (m * p,) and np.all(h >= 0) and np.all(np.diff(h) >= 0)
+    np.testing.assert_allclose(h, full[-m * p:], rtol=1e-9, atol=1e-9 * full[-1])
+    assert np.all(np.abs(full[:-m * p]) < 1e-9 * full[-1])
+    assert int(np.sum(h > 1e-10 * h[-1])) == (rank * (p + m - rank) if len(widths) > 2 else m * p)
+    with pytest.raises(ValueError, match="bias-free"):
+        dln_hessian_eigenvalues(torch.nn.Sequential(torch.nn.Linear(2, 2)), x[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        dln_hessian_eigenvalues(model, x[:, :1])
 
 
 def test_mse_loss_is_mean_over_batch_and_outputs():

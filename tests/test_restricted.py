@@ -223,10 +223,10 @@ def test_tiny_gpt2_all_heads_in_one_call():
 def test_result_table_csv_json_and_plot(blocks_run, tmp_path):
     _, _, res = blocks_run
     text = res.table()
-    assert text.splitlines()[0].split()[:3] == ["component", "#params", "LLC"] and "llc_eval" in text
+    assert text.splitlines()[0].split()[:3] == ["component", "#params", "LLC"] and "refined[eval]_mean" in text
     csv_text = res.to_csv()
     lines = csv_text.strip().splitlines()
-    assert lines[0].startswith("name,num_params,llc_mean,llc_std,llc_stderr,mcse,diverged,llc_eval")
+    assert lines[0] == "name,num_params,llc_mean,llc_std,llc_stderr,mcse,rhat,trusted,verdict,diverged,refined[eval]_mean"
     assert [ln.split(",")[0] for ln in lines[1:]] == res.names
     back = llc_fast.RestrictedLLCResult.load(res.save(tmp_path / "r.json"))
     assert back.names == res.names and back.table() == text
@@ -321,6 +321,7 @@ def test_several_subsets_come_from_the_same_chains():
     ({}, "refine must be a non-empty dict"),
     ({"x": []}, "evaluation set 'x' yielded no batches"),
     ({"eval": [None]}, "rename it"),
+    ({"sampling": [None]}, "rename it"),
 ])
 def test_bad_evaluation_sets(refine, match):
     model, loader, loss_fn = mlp_case()
@@ -443,3 +444,75 @@ def test_tiny_gpt2_per_token_susceptibilities_of_every_head():
     assert res.token_chi["s1"].shape == (4, tokens) and res.token_losses["s2"].shape == (4, 2, 8, tokens)
     np.testing.assert_allclose(res.token_chi["s1"].mean(axis=1), res.chi[:, 0], rtol=1e-4, atol=1e-9)
     assert np.isfinite(res.chi).all() and np.isfinite(res.chi_stderr).all()
+
+
+# --- what a component samples: its size, its tied names, its saved mask -----------------------------
+
+
+def _half_masks():
+    lo = torch.zeros(16, 6)
+    lo[:5] = 1
+    return lo, 1 - lo
+
+
+def test_num_params_counts_the_sampled_weights_alone_and_in_a_restricted_run():
+    model, loader, loss_fn = mlp_case()
+    lo, _ = _half_masks()
+    kw = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=2, num_draws=4, seed=1, progress=False)
+    alone = llc_fast.estimate_llc(model, loader, loss_fn, mask={"0.weight": lo, "2.bias": None}, **kw)
+    res = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, {"c": {"0.weight": lo, "2.bias": None}},
+                                            include_full=True, **kw)
+    total = sum(p.numel() for p in model.parameters())  # 163
+    assert alone.config["num_params"] == res["c"].config["num_params"] == 30 + 3
+    assert alone.config["model_num_params"] == res["c"].config["model_num_params"] == total
+    assert res["full"].config["num_params"] == total
+    assert llc_fast.estimate_llc(model, loader, loss_fn, **kw).config["num_params"] == total
+
+
+def test_a_tied_alias_names_the_tensor_it_is_tied_to():
+    from conftest import token_case
+    from llc_fast.estimators.restricted import resolve_components
+
+    model, loader, loss_fn = token_case()  # out.weight is emb.weight
+    assert resolve_components(model, {"out": ["out.weight"], "all": ["*"]}) == {
+        "out": {"emb.weight": None}, "all": {n: None for n, _ in model.named_parameters()}}
+    kw = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=2, num_draws=4, seed=1, progress=False)
+    res = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, {"out": ["out.weight"], "emb": ["emb.*"]}, **kw)
+    np.testing.assert_array_equal(res["out"].loss_trace, res["emb"].loss_trace)
+    assert res["out"].config["mask"] == ["emb.weight"] and res["out"].config["num_params"] == 11 * 8
+    alone = llc_fast.estimate_llc(model, loader, loss_fn, mask={"out.weight": None}, **kw)
+    np.testing.assert_array_equal(alone.loss_trace, res["out"].loss_trace)
+    assert alone.config["tied_params"] == {"out.weight": "emb.weight"}
+    with pytest.raises(ValueError, match=r"one tied tensor twice \(\['emb.weight', 'out.weight'\]\): give it once, "
+                                         "under 'emb.weight'"):
+        llc_fast.estimate_llc(model, loader, loss_fn, mask={"emb.weight": None, "out.weight": None}, **kw)
+
+
+def test_a_saved_result_knows_exactly_which_weights_were_sampled(tmp_path):
+    import json
+
+    model, loader, loss_fn = mlp_case()
+    lo, hi = _half_masks()
+    kw = dict(lr=1e-3, nbeta=30.0, gamma=100.0, num_chains=2, num_draws=4, seed=1, progress=False)
+    res = llc_fast.estimate_restricted_llcs(model, loader, loss_fn, {"lo": {"0.weight": lo}, "hi": {"0.weight": hi},
+                                                                     "layer": ["0.*"]}, **kw)
+    back = llc_fast.RestrictedLLCResult.load(res.save(tmp_path / "r.json"))
+    assert back["lo"].config["mask"] == back["hi"].config["mask"] == ["0.weight"]  # the names alone cannot tell
+    np.testing.assert_array_equal(back["lo"].sampled_mask()["0.weight"], lo.bool().numpy())
+    np.testing.assert_array_equal(back["hi"].sampled_mask()["0.weight"], hi.bool().numpy())
+    assert back["layer"].sampled_mask() == {"0.weight": None, "0.bias": None}
+    assert back["lo"].config["mask_content"]["0.weight"]["ones"] == 30 == back["lo"].config["num_params"]
+    alone = llc_fast.estimate_llc(model, loader, loss_fn, mask={"0.weight": lo[:, :1]}, **kw)  # [16, 1]
+    assert alone.config["mask_content"] == res["lo"].config["mask_content"]  # broadcast to the parameter's shape
+    assert llc_fast.estimate_llc(model, loader, loss_fn, **kw).sampled_mask() is None
+
+    saved = json.loads((tmp_path / "r.json").read_text())
+    record = saved["results"]["lo"]["config"]["mask_content"]["0.weight"]
+    record["bits"] = saved["results"]["hi"]["config"]["mask_content"]["0.weight"]["bits"]
+    (tmp_path / "changed.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="do not match its sha256"):
+        llc_fast.RestrictedLLCResult.load(tmp_path / "changed.json")["lo"].sampled_mask()
+    del saved["results"]["hi"]["config"]["mask_content"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"keeps only the names of its mask \(\['0.weight'\]\)"):
+        llc_fast.RestrictedLLCResult.load(tmp_path / "old.json")["hi"].sampled_mask()

@@ -79,7 +79,7 @@ def test_a_checkpoint_from_other_settings_is_refused_naming_the_difference(tmp_p
     model, loader, loss_fn = mlp_case()
     path = str(tmp_path / "run.ckpt")
     llc_fast.estimate_llc(model, loader, loss_fn, checkpoint=path, checkpoint_every=10, **KW)
-    with pytest.raises(ValueError, match=r"other settings.*lr: checkpoint \[0.001, 0.001, 0.001, 0.001\], now \[0.002"):
+    with pytest.raises(ValueError, match=r"other settings.*lr: before \[0.001, 0.001, 0.001, 0.001\], now \[0.002"):
         llc_fast.estimate_llc(model, loader, loss_fn, resume=path, **dict(KW, lr=2e-3))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         llc_fast.estimate_llc(model, loader, loss_fn, resume=str(tmp_path / "missing.ckpt"), **KW)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomically
+from .identity import check_same
 
 FORMAT = 1
 
@@ -30,13 +31,22 @@ def previous_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}.previous")
 
 
+class CheckpointWriteWarning(RuntimeWarning):
+    """A checkpoint could not be written (e.g. the disk is full): the run goes on, the last one written is kept."""
+
+
 def write(path: str | os.PathLike, payload: dict, keep_previous: bool = False) -> Path:
     """torch.save ``payload`` to ``path`` atomically (a complete file or none); keep_previous: the file it
-    replaces stays as ``<path>.previous`` (ranks that must agree on a generation need the one before)."""
+    replaces stays as ``<path>.previous`` (ranks that must agree on a generation need the one before). A write
+    that fails (OSError: a full disk, ...) raises with ``path`` and ``<path>.previous`` as they were and no
+    temporary file left."""
     buf = io.BytesIO()
     torch.save(dict(payload, format=FORMAT), buf)
     if keep_previous and Path(path).exists():
+        staged = write_atomically(f"{path}.next", buf.getvalue())  # complete before anything is moved
         os.replace(path, previous_path(path))
+        os.replace(staged, path)
+        return Path(path)
     return write_atomically(path, buf.getvalue())
 
 
@@ -64,10 +74,7 @@ def read(path: str | os.PathLike) -> dict:
 
 
 def check_same_config(payload: dict, config: dict, path) -> None:
-    """Refuse to resume a checkpoint written by a run with other settings, naming each difference."""
-    saved = payload["config"]
-    keys = sorted(set(saved) | set(config))
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {config.get(k)!r}" for k in keys if saved.get(k) != config.get(k)]
-    if diff:
-        raise ValueError(f"checkpoint {path} was written by a run with other settings; resume it with the same ones. "
-                         "Differences: " + "; ".join(diff))
+    """Refuse to resume a checkpoint written by a run of another question (``LLCConfig.fingerprint``: options,
+    masks, data, weights, evaluation sets), naming each difference."""
+    check_same(payload["config"], config, f"checkpoint {path}",
+               "resume it with the same options and inputs, or start a new run without resume=")

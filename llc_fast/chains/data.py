@@ -8,6 +8,9 @@ import torch
 
 STREAM_CHAIN = 0
 STREAM_INIT_LOSS = 1
+STREAM_PROBE = 2  # the perturbation probe's batches and directions (studies.probe)
+STREAM_CURVATURE = 3  # the curvature probes' batches (chains.curvature)
+STREAM_EVAL = 4  # evaluation sets' batches (chains.observe)
 
 
 def derived_seed(*words: int) -> int:
@@ -45,6 +48,19 @@ def dataset_size(data) -> int | None:
         return len(dataset) if dataset is not None else None
     except TypeError:
         return None
+
+
+def batches_in_first_pass(data, limit: int) -> int:
+    """How many batches one pass over ``data`` yields, counting at most ``limit`` (len() when it exists)."""
+    try:
+        return min(len(data), limit)
+    except TypeError:
+        count = 0
+        for _ in data:
+            count += 1
+            if count >= limit:
+                break
+        return count
 
 
 class BatchStream:

@@ -104,6 +104,21 @@ def checked_observable(value, is_loss: bool) -> torch.Tensor:
     return value.detach()
 
 
+class BatchMemoryWarning(RuntimeWarning):
+    """A batched forward/backward ran out of memory and now runs in smaller passes (the same chains, slower)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: torch.OutOfMemoryError (a GPU), MemoryError, or a
+    RuntimeError saying so ("out of memory"; torch's CPU allocator: "can't allocate memory")."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if isinstance(error, MemoryError) or (oom is not None and isinstance(error, oom)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+
+
 class Unstackable(ValueError):
     """The chains' batches differ in structure or shape and cannot be stacked."""
 
@@ -171,6 +186,8 @@ class VmapEngine(SequentialEngine):
                 return loss_fn(model, batch).reshape(())
 
         self.compiled = compile
+        self.rows_per_pass: int | None = None  # None: a group's rows in one pass; set when a pass ran out of memory
+        self.memory_note = ""  # why passes are smaller than groups ("" while they are not)
         self._flat_loss = flat_loss
         self._grad_and_value = grad_and_value(reparametrised_loss if compile else flat_loss)
         self._graphs: dict = {}
@@ -209,9 +226,47 @@ class VmapEngine(SequentialEngine):
         with torch.no_grad():
             return vmap(self._flat_loss, in_dims=(0, None), randomness="different")(self.state.w[:num_rows], batch)
 
-    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Losses [G] and gradients [G, N] of rows 0..G-1 in one pass (per row if batches differ)."""
-        w = self.state.w[:num_rows]
+    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Losses [G] and gradients of rows 0..G-1: [G, N] from one pass, or, once a pass of this many rows ran
+        out of memory, passes of ``rows_per_pass`` rows with the gradients left in ``state.grad[:G]`` (None).
+
+        A pass that runs out of memory (``is_out_of_memory``) is retried in passes of half as many rows, with a
+        ``BatchMemoryWarning`` at once; later steps start there. Each chain's loss and gradient do not depend
+        on the rows it shares a pass with, so the chains are the same. Out of memory with one row is raised."""
+        while True:
+            per = min(num_rows, self.rows_per_pass or num_rows)
+            try:
+                if per == num_rows:
+                    return self._pass(0, num_rows, batches)
+                grad, losses = self.state.grad, []
+                for r in range(0, num_rows, per):
+                    loss, part = self._pass(r, min(num_rows, r + per), batches)
+                    grad[r:r + len(loss)].copy_(part)
+                    losses.append(loss)
+                return torch.cat(losses), None
+            except Exception as e:
+                if per == 1 or not is_out_of_memory(e):
+                    raise
+                why = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
+            self._halve(per, why)  # outside the except block: the failed pass's tensors are freed first
+
+    def _halve(self, per: int, why: str) -> None:
+        import warnings
+
+        if self.state.w.is_cuda:
+            torch.cuda.empty_cache()
+        self.rows_per_pass = (per + 1) // 2
+        self.memory_note = (f"passes of {self.rows_per_pass} rows: a batched pass of {per} rows ran out of memory "
+                            f"({why[:200]})")
+        warnings.warn(f"a batched forward/backward of {per} chains ran out of memory ({why[:200]}); running "
+                      f"{self.rows_per_pass} chain{'s' if self.rows_per_pass > 1 else ''} per pass instead (the "
+                      "chains are the same). Pass "
+                      f"max_batched_chains={self.rows_per_pass} (or a smaller batch_memory_bytes) to start there",
+                      BatchMemoryWarning, stacklevel=4)
+
+    def _pass(self, start: int, stop: int, batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses and gradients [stop - start, N] of rows start..stop-1 in one pass (per row if batches differ)."""
+        w, batches = self.state.w[start:stop], batches[start:stop]
         if all(b is batches[0] for b in batches):  # shared batches
             loss, grad = self._call(w, batches[0], None)
             return loss, grad.contiguous()
@@ -219,15 +274,17 @@ class VmapEngine(SequentialEngine):
             loss, grad = self._call(w, stack_batches(batches), 0)
             return loss, grad.contiguous()
         except Unstackable:
-            parts = [self._call(w[r : r + 1], batches[r], None) for r in range(num_rows)]
+            parts = [self._call(w[r : r + 1], batches[r], None) for r in range(len(batches))]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).contiguous()
 
 
 def local_engine(model, state: FlatState, loss_fn: Callable, chain_batching: str, probe_batches,
                  compile: bool = False) -> tuple:
     """(engine, fallback reason) for one process: vmap when asked or when it works ("auto": one trial
-    forward/backward on ``probe_batches()``, the group's first batches), else sequential. compile: the
-    batched engine's pass through torch.compile (``VmapEngine``)."""
+    forward/backward on ``probe_batches()``, the group's first batches), else sequential. Running out of
+    memory is no reason to give up batching: the trial is split into smaller passes like any batched pass
+    (``VmapEngine.loss_and_grad``); only a model that cannot be batched at all runs one chain at a time.
+    compile: the batched engine's pass through torch.compile (``VmapEngine``)."""
     if chain_batching == "sequential" or state.num_chains == 1:
         return SequentialEngine(model, state, loss_fn), ""
     engine = VmapEngine(model, state, loss_fn, compile=compile)

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from .data import move_to_device
+from .data import STREAM_EVAL, BatchStream, batches_in_first_pass, move_to_device
+from .identity import callable_name, digest
 
 
 class Observers:
@@ -24,6 +25,8 @@ class Observers:
     sets: {name: loader or list of batches}; num_batches: batches taken from each (all if fewer);
     observable: ``observable(model, batch) -> tensor`` with the same shape for every batch ([] for a
         scalar, [T] per token or sample), or None for ``loss_fn``'s scalar loss.
+    storage: ``storage({name: shape}) -> {name: float32 array of that shape}`` to hold the values (e.g. memory-mapped
+        files), or None to hold them in memory.
     ``values[name]``: float32 array [rows, draws, *shape] filled by the loop (NaN where a chain did not
     reach a draw), allocated by ``allocate``; ``at_w_star[name]``: the observable at w* (float64 array).
     primary: the set whose estimate is the run's main one (``estimate_llc(eval_data=...)``), or None.
@@ -39,7 +42,7 @@ class Observers:
         if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"num_eval_batches must be an integer >= 1, got {num_batches!r}")
         self.loaders, self.num_batches, self.observable, self.primary = dict(sets), num_batches, observable, primary
-        self.storage = storage  # (name, shape) -> array to fill, e.g. a memory-mapped file; None: in memory
+        self.storage = storage  # {name: shape} -> {name: array to fill}, e.g. memory-mapped files; None: in memory
         self.batches: dict[str, list] = {}
         self.at_w_star: dict[str, np.ndarray] = {}
         self.values: dict[str, np.ndarray] = {}
@@ -48,19 +51,28 @@ class Observers:
     def names(self) -> list[str]:
         return list(self.loaders)
 
+    def first_batches(self, name: str) -> list:
+        """The first ``num_batches`` batches of set ``name`` (at most one pass), the same on every call: a
+        shuffling loader starts its pass under a fixed seed, so a resumed run measures the same batches."""
+        loader = self.loaders[name]
+        stream = BatchStream(loader, seed=0, stream=STREAM_EVAL, index=0)
+        out = [next(stream) for _ in range(batches_in_first_pass(loader, self.num_batches))]
+        if not out:
+            raise ValueError(f"evaluation set {name!r} yielded no batches")
+        return out
+
     def take_batches(self, device) -> None:
-        """The first ``num_batches`` batches of every set, on ``device`` (once)."""
-        for name, loader in self.loaders.items():
-            if name in self.batches:
-                continue
-            out = []
-            for batch in loader:
-                out.append(move_to_device(batch, device))
-                if len(out) == self.num_batches:
-                    break
-            if not out:
-                raise ValueError(f"evaluation set {name!r} yielded no batches")
-            self.batches[name] = out
+        """The first batches of every set (``first_batches``), on ``device`` (once)."""
+        for name in self.names:
+            if name not in self.batches:
+                self.batches[name] = [move_to_device(b, device) for b in self.first_batches(name)]
+
+    def identity(self) -> dict:
+        """What the sets are, for a run's fingerprint: per set the batches' count and digest, the observable."""
+        observable = None if self.observable is None else callable_name(self.observable)
+        sets = {name: dict(num_batches=len(batches), batches=digest(batches))
+                for name, batches in ((n, self.first_batches(n)) for n in self.names)}
+        return dict(sets=sets, observable=observable, primary=self.primary)
 
     def measure(self, engine, num_rows: int) -> dict[str, torch.Tensor]:
         """Each set's observable for rows 0..G-1 of the engine's state: [G] (scalar observable, the mean over
@@ -87,12 +99,14 @@ class Observers:
         return tuple(self.at_w_star[name].shape)
 
     def allocate(self, num_rows: int, num_draws: int) -> None:
-        """The arrays the loop fills: [rows, draws, *shape] of NaN."""
+        """The arrays the loop fills: [rows, draws, *shape] of NaN, all made by one call of ``storage`` (which can
+        so check that they fit together before any is written)."""
+        shapes = {name: (num_rows, num_draws) + self.shape(name) for name in self.names}
+        arrays = self.storage(shapes) if self.storage is not None else \
+            {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
         for name in self.names:
-            shape = (num_rows, num_draws) + self.shape(name)
-            array = self.storage(name, shape) if self.storage is not None else np.empty(shape, dtype=np.float32)
-            array[...] = np.nan
-            self.values[name] = array
+            arrays[name][...] = np.nan
+            self.values[name] = arrays[name]
 
     def record(self, first_row: int, draw: int, measured: dict[str, torch.Tensor]) -> None:
         for name, value in measured.items():

@@ -25,8 +25,9 @@ from ..diagnostics.mala import mala_log_acceptance, potential_and_gradient
 from ..kernels.dispatch import select_backend
 from ..kernels.update_spec import RowMasks
 from ..state.flat import FlatLayout, FlatState
-from ..state.memory import rows_within
-from .data import STREAM_CHAIN, STREAM_INIT_LOSS, BatchStream, derived_seed, move_to_device
+from ..state.memory import plan_rows
+from .curvature import curvature_preconditioner
+from .data import STREAM_CHAIN, STREAM_INIT_LOSS, BatchStream, batches_in_first_pass, derived_seed, move_to_device
 from .engines import checked_finite, local_engine
 from .interrupt import SamplingInterrupted, StopRequest
 from .schedule import ChainHyper, Schedule
@@ -57,7 +58,7 @@ def batch_streams(data, seed: int, chain_ids, shared: bool) -> list[BatchStream]
 
 def initial_loss(engine, data, *, seed: int, num_batches: int, device: torch.device) -> float:
     """L(w*) averaged over ``num_batches`` batches (fewer if one pass over the data is shorter)."""
-    first_pass = _count_upto(data, num_batches)
+    first_pass = batches_in_first_pass(data, num_batches)
     if first_pass == 0:
         raise ValueError("data yielded no batches: pass a non-empty DataLoader or list of batches")
     batches = BatchStream(data, seed=seed, stream=STREAM_INIT_LOSS, index=0)
@@ -69,19 +70,6 @@ def initial_loss(engine, data, *, seed: int, num_batches: int, device: torch.dev
         if k == 0 and hasattr(engine, "check_gradient"):
             engine.check_gradient(batch)
     return total / first_pass
-
-
-def _count_upto(data, limit: int) -> int:
-    """How many batches one pass yields, counting at most ``limit`` (uses len() when it exists)."""
-    try:
-        return min(len(data), limit)
-    except TypeError:
-        count = 0
-        for _ in data:
-            count += 1
-            if count >= limit:
-                break
-        return count
 
 
 @dataclass
@@ -237,6 +225,7 @@ class _Run:
         self.init_loss, self.shared_batches, self.on_step, self.control, self.size = (
             init_loss, shared_batches, on_step, control, size)
         self.observers = observers
+        self.saved = self.save_error = None  # the last checkpoint written by this run; why the last write failed
         self.bound = divergence_bound(init_loss)
         self.bar = self.stop = None
 
@@ -261,18 +250,33 @@ class _Run:
                 return False
         return True
 
-    def save(self, live: "_Group | None", path=None) -> str:
+    def save(self, live: "_Group | None", path=None) -> str | None:
+        """Write the run to this rank's checkpoint file: its path, or None when the write failed (OSError: a full
+        disk, ...), after a warning naming the file and the error; the last checkpoint written stays as it was
+        (``self.saved``) and sampling goes on."""
+        import warnings
+
         from . import checkpoint
 
         path = checkpoint.rank_path(path or self.control.checkpoint, self.control.rank, self.control.world)
-        self.control.generation += 1
+        self.control.generation += 1  # counted even if the write fails: ranks keep the same generation per step
         payload = dict(self.control.meta, init_loss=self.init_loss, engine=self.engine.name, group_size=self.size,
                        rows=self.state.num_chains, generation=self.control.generation,
                        groups=[g.snapshot(self.state, g is live) for g in self.groups])
         if self.observers is not None:
             payload["observed"] = {name: values.copy() for name, values in self.observers.values.items()}
-        checkpoint.write(path, payload, keep_previous=self.control.world > 1)
-        return str(path)
+        try:
+            checkpoint.write(path, payload, keep_previous=self.control.world > 1)
+        except OSError as e:
+            self.save_error = f"the checkpoint {path} could not be written ({e})"
+            kept = f"the last one written, {self.saved}, is kept" if self.saved else \
+                "no checkpoint of this run was written yet"
+            warnings.warn(f"{self.save_error}; {kept}. Sampling goes on; free space there (or pass another "
+                          "checkpoint path) for the next checkpoint to be written", checkpoint.CheckpointWriteWarning,
+                          stacklevel=2)
+            return None
+        self.saved = str(path)
+        return self.saved
 
     def advance(self, group: _Group, last_step: int, keep: bool) -> None:
         """Run ``group`` from its next step through ``last_step`` (or to its end), holding the state's rows."""
@@ -350,7 +354,8 @@ class _Run:
         import signal as _signal
 
         path = self.control.checkpoint or f"llc_fast_interrupted_{os.getpid()}.ckpt"
-        written = self.save(group, path)
+        fresh = self.save(group, path)
+        written = fresh or self.saved  # a failed write leaves the last checkpoint written to resume from
         partial = replace(self.schedule, num_draws=max(1, self._draws_done()))
         trace = ChainTrace.empty(sum(g.size for g in self.groups), partial)
         trace.engine = self.engine.name
@@ -360,10 +365,14 @@ class _Run:
         if self.observers is not None:
             trace.observed = {n: v[:, :partial.num_draws] for n, v in self.observers.values.items()}
         name = _signal.Signals(self.stop.signum).name if self.stop.signum else "a signal to another rank"
+        saved = f"the run is saved in {fresh}" if fresh else \
+            f"{self.save_error}, so the run is saved only as far as its last checkpoint, {written}" if written else \
+            f"{self.save_error}: there is no checkpoint to resume"
+        resume = f": resume it with the same call plus resume={written!r} (llc-fast estimate: --resume {written})" \
+            if written else ""
         raise SamplingInterrupted(
-            f"sampling stopped by {name} after step {group.t - 1} of the group starting at chain {group.start}; the "
-            f"run is saved in {written}: resume it with the same call plus resume={written!r} "
-            f"(llc-fast estimate: --resume {written}). The partial result is in this exception's .result.",
+            f"sampling stopped by {name} after step {group.t - 1} of the group starting at chain {group.start}; "
+            f"{saved}{resume}. The partial result is in this exception's .result.",
             written, trace, self.init_loss, self.stop.signum)
 
     def _draws_done(self) -> int:
@@ -443,16 +452,14 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
     backend = select_backend(config.backend, device)
     settings, schedule = config.settings, config.schedule
     hyper = config.hyper if chains is None else config.hyper.rows(chains)
-    rows = 1 if config.chain_batching == "sequential" else \
-        min(hyper.num_chains, config.max_batched_chains or hyper.num_chains)
-    budget = config.batch_memory_bytes
-    if budget is None and device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] // 2
-    rows = rows_within(budget, layout.numel, layout.dtype, settings.preconditioned, max(1, rows))
+    rows, row_plan = plan_group_rows(config, hyper.num_chains, layout, device)
     if resume is not None:  # the layout of the run being continued
         rows = resume["rows"]
+    initial_statistic, curvature_facts = settings.initial_statistic, {}
+    if config.preconditioner is not None:  # a statistic fixed before sampling (chains.curvature)
+        initial_statistic, curvature_facts = curvature_preconditioner(model, layout, data, loss_fn, config, device)
     state = FlatState(layout, rows, device=device, preconditioned=settings.preconditioned,
-                      initial_statistic=settings.initial_statistic, mask=config.mask,
+                      initial_statistic=initial_statistic, mask=config.mask,
                       components=None if config.components is None else [r for _, r in config.components])
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
@@ -493,19 +500,44 @@ def sample_local(model, data, loss_fn, config, *, chains: list[int] | None = Non
             trace = ChainTrace.empty(0, schedule)
             trace.engine = "none"
     t_end = time.perf_counter()
-    facts = dict(device=str(device), backend=backend.name, engine=trace.engine, **model_facts(model, layout))
+    facts = dict(device=str(device), backend=backend.name, engine=trace.engine, **model_facts(model, layout),
+                 **curvature_facts)
+    facts.update(row_facts(state.num_chains, row_plan, resume is not None, engine))
     if config.compile_step:
         facts["compiled"] = bool(getattr(engine, "compiled", False)) if hyper.num_chains else False
     return ChainRun(init_loss, trace, dict(init_loss_s=t_init - t0, sampling_s=t_end - t_init), facts)
 
 
+def plan_group_rows(config, num_chains: int, layout: FlatLayout, device: torch.device) -> tuple[int, str]:
+    """(chain rows per batched group, why), before sampling: one row for chain_batching="sequential", else up to
+    max_batched_chains rows whose buffers fit batch_memory_bytes or half the device's free memory, on the CPU
+    as on a GPU (``state.memory.plan_rows``)."""
+    if config.chain_batching == "sequential":
+        return 1, "1 row: chain_batching='sequential'"
+    wanted = max(1, min(num_chains, config.max_batched_chains or num_chains))
+    rows, why = plan_rows(wanted, layout.numel, layout.dtype, config.settings.preconditioned, device,
+                          config.batch_memory_bytes)
+    return rows, why + (f" (max_batched_chains={config.max_batched_chains})" if config.max_batched_chains else "")
+
+
+def row_facts(rows: int, plan: str, resumed: bool, engine) -> dict:
+    """What result.config says of the grouping: rows_per_group and row_plan (why that many); rows_per_pass too
+    when a batched pass ran out of memory and the engine split the groups' passes."""
+    plan = f"{rows} rows, as in the run resumed" if resumed else plan
+    if not engine.batched and rows > 1:
+        rows, plan = 1, f"1 row: the model could not be batched over chains (planned: {plan})"
+    out = dict(rows_per_group=rows, row_plan=plan)
+    if getattr(engine, "memory_note", ""):
+        out.update(rows_per_pass=engine.rows_per_pass, row_plan=f"{out['row_plan']}; then {engine.memory_note}")
+    return out
+
+
 def model_facts(model, layout: FlatLayout) -> dict:
     """What is sampled: the number of sampled elements, their dtype, the parameters left frozen and the tied ones."""
-    names = dict(model.named_parameters(remove_duplicate=False))
-    first = {id(p): s.name for p, s in zip(layout.params, layout.slots)}  # sampled tensor -> its slot's name
+    sampled = {id(p) for p in layout.params}
     return dict(num_params=layout.numel, param_dtype=str(layout.dtype).replace("torch.", ""),
-                frozen_params=[n for n, p in names.items() if id(p) not in first],
-                tied_params={n: first[id(p)] for n, p in names.items() if id(p) in first and first[id(p)] != n})
+                frozen_params=[n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in sampled],
+                tied_params=dict(layout.aliases))
 
 
 def warn_model_randomness(model) -> None:

@@ -40,9 +40,11 @@ def load_script(path: str | Path) -> ModuleType:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from ..api import refuse_under_torchrun
     from ..studies.calibrate import calibrate
 
     try:
+        refuse_under_torchrun("llc-fast calibrate", "run the same command without torchrun")
         script = load_script(args.script)
         nbetas = args.nbetas if args.nbetas is not None else (
             [script.nbeta] if getattr(script, "nbeta", None) is not None else None)

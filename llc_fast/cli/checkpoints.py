@@ -25,12 +25,15 @@ def _checkpoints(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..api import refuse_under_torchrun
     from ..integrations import hf
     from ..studies.checkpoints import checkpoint_list, estimate_over_checkpoints
     from .estimate import chain_options, check_output
 
+    refuse_under_torchrun("llc-fast checkpoints", "run the same command without torchrun; llc-fast estimate "
+                                                  "--model CHECKPOINT runs one checkpoint's LLC under torchrun")
     check_output(args.output, force=True)
-    check_output(args.plot, force=True)
+    check_output(args.plot, force=True, flag="--plot")
     dtype = hf.PARAM_DTYPES[args.dtype]
     items = checkpoint_list(args.models, dtype=dtype)
     dirs = sorted((p for p in Path(args.models).iterdir() if (p / "config.json").is_file()), key=lambda p: p.name)

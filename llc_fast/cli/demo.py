@@ -10,7 +10,17 @@ DEMO_RANK = 1
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
+
+    from ..api import refuse_under_torchrun
+
+    try:
+        refuse_under_torchrun("llc-fast demo", "run it without torchrun: llc-fast demo")
+    except ValueError as e:
+        print(f"llc-fast demo: {e}", file=sys.stderr, flush=True)
+        return 2
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     from .. import estimate_llc

@@ -30,10 +30,15 @@ def report_interrupt(args: argparse.Namespace, e, prog: str = "llc-fast estimate
         e.result.save(partial)
         print(f"{prog}: partial result ({e.trace.loss_trace.shape[1]} draws per chain) written to "
               f"{partial}", file=sys.stderr, flush=True)
+    if e.checkpoint is None:  # the checkpoint could not be written (the exception says why)
+        print(f"{prog}: stopped; {e}", file=sys.stderr, flush=True)
+        return
     command = [a for a in sys.argv if a not in ("--force",)]
-    if "--resume" not in command:
+    if "--resume" in command:
+        command[command.index("--resume") + 1:command.index("--resume") + 2] = [e.checkpoint]
+    else:
         command += ["--resume", e.checkpoint]
-    print(f"{prog}: stopped; the run is saved in {e.checkpoint}. Resume it with:\n  "
+    print(f"{prog}: stopped; the run is saved in {e.checkpoint} (its last checkpoint). Resume it with:\n  "
           + " ".join(command), file=sys.stderr, flush=True)
 
 
@@ -85,6 +90,7 @@ def _checked_inputs(args: argparse.Namespace):
     """The token rows, after every input has been checked (output path, model directory, token file and dtype,
     ids against the vocabulary, rows against the positions): nothing is loaded onto a device before."""
     check_output(args.output, force=args.force, model_dir=args.model)
+    check_run_files(args)
     return checked_rows(args)
 
 
@@ -193,26 +199,45 @@ def provenance(args: argparse.Namespace, rows, cli: str) -> dict:
     return dict(model=str(args.model), data=str(args.data), seq_len=rows.seq_len, batch_size=args.batch_size, cli=cli)
 
 
-def check_output(output: str | None, *, force: bool, model_dir: str | None = None) -> None:
-    """Refuse, before any work, an output path that could not be written or would overwrite something."""
+def check_output(output: str | None, *, force: bool, model_dir: str | None = None, flag: str = "--output") -> None:
+    """Refuse, before any work, an output path (of ``flag``) that could not be written or would overwrite
+    something."""
     from pathlib import Path
 
     if not output:
         return
     out = Path(output).expanduser()
     if out.is_dir():
-        raise ValueError(f"--output {output} is a directory; name a file, e.g. {out / 'llc.json'}")
+        raise ValueError(f"{flag} {output} is a directory; name a file, e.g. {out / 'llc.json'}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise ValueError(f"--output {output}: the directory {parent} does not exist (create it first)")
+        raise ValueError(f"{flag} {output}: the directory {parent} does not exist (create it first)")
     import os
 
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: the directory {parent} is not writable")
+        raise ValueError(f"{flag} {output}: the directory {parent} is not writable")
     if model_dir is not None and Path(model_dir).resolve() in out.resolve().parents:
-        raise ValueError(f"--output {output} is inside the model directory {model_dir}; write the result elsewhere")
+        raise ValueError(f"{flag} {output} is inside the model directory {model_dir}; write the result elsewhere")
     if out.exists() and not force:
-        raise ValueError(f"--output {output} exists; pass --force to overwrite it, or name another file")
+        raise ValueError(f"{flag} {output} exists; pass --force to overwrite it, or name another file")
+
+
+def check_run_files(args: argparse.Namespace) -> None:
+    """--checkpoint (a file that can be written: its directory exists and is writable) and --resume (this process's
+    checkpoint file exists), before any model is loaded."""
+    import os
+    from pathlib import Path
+
+    from ..chains.checkpoint import rank_path
+    from ..distributed.mesh import launched_processes
+
+    check_output(args.checkpoint, force=True, model_dir=args.model, flag="--checkpoint")
+    if args.resume:
+        path = rank_path(args.resume, int(os.environ.get("RANK", "0")), launched_processes())
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: {'' if path == Path(args.resume) else f'{path}, '}"
+                                    "the checkpoint to continue, does not exist (a run writes it with --checkpoint "
+                                    "FILE, or on Ctrl-C)")
 
 
 def positive_int(text: str) -> int:

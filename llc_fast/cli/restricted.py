@@ -7,13 +7,13 @@ writes heads.json (the ``RestrictedLLCResult``; ``RestrictedLLCResult.load`` rea
 component) and heads.png (a bar per component; skipped, saying so, without matplotlib). ``--components`` is one
 of the standard sets of ``llc_fast.integrations.components``; ``--components-file FILE.json`` holds
 {name: [parameter-name patterns]} instead (exact names or globs such as ``"transformer.h.0.mlp.*"``). Every
-input is checked before sampling: the three outputs (an existing one needs ``--force``), the token data
-(as ``llc-fast estimate``) and every component (a pattern that matches no parameter is named).
+input is checked before the model is loaded: the three outputs (an existing one needs ``--force``), the token data
+(as ``llc-fast estimate``), ``--checkpoint``/``--resume`` and every sampler option; then every component (a pattern
+that matches no parameter is named), before sampling. It runs in one process: under torchrun it is refused at once.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +24,12 @@ PROG = "llc-fast restricted"
 
 
 def _restricted(args: argparse.Namespace) -> int:
+    from ..api import refuse_under_torchrun
     from ..chains.interrupt import SamplingInterrupted
 
     try:
+        refuse_under_torchrun(PROG, "run the same command without torchrun (the components share one batched run "
+                                    "in one process); llc-fast estimate runs the whole model's LLC under torchrun")
         outputs = _checked_outputs(args)
         file_components = _read_components_file(args.components_file) if args.components_file else None
         model, rows, components = _checked_inputs(args, file_components)
@@ -47,8 +50,6 @@ def _checked_outputs(args: argparse.Namespace) -> dict[str, Path]:
     """{".json", ".csv", ".png": path}: --output and the two files beside it, each writable and new (or --force)."""
     from .estimate import check_output
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("runs in one process; under torchrun use llc_fast.estimate_restricted_llcs from a script")
     out = Path(args.output).expanduser()
     if out.suffix != ".json":
         raise ValueError(f"--output {args.output}: name a .json file (the .csv and .png of the same stem are "
@@ -87,11 +88,14 @@ def _read_components_file(path: str) -> dict:
 def _checked_inputs(args: argparse.Namespace, file_components: dict | None):
     """(model, token rows, {name: restriction}): the data checked as ``llc-fast estimate`` does, then the model
     loaded and every component resolved against its parameters (nothing sampled yet)."""
+    from ..api import options_config
     from ..estimators.restricted import resolve_components
     from ..integrations import hf
-    from .estimate import checked_rows
+    from .estimate import check_run_files, checked_rows, sampler_options
 
     rows = checked_rows(args)
+    check_run_files(args)
+    options_config(PROG, sampler_options(args))  # every sampler option, before the model is loaded
     model = hf.load_causal_lm(args.model, hf.PARAM_DTYPES[args.dtype])
     spec = args.components or file_components
     return model, rows, resolve_components(model, spec, include_full=args.include_full)

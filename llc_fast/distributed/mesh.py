@@ -31,11 +31,18 @@ def world_size() -> int:
     return 1
 
 
+def launched_processes() -> int:
+    """How many processes run this program together: the process group's size, else torchrun's WORLD_SIZE (also
+    before ``init_process_group``), else 1."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return max(world_size(), int(world) if world.isdigit() else 1)
+
+
 def launched_world_size() -> int:
     """``world_size()``, but under torchrun (WORLD_SIZE > 1) without ``init_process_group`` raise: every
     process would otherwise run the whole estimate on its own."""
     world = os.environ.get("WORLD_SIZE", "1")
-    if world_size() == 1 and world.isdigit() and int(world) > 1:
+    if world_size() == 1 and launched_processes() > 1:
         raise RuntimeError(
             f"this process runs under torchrun (WORLD_SIZE={world}) but torch.distributed is not initialised, so "
             "each of the processes would run the whole estimate. Add this line before estimate_llc: "

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..state.memory import bytes_per, row_bytes
+from ..state.memory import available_bytes, bytes_per, row_bytes
 from .units import transformer_blocks, unit_param_counts
 
 GiB = 1 << 30
@@ -276,14 +276,7 @@ def _activation_bytes(spec: ModelSpec, micro: int, seq_len: int, e: int, checkpo
 def device_capacity(device: torch.device, local_world_size: int = 1) -> int | None:
     """Memory one rank may use: the GPU's free memory, or on CPU this machine's available memory
     divided among its processes (None if unknown)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // max(1, local_world_size)
-    except OSError:
-        pass
-    return None
+    free, _ = available_bytes(device if device.type == "cuda" else torch.device("cpu"))
+    if free is None or device.type == "cuda":
+        return free
+    return free // max(1, local_world_size)

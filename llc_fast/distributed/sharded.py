@@ -103,8 +103,18 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
         cm = _mesh.make_chain_mesh(config.shard_group_size, device)
     sharded = cm.shard_group_size > 1 or bool(sharded_params)
     if sharded and config.mala_every:
-        raise NotImplementedError("mala_every is not supported on sharded models yet; use shard_group_size=1 "
-                                  "(chains in parallel, whole models) to record MALA acceptance")
+        how = "pass the model unsharded and shard_group_size=1" if sharded_params else \
+            "pass shard_group_size=1" if config.shard_group_size is not None else \
+            "call llc_fast.distributed.estimate_llc_sharded(..., shard_group_size=1, mala_every=...) instead of " \
+            "estimate_llc"
+        raise NotImplementedError(f"mala_every={config.mala_every} (MALA acceptance) is not supported on a model "
+                                  f"sharded over {cm.shard_group_size} ranks yet: {how} (whole models, chains in "
+                                  "parallel), or leave mala_every out")
+    if sharded and config.preconditioner is not None:
+        raise NotImplementedError(f"preconditioner={config.preconditioner!r} is not supported on a model sharded over "
+                                  f"{cm.shard_group_size} ranks yet (its Hessian-vector products at w* need the whole "
+                                  "model on one rank): pass the model unsharded with shard_group_size=1 (chains in "
+                                  "parallel), or leave preconditioner out")
     if config.mask:
         layout.checked_mask(config.mask)  # before the model is sharded in place
     backend = select_backend(config.backend, device)

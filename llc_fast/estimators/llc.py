@@ -14,8 +14,10 @@ from collections.abc import Callable
 from ..chains.interrupt import SamplingInterrupted
 import numpy as np
 
+from ..chains.identity import callable_name, data_identity, weights_digest
 from ..chains.runner import ChainRun, sample_local
 from ..chains.trace import DIVERGENCE_FACTOR
+from ..kernels.update_spec import STABILITY_LIMIT
 from .result import LLCResult
 
 
@@ -60,6 +62,8 @@ def sample_run(model, data, loss_fn: Callable, config, sample: Callable = sample
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
     config = config.for_data(data)
+    config = config.replace(identity=run_identity(model, data, loss_fn, seed=config.seed,
+                                                   num_batches=config.num_init_loss_batches, observers=observers))
     warn_unstable(config)
     try:
         run = sample(model, data, loss_fn, config, **({} if observers is None else dict(observers=observers)))
@@ -79,15 +83,24 @@ def sample_run(model, data, loss_fn: Callable, config, sample: Callable = sample
     return config, run
 
 
-def assemble(run: ChainRun, config, observers=None, sizes: list[int] | None = None):
+def run_identity(model, data, loss_fn: Callable, *, seed: int, num_batches: int, observers=None) -> dict:
+    """What a run reads, for its fingerprint: the data at w* (size, digest of the ``num_batches`` initial-loss
+    batches of ``seed``), the weights, the loss function's name and the evaluation sets (``chains.identity``)."""
+    return dict(data=data_identity(data, seed=seed, num_batches=num_batches),
+                weights=weights_digest(model), loss_fn=callable_name(loss_fn),
+                eval=None if observers is None else observers.identity())
+
+
+def assemble(run: ChainRun, config, observers=None, sizes: list[dict] | None = None):
     """The LLCResult of a run's trace (with its data-refined estimates), or one per component in a
-    ``RestrictedLLCResult`` when the run sampled components (rows k*C .. (k+1)*C - 1 are component k)."""
+    ``RestrictedLLCResult`` when the run sampled components (rows k*C .. (k+1)*C - 1 are component k).
+    sizes: ``component_sizes``, the facts of what each result sampled."""
     trace, nbeta = run.trace, np.asarray(config.nbeta, dtype=np.float64)
 
-    def one(tr, **facts) -> LLCResult:
+    def one(tr, cfg, **facts) -> LLCResult:
         def result(losses, init_loss, **more):
             return LLCResult.from_traces(losses, init_loss, nbeta, tr.diverged_at,
-                                         config.to_dict(**dict(run.facts, **facts, **more)),
+                                         cfg.to_dict(**dict(run.facts, **facts, **more)),
                                          run.timing, burnin_loss_trace=tr.burnin_loss_trace,
                                          mala_acceptance=tr.mala_acceptance)
 
@@ -103,34 +116,36 @@ def assemble(run: ChainRun, config, observers=None, sizes: list[int] | None = No
         primary.refined = dict(refined, sampling=main)
         return primary
 
+    def sampled(k: int) -> dict:
+        return {} if sizes is None else dict(sizes[k], model_num_params=run.facts.get("num_params"))
+
     if config.components is None:
-        return one(trace)
+        return one(trace, config, **sampled(0))
     from .restricted import RestrictedLLCResult
 
     C = config.num_chains
     results = {}
     for k, (name, restriction) in enumerate(config.components):
         facts = dict(component=name, mask=None if restriction is None else sorted(restriction))
-        if sizes is not None:
-            facts.update(num_params=sizes[k], model_num_params=run.facts.get("num_params"))
-        results[name] = one(trace.take(list(range(k * C, (k + 1) * C))), **facts)
+        facts.update(sampled(k))
+        alone = config.replace(components=None, mask=restriction)  # its fingerprint: estimate_llc(mask=) alone
+        results[name] = one(trace.take(list(range(k * C, (k + 1) * C))), alone, **facts)
     return RestrictedLLCResult(results, timing=dict(run.timing), facts=dict(run.facts))
 
 
-def component_sizes(model, config) -> list[int] | None:
-    """Weights each component samples (its restriction's ones), or None without components."""
-    if config.components is None:
-        return None
+def component_sizes(model, config) -> list[dict]:
+    """What each component (or the run's one ``mask=``, possibly the whole model) samples, as facts of its result:
+    num_params, the coordinates it samples (its mask's ones), and mask_content (``FlatLayout.mask_record``;
+    None: every sampled weight)."""
     from ..state.flat import FlatLayout
 
     layout = FlatLayout(model)
-    sizes = []
-    for _, restriction in config.components:
-        if restriction is None:
-            sizes.append(layout.numel)
-        else:
-            sizes.append(sum(int(m.count_nonzero()) for m in layout.checked_mask(restriction).values()))
-    return sizes
+    out = []
+    for restriction in [r for _, r in config.components] if config.components is not None else [config.mask]:
+        content = layout.mask_record(restriction) if restriction else None
+        out.append(dict(num_params=layout.numel if content is None else sum(
+            layout.slot(n).numel if m is None else m["ones"] for n, m in content.items()), mask_content=content))
+    return out
 
 
 def report(result: LLCResult, run: ChainRun, config, label: str = "") -> None:
@@ -181,13 +196,14 @@ def warn_unmoved(chains: list[int], config, where: str = "") -> None:
 def warn_unstable(config) -> None:
     """Before sampling: chains whose localization step alone overshoots (lr*gamma >= 4, where the pull
     -(lr/2)*gamma*(w - w*) flips w - w* with a larger size every step) will diverge; say which and what works."""
-    bad = [c for c, (lr, g) in enumerate(zip(config.lr, config.gamma)) if lr * g >= 4.0]
+    bad = [c for c, (lr, g) in enumerate(zip(config.lr, config.gamma)) if lr * g >= STABILITY_LIMIT]
     if bad:
         c = bad[0]
-        warnings.warn(f"chain(s) {bad} will diverge: lr*gamma = {config.lr[c] * config.gamma[c]:.3g} >= 4, so the "
-                      "localization step alone overshoots w* by more each step. Use lr < "
-                      f"{4.0 / config.gamma[c]:.3g} (4/gamma; well below, since nbeta*curvature adds to gamma) or a "
-                      "smaller gamma", LLCDivergenceWarning, stacklevel=4)
+        warnings.warn(f"chain(s) {bad} will diverge: lr*gamma = {config.lr[c] * config.gamma[c]:.3g} >= "
+                      f"{STABILITY_LIMIT:g}, so the localization step alone overshoots w* by more each step. Use lr < "
+                      f"{STABILITY_LIMIT / config.gamma[c]:.3g} ({STABILITY_LIMIT:g}/gamma; well below, since "
+                      "nbeta*curvature adds to gamma: llc_fast.calibrate measures the curvature) or a smaller gamma",
+                      LLCDivergenceWarning, stacklevel=4)
 
 
 def divergence_advice(lr: float, nbeta: float, gamma: float) -> str:

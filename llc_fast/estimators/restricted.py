@@ -29,7 +29,9 @@ def resolve_components(model: torch.nn.Module, components, include_full: bool = 
     """{name: restriction} from ``components``: {name: list of parameter-name patterns (exact names or globs
     such as ``"layers.3.*"``) | {param name: 0/1 tensor or None} | None (the whole model)}, or the name of a
     standard set ("layers", "heads", "attn-mlp", "embeddings": ``integrations.components``). include_full:
-    add the unrestricted "full" component first. Components may overlap (each is its own restriction).
+    add the unrestricted "full" component first. Components may overlap (each is its own restriction). A tied
+    alias (GPT-2's ``lm_head.weight``, tied to ``transformer.wte.weight``) names the tensor it is tied to:
+    sampling it samples that one tensor, under every name, and the restriction names it by its first name.
     Raises ValueError naming the component whose patterns match nothing."""
     if isinstance(components, str):
         from ..integrations.components import standard
@@ -38,12 +40,15 @@ def resolve_components(model: torch.nn.Module, components, include_full: bool = 
     elif isinstance(components, Mapping):
         if not components:
             raise ValueError("components is empty: give {name: parameter patterns}, e.g. {'layer0': ['layers.0.*']}")
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        from ..state.flat import FlatLayout
+
+        aliases = FlatLayout(model).aliases
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
         out = {}
         for comp, spec in components.items():
             if not isinstance(comp, str) or not comp:
                 raise ValueError(f"component names must be non-empty strings, got {comp!r}")
-            out[comp] = _restriction(comp, spec, names)
+            out[comp] = _restriction(comp, spec, names, aliases)
     else:
         raise TypeError(f"components must be a dict {{name: parameter patterns}} or one of 'layers', 'heads', "
                         f"'attn-mlp', 'embeddings', got {type(components).__name__}")
@@ -52,7 +57,8 @@ def resolve_components(model: torch.nn.Module, components, include_full: bool = 
     return out
 
 
-def _restriction(comp: str, spec, names: list[str]) -> dict | None:
+def _restriction(comp: str, spec, names: list[str], aliases: dict[str, str]) -> dict | None:
+    """One component's restriction; a pattern matching a tied alias names the tensor it is tied to."""
     if spec is None or spec == FULL:
         return None
     if isinstance(spec, Mapping):
@@ -73,7 +79,7 @@ def _restriction(comp: str, spec, names: list[str]) -> dict | None:
                              f"{f' (similar: {close})' if close else ''}; parameters: {names[:12]}"
                              f"{' ...' if len(names) > 12 else ''}")
         hit += [n for n in matched if n not in hit]
-    return {n: None for n in hit}
+    return {aliases.get(n, n): None for n in hit}
 
 
 @dataclass
@@ -106,34 +112,33 @@ class RestrictedLLCResult(SavedAsJson):
         return self.results.items()
 
     def rows(self) -> list[dict]:
-        """One dict per component: name, num_params, llc_mean, llc_std, llc_stderr, mcse, diverged (count), and
-        llc_<set> for each data-refined estimate."""
+        """One dict per component: name, num_params, llc_mean, llc_std, llc_stderr, mcse, rhat, trusted and verdict
+        (``LLCResult.diagnostics``; NaN, None and "" without ArviZ), diverged (count), and ``refined[<set>]_mean``
+        for each data-refined estimate: a set's name never takes the place of another column."""
         out = []
         for name, r in self.results.items():
-            try:
-                mcse = float(r.diagnostics()["mcse"])
-            except ImportError:
-                mcse = math.nan
+            d = _diagnostics(r)
             row = dict(name=name, num_params=r.config.get("num_params"), llc_mean=r.llc_mean, llc_std=r.llc_std,
-                       llc_stderr=r.llc_stderr, mcse=mcse, diverged=len(r.diverged_chains))
+                       llc_stderr=r.llc_stderr, mcse=d["mcse"], rhat=d["rhat"], trusted=d["ok"], verdict=d["verdict"],
+                       diverged=len(r.diverged_chains))
             for subset, refined in r.refined.items():
-                row[f"llc_{subset}"] = refined.llc_mean
+                row[refined_column(subset)] = refined.llc_mean
             out.append(row)
         return out
 
     def table(self) -> str:
-        """The rows as aligned text."""
+        """The rows as aligned text (the verdict last)."""
         rows = self.rows()
-        extra = [k for k in (rows[0] if rows else {}) if k.startswith("llc_") and k not in
-                 ("llc_mean", "llc_std", "llc_stderr")]
+        extra = [k for k in (rows[0] if rows else {}) if k.startswith(REFINED_PREFIX)]
         width = max([9] + [len(r["name"]) for r in rows])
         head = f"{'component':<{width}} {'#params':>10} {'LLC':>10} {'± std':>9} {'stderr':>9} {'MCSE':>9} " \
-               f"{'diverged':>8}" + "".join(f" {k:>12}" for k in extra)
+               f"{'R-hat':>7} {'diverged':>8}" + "".join(f" {k:>{max(12, len(k))}}" for k in extra) + "  verdict"
         lines = [head]
         for r in rows:
+            trust = "" if r["trusted"] is None else "trust: " if r["trusted"] else "do not trust: "
             lines.append(f"{r['name']:<{width}} {r['num_params'] or 0:>10} {r['llc_mean']:>10.4g} {r['llc_std']:>9.3g} "
-                         f"{r['llc_stderr']:>9.3g} {r['mcse']:>9.3g} {r['diverged']:>8}"
-                         + "".join(f" {r[k]:>12.4g}" for k in extra))
+                         f"{r['llc_stderr']:>9.3g} {r['mcse']:>9.3g} {r['rhat']:>7.3f} {r['diverged']:>8}"
+                         + "".join(f" {r[k]:>{max(12, len(k))}.4g}" for k in extra) + f"  {trust}{r['verdict']}")
         return "\n".join(lines)
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str | Path:
@@ -164,12 +169,7 @@ class RestrictedLLCResult(SavedAsJson):
         x = np.arange(len(rows))
         y = np.array([r["llc_mean"] for r in rows], dtype=float)
         se = np.fmax(np.array([r["mcse"] for r in rows], dtype=float), np.array([r["llc_stderr"] for r in rows]))
-        trusted = []
-        for r in self.results.values():
-            try:
-                trusted.append(bool(r.diagnostics()["ok"]))
-            except ImportError:
-                trusted.append(True)
+        trusted = [r["trusted"] is not False for r in rows]
         bars = ax.bar(x, np.nan_to_num(y), yerr=2 * np.nan_to_num(se), capsize=3, color="tab:blue", alpha=0.8)
         for bar, ok in zip(bars, trusted):
             if not ok:
@@ -184,6 +184,24 @@ class RestrictedLLCResult(SavedAsJson):
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+
+REFINED_PREFIX = "refined["
+
+
+def refined_column(subset: str) -> str:
+    """The table's and CSV's column of a data-refined estimate: ``refined[<subset>]_mean``, outside the
+    namespace of the other columns whatever the subset is called."""
+    return f"{REFINED_PREFIX}{subset}]_mean"
+
+
+def _diagnostics(result: LLCResult) -> dict:
+    """mcse, rhat, ok and verdict of ``result.diagnostics()``; NaN, None and "" when ArviZ is missing."""
+    try:
+        d = result.diagnostics()
+    except ImportError:
+        return dict(mcse=math.nan, rhat=math.nan, ok=None, verdict="")
+    return dict(mcse=float(d["mcse"]), rhat=float(d["rhat"]), ok=bool(d["ok"]), verdict=d["verdict"])
 
 
 def _jsonable(d: dict) -> dict:

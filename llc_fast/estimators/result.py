@@ -81,6 +81,17 @@ class LLCResult(SavedAsJson):
         out[recorded] = np.nanmean(self.mala_acceptance[recorded], axis=1)
         return out
 
+    def sampled_mask(self) -> dict | None:
+        """What the chains sampled, from ``config["mask_content"]``: {parameter name: bool array of its 0/1 mask, or
+        None for the whole parameter}, checked against the saved sha256; None: every sampled weight of the model."""
+        from ..state.flat import unpacked_mask
+
+        content = self.config.get("mask_content")
+        if content is None and self.config.get("mask"):
+            raise ValueError(f"this result keeps only the names of its mask ({self.config['mask']}), not its content "
+                             "(written by an llc_fast before 0/1 masks were saved): rerun it to know what was sampled")
+        return None if content is None else {n: None if r is None else unpacked_mask(r) for n, r in content.items()}
+
     def llc_trace(self) -> np.ndarray:
         """[C, D] running estimate of each chain after each draw: nbeta_c * (running mean - init_loss)."""
         draws = np.arange(1, self.loss_trace.shape[1] + 1)
@@ -93,12 +104,20 @@ class LLCResult(SavedAsJson):
         divergences, mala_mean, and ``ok`` / ``verdict``."""
         from ..diagnostics.convergence import diagnose
 
-        steps = self.timing.get("steps")
-        grad_evals = steps * (1 + (1 / self.config["mala_every"] if self.config.get("mala_every") else 0)) \
-            if steps else None
         return diagnose(self.loss_trace, self.init_loss, self.config["nbeta"], self.diverged_at_step,
                         mala_acceptance=self.mala_acceptance, sampling_s=self.timing.get("sampling_s"),
-                        grad_evals=grad_evals)
+                        grad_evals=self.grad_evals)
+
+    @property
+    def grad_evals(self) -> float | None:
+        """Forward/backward passes the sampling took: every chain's steps (``timing["steps"]``), plus one per
+        recorded MALA acceptance (``mala_every``) and two per Hessian-vector product of the curvature
+        preconditioner (``curvature_grad_evals``); None when the timing does not say (a result from traces)."""
+        steps = self.timing.get("steps")
+        if not steps:
+            return None
+        return steps * (1 + (1 / self.config["mala_every"] if self.config.get("mala_every") else 0)) + \
+            self.config.get("curvature_grad_evals", 0)
 
     def to_xarray(self):
         """The draws as an ``xarray.Dataset`` with dims (chain, draw), the layout of an ArviZ posterior group:
@@ -202,6 +221,18 @@ def pyplot(headless: bool):
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
     return plt
+
+
+def thinned_ticks(ax, axis: str, labels: list[str], most: int = 16, fontsize: int = 7) -> None:
+    """Label at most ``most`` of the positions 0..n-1 of ``axis`` ("x" or "y") with ``labels`` (every k-th, the first
+    included), x labels rotated when there are more than 8, so that tick labels never overlap."""
+    every = max(1, math.ceil(len(labels) / most))
+    shown = list(range(0, len(labels), every))
+    if axis == "x":
+        tilt = dict(rotation=45, ha="right") if len(shown) > 8 else {}
+        ax.set_xticks(shown, [labels[i] for i in shown], fontsize=fontsize, **tilt)
+    else:
+        ax.set_yticks(shown, [labels[i] for i in shown], fontsize=fontsize)
 
 
 def _nan_to_none(x):

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import SavedAsJson
+from ..files import SavedAsJson, check_free_space, reserve
 from .restricted import RestrictedLLCResult
+from .result import pyplot, thinned_ticks
 
 REFERENCE = "sampling"  # the reference set: batches of the sampling data
 LARGE_BYTES = 256 * 2**20  # token losses above this are announced with their size before sampling
@@ -113,6 +114,59 @@ class SusceptibilityResult(SavedAsJson):
                     token_chi_stderr={s: listed(v) for s, v in self.token_chi_stderr.items()},
                     llcs=self.llcs.to_dict(), token_losses_path=self.token_losses_path)
 
+    def unresolved(self) -> np.ndarray:
+        """[K, S] True where chi is not resolved from zero: |chi| <= 2 standard errors, or NaN."""
+        with np.errstate(invalid="ignore"):
+            return ~(np.abs(self.chi) > 2 * self.chi_stderr)
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """chi as a heat map [components x subsets], each cell annotated chi ± SE and hatched where |chi| <= 2 SE;
+        with per-token results, below it one panel per subset: a line per component over the token index
+        (``plot_tokens``). Returns the figure (needs matplotlib; headless when writing ``path``)."""
+        plt = pyplot(headless=path is not None)
+        K, S = self.chi.shape
+        fig, axes = plt.subplots(1 + len(self.token_chi), 1, squeeze=False, figsize=(
+            min(16, max(5, 0.9 * S + 3)), min(12, max(2.5, 0.35 * K + 1.5)) + 2.8 * len(self.token_chi)))
+        self.plot_heatmap(axes[0, 0])
+        for ax, subset in zip(axes[1:, 0], self.token_chi):
+            self.plot_tokens(ax, subset)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+    def plot_heatmap(self, ax) -> None:
+        """The heat map of ``plot`` on ``ax``."""
+        from matplotlib.patches import Rectangle
+
+        K, S = self.chi.shape
+        size = np.abs(self.chi[np.isfinite(self.chi)])
+        vmax = float(size.max()) if size.size and size.max() > 0 else 1.0  # colours centred on chi = 0
+        im = ax.imshow(self.chi, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        for k, s in zip(*np.nonzero(self.unresolved())):
+            ax.add_patch(Rectangle((s - 0.5, k - 0.5), 1, 1, fill=False, hatch="..", edgecolor="0.4", lw=0))
+        if K * S <= 200:
+            for k in range(K):
+                for s in range(S):
+                    ax.text(s, k, f"{self.chi[k, s]:.2g}\n± {self.chi_stderr[k, s]:.1g}", ha="center", va="center",
+                            fontsize=6)
+        thinned_ticks(ax, "x", self.subsets, most=30)
+        thinned_ticks(ax, "y", self.components, most=40)
+        ax.set(xlabel="subset", ylabel="component", title="susceptibility χ ± SE (hatched: |χ| ≤ 2 SE, not resolved "
+               "from 0)")
+        ax.title.set_fontsize(8)
+        ax.figure.colorbar(im, ax=ax, label="χ")
+
+    def plot_tokens(self, ax, subset: str) -> None:
+        """The per-token susceptibilities of ``subset`` on ``ax``: a line per component over the token index."""
+        for k, comp in enumerate(self.components):
+            ax.plot(self.token_chi[subset][k], lw=0.8, label=comp)
+        ax.axhline(0.0, color="k", lw=0.5)
+        ax.set(xlabel="token index", ylabel="per-token χ", title=f"per-token susceptibility, subset {subset!r}")
+        ax.title.set_fontsize(8)
+        if len(self.components) <= 12:
+            ax.legend(fontsize=6, ncol=2)
+
     @classmethod
     def from_dict(cls, d: dict) -> "SusceptibilityResult":
         def arr(x, shape=None):
@@ -126,6 +180,51 @@ class SusceptibilityResult(SavedAsJson):
                    token_losses_path=d.get("token_losses_path"))
 
 
+def check_token_losses(model, loss_fn: Callable, per_token_fn: Callable, sets: Mapping, seed: int = 0) -> None:
+    """Before sampling, at w* (the model as given): on the first batch of each of ``sets`` ({name: loader}), the
+    mean of ``per_token_fn``'s values must be ``loss_fn``'s loss to float tolerance (rtol and atol 1e-4 and 1e-6,
+    or twice the resolution of a coarser dtype). Both are called under the same RNG state (dropout) and with
+    private buffers (BatchNorm); the caller's RNG is left as it was. Raises ValueError naming both numbers."""
+    import torch
+
+    from ..chains.engines import checked_loss, checked_observable
+    from ..chains.observe import Observers
+    from ..state.flat import isolated_buffers
+
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+            isolated_buffers(model, None):
+        observers = Observers(sets, num_batches=1)
+        observers.take_batches(device)
+        for name, (batch,) in observers.batches.items():
+            torch.manual_seed(seed)
+            loss = checked_loss(loss_fn(model, batch), f"on the first batch of {name}")
+            torch.manual_seed(seed)
+            tokens = checked_observable(per_token_fn(model, batch), False)
+            _check_reduces(name, loss, tokens)
+
+
+def _check_reduces(name: str, loss, tokens) -> None:
+    """Refuse when the mean of ``tokens`` is not ``loss`` (``check_token_losses``)."""
+    import torch
+
+    eps = max(torch.finfo(loss.dtype).eps, torch.finfo(tokens.dtype).eps)
+    rtol, atol = max(1e-4, 2 * eps), max(1e-6, 2 * eps)
+    want, got = float(loss), float(tokens.double().mean())
+    if math.isfinite(want) and math.isfinite(got) and abs(got - want) <= atol + rtol * abs(want):
+        return
+    raise ValueError(
+        f"per_token_fn does not reduce to loss_fn at w*: on the first batch of {name} the mean of its "
+        f"{tokens.numel()} values (shape {tuple(tokens.shape)}) is {got:.7g}, loss_fn's loss is {want:.7g} "
+        f"(ratio {got / want if want else math.inf:.4g}), so the susceptibilities would compare two different losses. "
+        "Likely causes: per_token_fn sums where loss_fn averages (the ratio is then about the number of tokens), it "
+        "leaves out the label shift loss_fn makes (one more value per row: token t scored against itself instead of "
+        "token t+1), or the two weight or mask tokens differently. Return the unreduced per-token (or per-sample) "
+        "losses whose mean is loss_fn's loss, e.g. llc_fast.integrations.hf.causal_lm_token_losses with "
+        "causal_lm_loss")
+
+
 def flat_tokens(per_token_fn: Callable) -> Callable:
     """An observable giving ``per_token_fn(model, batch)``'s values as one flat [T] vector per batch."""
     def observable(model, batch):
@@ -135,26 +234,58 @@ def flat_tokens(per_token_fn: Callable) -> Callable:
 
 
 def token_storage(path: str | os.PathLike | None, num_components: int):
-    """Observers' storage: memory-mapped .npy files under ``path`` (announced), or in memory (refused beyond
+    """Observers' storage ({set name: shape} -> {set name: float32 array}): memory-mapped .npy files under ``path``
+    (announced; before sampling the free space is checked against their total size and each file is allocated
+    on disk, so a full file system is an error now, not a SIGBUS later), or in memory (refused beyond
     IN_MEMORY_LIMIT); the size of each array is printed first when it is large."""
-    def storage(name: str, shape: tuple) -> np.ndarray:
-        nbytes = 4 * int(np.prod(shape, dtype=np.int64))
-        layout = f"[{num_components} components x {shape[0] // num_components} chains x {shape[1]} draws x " \
-                 f"{int(np.prod(shape[2:], dtype=np.int64))} tokens]"
-        if path is None:
+    def layout(shape: tuple) -> str:
+        return f"[{num_components} components x {shape[0] // num_components} chains x {shape[1]} draws x " \
+               f"{int(np.prod(shape[2:], dtype=np.int64))} tokens]"
+
+    def storage(shapes: Mapping) -> dict:
+        sizes = {name: 4 * int(np.prod(shape, dtype=np.int64)) for name, shape in shapes.items()}
+        if path is not None:
+            return _token_files(Path(path), shapes, sizes, layout)
+        for name, nbytes in sizes.items():
             if nbytes > IN_MEMORY_LIMIT:
-                raise ValueError(f"the per-token losses of {name!r} take {nbytes / 2**30:.1f} GiB {layout}: pass "
-                                 "token_losses_path=DIR to stream them to disk, or fewer draws, chains or tokens")
+                raise ValueError(f"the per-token losses of {name!r} take {nbytes / 2**30:.1f} GiB "
+                                 f"{layout(shapes[name])}: pass token_losses_path=DIR to stream them to disk, or fewer "
+                                 "draws, chains or tokens")
             if nbytes > LARGE_BYTES:
-                print(f"llc_fast: per-token losses of {name!r}: {nbytes / 2**20:.0f} MiB in memory {layout}",
-                      file=sys.stderr)
-            return np.empty(shape, dtype=np.float32)
-        Path(path).mkdir(parents=True, exist_ok=True)
-        file = Path(path) / f"token_losses_{name}.npy"
-        print(f"llc_fast: per-token losses of {name!r}: {nbytes / 2**20:.1f} MiB {layout} -> {file}", file=sys.stderr)
-        return np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)
+                print(f"llc_fast: per-token losses of {name!r}: {nbytes / 2**20:.0f} MiB in memory "
+                      f"{layout(shapes[name])}", file=sys.stderr)
+        return {name: np.empty(shape, dtype=np.float32) for name, shape in shapes.items()}
 
     return storage
+
+
+NPY_HEADER_BYTES = 4096  # at most, per .npy file (numpy writes 128 bytes for these shapes)
+
+
+def _token_files(folder: Path, shapes: Mapping, sizes: dict, layout: Callable) -> dict:
+    """{name: memory-mapped .npy file} under ``folder``, after checking that all of them fit on its file system,
+    each allocated on disk (``files.reserve``); on an error the files made so far are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / f"token_losses_{name}.npy" for name in shapes}
+    check_free_space(folder, sum(sizes.values()) + NPY_HEADER_BYTES * len(files),
+                     f"the per-token losses ({', '.join(f.name for f in files.values())})",
+                     "free space there, pass a token_losses_path on a file system with room, or ask for fewer draws, "
+                     "chains or tokens", replaced=list(files.values()))
+    out, made = {}, []
+    try:
+        for name, shape in shapes.items():
+            print(f"llc_fast: per-token losses of {name!r}: {sizes[name] / 2**20:.1f} MiB {layout(shape)} -> "
+                  f"{files[name]}", file=sys.stderr)
+            made.append(files[name])
+            out[name] = np.lib.format.open_memmap(files[name], mode="w+", dtype=np.float32, shape=shape)
+            reserve(files[name], out[name].offset, out[name].nbytes)
+    except OSError as e:
+        out.clear()
+        for file in made:
+            file.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not allocate the per-token losses under {folder} ({e}); nothing was sampled: "
+                               "free space there or pass another token_losses_path") from e
+    return out
 
 
 def susceptibilities_from(observers, llcs: RestrictedLLCResult, num_chains: int, subsets: list[str],

@@ -9,6 +9,10 @@ import torch
 
 SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc")
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: The update is stable only while lr·G·(nbeta·h + gamma) < STABILITY_LIMIT along every Hessian eigenvector (h its
+#: eigenvalue): on a quadratic, w - w* is multiplied each step by 1 - (lr/2)·G·(nbeta·h + gamma), whose size passes 1
+#: at 4 (``reference.py``; ``docs/update.md``). Hence lr < 4/(nbeta·h_max + gamma) for plain SGLD.
+STABILITY_LIMIT = 4.0
 
 
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:

@@ -12,16 +12,20 @@ conventions (ε/2 on the drift, noise variance ε, the localization term γ) rat
 * `quadratic_posterior_expectation` — exact posterior of a quadratic potential.
 * `quadratic_sgld_expectation` — stationary law of the discretised SGLD chain on that quadratic (exact,
   including the O(ε) bias and a diagonal preconditioner).
+* `quadratic_sgld_transient_expectation` — the same chain started at w*, averaged over given steps: what a
+  finite run's draws converge to, transient included.
 * `sum_of_powers_expectation` — Σ c_j w_j^(2k_j) with a flat prior: Σ 1/(2k_j) at every temperature.
 * `one_variable_expectation`, `product_expectation` — w^(2k) and w1^(2k1)·w2^(2k2) with a Gaussian
   localizer, by quadrature.
 
 Builders (torch): `make_dln`, `make_random_rank_dln` (the Lau et al. 2025 protocol), `dln_dataset`,
-`mse_loss` (the `loss_fn(model, batch)` convention) and `make_regression_example` (a regular model, λ = 1).
+`dln_hessian_eigenvalues` (the exact Hessian spectrum of a DLN teacher's mean squared error, for the quadratic
+oracles), `mse_loss` (the `loss_fn(model, batch)` convention) and `make_regression_example` (a regular model, λ = 1).
 """
 
 from llc_fast.oracles.builders import (
     dln_dataset,
+    dln_hessian_eigenvalues,
     make_dln,
     make_random_rank_dln,
     make_regression_example,
@@ -34,6 +38,7 @@ from llc_fast.oracles.potentials import (
     product_expectation,
     quadratic_posterior_expectation,
     quadratic_sgld_expectation,
+    quadratic_sgld_transient_expectation,
     sum_of_powers_expectation,
 )
 
@@ -44,12 +49,14 @@ __all__ = [
     "normal_crossing_coefficient",
     "quadratic_posterior_expectation",
     "quadratic_sgld_expectation",
+    "quadratic_sgld_transient_expectation",
     "sum_of_powers_expectation",
     "one_variable_expectation",
     "product_expectation",
     "make_dln",
     "make_random_rank_dln",
     "dln_dataset",
+    "dln_hessian_eigenvalues",
     "mse_loss",
     "make_regression_example",
 ]

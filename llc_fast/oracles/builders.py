@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -112,6 +113,53 @@ def dln_dataset(model: nn.Module, num_samples: int, *, seed: int = 0,
     return TensorDataset(x, y)
 
 
+def dln_hessian_eigenvalues(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Eigenvalues of the Hessian of `mse_loss` at the teacher of noise-free data (x, model(x)), exactly
+    (float64), for a bias-free DLN such as `make_dln`'s: the curvature the quadratic oracles need.
+
+    With f(x) = W_L ⋯ W_1 x, m outputs and p inputs, the residuals vanish at the teacher, so the Hessian is
+    the Gauss–Newton matrix H = (2/m)·E_x[J(x)ᵀJ(x)], and J(x)·δ = M(δ)·x with M(δ) = Σ_j A_j·δW_j·B_j,
+    A_j = W_L ⋯ W_(j+1), B_j = W_(j−1) ⋯ W_1. Hence δᵀHδ = (2/m)·‖M(δ)·S‖²_F with S = Σ_x^(1/2), Σ_x = E[x xᵀ]
+    over the given x: H = (2/m)·TᵀT for a linear map T onto the m·p entries of M·S. Its nonzero eigenvalues
+    are those of the (m·p)² matrix (2/m)·T·Tᵀ = (2/m)·Σ_j A_j A_jᵀ ⊗ S B_jᵀ B_j S, computed here; the other
+    d − m·p eigenvalues are exactly 0. At a teacher of two or more layers, each of rank r, r·(p + m − r) of
+    the returned values are nonzero (the dimension of the rank-r matrices), the rest 0 to rounding; one
+    layer is regular (all m·p nonzero).
+
+    Args:
+        model: `nn.Sequential` of bias-free `nn.Linear` layers (the teacher, w*).
+        x: inputs, shape (n, p): the data set's, so that Σ_x is that of the loss.
+
+    Returns:
+        The m·p eigenvalues, ascending, float64, rounding's negative values set to 0.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not layers or any(layer.bias is not None for layer in layers):
+        raise ValueError("dln_hessian_eigenvalues needs a bias-free deep linear network of nn.Linear layers, "
+                         "such as make_dln(...)")
+    ws = [layer.weight.detach().to("cpu", torch.float64).numpy() for layer in layers]
+    x = x.detach().to("cpu", torch.float64).numpy()
+    if x.ndim != 2 or x.shape[1] != ws[0].shape[1]:
+        raise ValueError(f"x must have shape (n, {ws[0].shape[1]}) (the network's input width), got {x.shape}")
+    ev, u = np.linalg.eigh(x.T @ x / x.shape[0])
+    s = (u * np.sqrt(np.clip(ev, 0.0, None))) @ u.T  # Σ_x^(1/2)
+    m, p = ws[-1].shape[0], ws[0].shape[1]
+    gram = np.zeros((m * p, m * p))
+    for j in range(len(ws)):
+        a = _product(ws[j + 1:], m)  # A_j = W_L ⋯ W_(j+1), [m, H_(j+1)]
+        bs = _product(ws[:j], p) @ s  # B_j·S, [H_j, p]
+        gram += np.kron(a @ a.T, bs.T @ bs)
+    return np.clip(np.linalg.eigvalsh(2.0 / m * gram), 0.0, None)
+
+
+def _product(ws: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """W_k ⋯ W_1 of the layers ``ws`` (first layer first); the identity of ``width`` when there are none."""
+    out = np.eye(width) if not ws else ws[0]
+    for w in ws[1:]:
+        out = w @ out
+    return out
+
+
 def mse_loss(model: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean squared error over the batch and the outputs; batch = (x, y). Returns a scalar tensor."""
     x, y = batch[0], batch[1]
@@ -134,4 +182,5 @@ def make_regression_example() -> tuple[nn.Linear, TensorDataset]:
     return model, TensorDataset(x, y)
 
 
-__all__ = ["make_dln", "make_random_rank_dln", "dln_dataset", "mse_loss", "make_regression_example"]
+__all__ = ["make_dln", "make_random_rank_dln", "dln_dataset", "dln_hessian_eigenvalues", "mse_loss",
+           "make_regression_example"]

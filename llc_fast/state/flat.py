@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,7 +41,8 @@ class FlatLayout:
     """Which parameters of ``model`` are sampled and where each sits in the flat vector.
 
     Sampled: floating-point parameters with ``requires_grad``. Tied parameters (one tensor
-    registered under several names) occupy one slot.
+    registered under several names) occupy one slot, named by the first name; ``aliases`` maps each
+    other name to it, and every method taking a parameter name accepts either.
     """
 
     def __init__(self, model: nn.Module | None, named_parameters=None):
@@ -60,6 +62,10 @@ class FlatLayout:
             self.slots.append(ParamSlot(name, offset, p.shape))
             offset += p.numel()
         self.numel = offset
+        first = {id(p): s.name for p, s in zip(self.params, self.slots)}
+        self.aliases = {n: first[id(p)] for n, p in (model.named_parameters(remove_duplicate=False)
+                                                     if model is not None and named_parameters is None else ())
+                        if id(p) in first and first[id(p)] != n}  # tied name -> the slot's name
         # every (module, attribute) that refers to a sampled parameter, tied names included
         self.owners = [
             (module, attr, self._index_of[id(p)])
@@ -99,6 +105,8 @@ class FlatLayout:
         return layout
 
     def slot(self, name: str) -> ParamSlot:
+        """The slot of a sampled parameter, by its name or a tied alias of it."""
+        name = self.aliases.get(name, name)
         for s in self.slots:
             if s.name == name:
                 return s
@@ -115,10 +123,14 @@ class FlatLayout:
 
     def checked_mask(self, mask: dict) -> dict[str, torch.Tensor]:
         """A restriction {param name: 0/1 tensor, or None for the whole parameter}, each checked and broadcast
-        to its parameter's shape (None becomes ones). Raises if it samples nothing."""
+        to its parameter's shape (None becomes ones), keyed by slot name (a tied alias becomes the name of the
+        tensor it is tied to). Raises if it samples nothing or names one tensor twice."""
         out = {}
         for name, m in mask.items():
             s = self.slot(name)
+            if s.name in out:
+                twice = [n for n in mask if self.aliases.get(n, n) == s.name]
+                raise ValueError(f"the mask names one tied tensor twice ({twice}): give it once, under {s.name!r}")
             m = torch.ones(s.shape) if m is None else torch.as_tensor(m)
             try:
                 full = torch.broadcast_to(m, s.shape)
@@ -127,11 +139,17 @@ class FlatLayout:
                                  f"{tuple(s.shape)}") from e
             if not torch.all((m == 0) | (m == 1)):
                 raise ValueError(f"mask for {name!r} must hold only 0 and 1")
-            out[name] = full
+            out[s.name] = full
         if not any(bool(m.any()) for m in out.values()):
             raise ValueError("the mask samples nothing: every weight it names is 0 and the parameters it does not "
                              "name are frozen. Give 1 to the weights to sample (None samples a whole parameter)")
         return out
+
+    def mask_record(self, mask: dict) -> dict:
+        """What a restriction samples, to be saved with a result: {slot name: None (the whole parameter) or
+        ``packed_mask`` of its 0/1 mask broadcast to the parameter's shape}."""
+        full = self.checked_mask(mask)
+        return {self.slot(n).name: None if m is None else packed_mask(full[self.slot(n).name]) for n, m in mask.items()}
 
     def flat_mask(self, mask: dict[str, torch.Tensor], device: torch.device, dtype=torch.float32) -> torch.Tensor:
         """A restriction as one [N] 0/1 mask (float32 unless ``dtype``): the named parameters' masks, 0 for every
@@ -141,6 +159,39 @@ class FlatLayout:
             s = self.slot(name)
             out[s.offset : s.offset + s.numel] = m.reshape(-1).to(device=device, dtype=out.dtype)
         return out
+
+
+MASK_BITS_LIMIT = 1 << 20  # base64 characters of one parameter's mask kept by packed_mask; beyond it the digest only
+
+
+def packed_mask(mask: torch.Tensor) -> dict:
+    """A 0/1 mask as JSON: shape, ones (its count of 1s), sha256 (of its bits, row-major, packed 8 to a byte by
+    np.packbits) and bits (those bytes zlib-compressed, as base64; None when longer than MASK_BITS_LIMIT)."""
+    import base64
+    import hashlib
+    import zlib
+
+    packed = np.packbits(mask.detach().reshape(-1).ne(0).cpu().numpy()).tobytes()
+    bits = base64.b64encode(zlib.compress(packed)).decode("ascii")
+    return dict(shape=list(mask.shape), ones=int(mask.count_nonzero()), sha256=hashlib.sha256(packed).hexdigest(),
+                bits=bits if len(bits) <= MASK_BITS_LIMIT else None)
+
+
+def unpacked_mask(record: dict) -> np.ndarray:
+    """The bool array of a ``packed_mask`` record, checked against its sha256 (ValueError when its bits were not
+    kept or do not match)."""
+    import base64
+    import hashlib
+    import zlib
+
+    if record.get("bits") is None:
+        raise ValueError(f"this mask ({record['ones']} ones in shape {record['shape']}) was too large to keep; only "
+                         f"its sha256 {record['sha256']} was saved")
+    packed = zlib.decompress(base64.b64decode(record["bits"]))
+    if hashlib.sha256(packed).hexdigest() != record["sha256"]:
+        raise ValueError("the saved mask's bits do not match its sha256: the file was changed")
+    size = int(np.prod(record["shape"], dtype=np.int64))
+    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=size).astype(bool).reshape(record["shape"])
 
 
 class FlatState:
@@ -156,21 +207,36 @@ class FlatState:
     supports_mala = True
 
     def __init__(self, layout: FlatLayout, num_chains: int, *, device: torch.device, preconditioned: bool,
-                 initial_statistic: float = 0.0, mask: dict | None = None, components: list | None = None):
+                 initial_statistic: float | torch.Tensor = 0.0, mask: dict | None = None,
+                 components: list | None = None):
+        """initial_statistic: V's start value, a number or an [N] tensor (the same for every row; e.g. the
+        curvature preconditioner's fixed statistic, ``chains.curvature``)."""
         if layout.dtype not in SUPPORTED_PARAM_DTYPES:
             raise ValueError(f"sampled parameters are {layout.dtype}; cast the model to float32, float64 or bfloat16")
         if mask and components:
             raise ValueError("pass mask= or components=, not both (a component is itself a restriction)")
+        if isinstance(initial_statistic, torch.Tensor):
+            if tuple(initial_statistic.shape) != (layout.numel,):
+                raise ValueError(f"initial_statistic must be a number or a [{layout.numel}] tensor (one value per "
+                                 f"sampled element), got shape {tuple(initial_statistic.shape)}")
+            initial_statistic = initial_statistic.to(device=device, dtype=compute_dtype(layout.dtype))
         self.layout, self.device, self.initial_statistic = layout, torch.device(device), initial_statistic
         self.flat_mask = layout.flat_mask(mask, device) if mask else None
         self.components = components_as_row_masks(layout, components, device) if components else None
         self.w_star = layout.flatten().to(device)
         self.w = self.w_star.expand(num_chains, -1).clone()
         self._grad = None
-        self.stat = (
-            torch.full(self.w.shape, initial_statistic, dtype=compute_dtype(layout.dtype), device=device)
+        self.stat = torch.empty(self.w.shape, dtype=compute_dtype(layout.dtype), device=device) \
             if preconditioned else None
-        )
+        self._reset_statistic()
+
+    def _reset_statistic(self) -> None:
+        if self.stat is None:
+            return
+        if isinstance(self.initial_statistic, torch.Tensor):
+            self.stat.copy_(self.initial_statistic.expand_as(self.stat))
+        else:
+            self.stat.fill_(self.initial_statistic)
 
     @property
     def num_chains(self) -> int:
@@ -186,8 +252,7 @@ class FlatState:
     def reset(self) -> None:
         """Put every chain back at w* (and the statistic at its start value)."""
         self.w.copy_(self.w_star.expand_as(self.w))
-        if self.stat is not None:
-            self.stat.fill_(self.initial_statistic)
+        self._reset_statistic()
 
     def segments(self, num_rows: int, grad: torch.Tensor | None) -> list[tuple]:
         """The update's segments for rows 0..num_rows-1: one, the whole flat vector (``grad`` None:

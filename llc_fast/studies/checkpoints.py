@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import io
 import json
 import math
@@ -24,12 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..api import estimate_llc, estimate_restricted_llcs
+from ..api import (EVAL_OPTIONS, estimate_llc, estimate_restricted_llcs, observers_for, options_config,
+                   refuse_eval_sets_under_torchrun, refuse_under_torchrun)
+from ..chains.identity import check_same, normalised
+from ..config import DEFAULTS, LLCConfig
+from ..estimators.llc import run_identity
 from ..estimators.restricted import FULL, resolve_components
-from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
-from ..files import SavedAsJson
+from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, thinned_ticks, write_atomically
+from ..files import SavedAsJson, check_name_for_file
 from .calibrate import calibrate as run_calibration
-from .probe import ProbeResult, perturbation_probe
+from .calibrate import calibration_run
+from .probe import ProbeResult, check_probe_options, perturbation_probe
 
 
 
@@ -121,6 +127,11 @@ class CheckpointSweepResult(SavedAsJson):
             ax.plot(steps[~trusted], y[~trusted], "o", mfc="none", color=line.get_color())
         if log_x:
             ax.set_xscale("log")
+        else:  # a few ticks with short labels (25k, 1.5M) however many steps and however large
+            from matplotlib.ticker import EngFormatter, MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=7, integer=True))
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set(xlabel="training step" + (" (log scale)" if log_x else ""), ylabel="LLC estimate λ̂ ± 2 SE",
                title="LLC over training (hollow: diagnostics say do not trust yet)")
         ax.legend(fontsize=7, title="component", title_fontsize=7)
@@ -130,14 +141,23 @@ class CheckpointSweepResult(SavedAsJson):
         return fig
 
     def heatmap(self, path: str | os.PathLike | None = None):
-        """The [checkpoint x component] lambda_hat as a heat map (components as rows, steps as columns)."""
+        """The [checkpoint x component] lambda_hat as a heat map (components as rows, steps as columns); hatched
+        cells: the diagnostics say do not trust that estimate yet. With many steps or components every k-th is
+        labelled."""
+        from matplotlib.patches import Rectangle
+
         plt = pyplot(headless=path is not None)
         m = self.matrix().T
-        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(self.steps) + 2), max(2.5, 0.45 * len(self.components) + 1.5)))
+        fig, ax = plt.subplots(figsize=(min(16, max(5, 0.6 * len(self.steps) + 2)),
+                                        min(12, max(2.5, 0.45 * len(self.components) + 1.5))))
         im = ax.imshow(m, aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(self.steps)), [str(s) for s in self.steps], rotation=45, fontsize=7)
-        ax.set_yticks(range(len(self.components)), self.components, fontsize=7)
-        ax.set(xlabel="training step", ylabel="component", title="restricted LLC λ̂ per component")
+        for comp, step in zip(*np.nonzero(self.matrix("trusted").T == 0)):
+            ax.add_patch(Rectangle((step - 0.5, comp - 0.5), 1, 1, fill=False, hatch="//", edgecolor="white", lw=0))
+        thinned_ticks(ax, "x", [str(s) for s in self.steps])
+        thinned_ticks(ax, "y", self.components, most=40)
+        ax.set(xlabel="training step", ylabel="component", title="restricted LLC λ̂ per component "
+               "(hatched: diagnostics say do not trust yet)")
+        ax.title.set_fontsize(8)
         fig.colorbar(im, ax=ax, label="λ̂")
         fig.tight_layout()
         if path is not None:
@@ -244,12 +264,6 @@ def component_masks(model: torch.nn.Module, components) -> dict[str, dict | None
     return resolve_components(model, components, include_full=isinstance(components, str))
 
 
-def _settings_key(options: dict) -> dict:
-    keep = ("sampler", "lr", "nbeta", "gamma", "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws",
-            "seed", "noise_level", "weight_decay", "box", "rmsprop_alpha", "rmsprop_eps", "mask")
-    return {k: options[k] for k in keep if k in options}
-
-
 def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: torch.nn.Module | None = None,
                               components=None, save_dir: str | os.PathLike | None = None,
                               calibrate: dict | None = None, calibrate_at="first", dtype: torch.dtype | None = None,
@@ -264,10 +278,13 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
     kind=...) to run the probe at every checkpoint too (same seed). calibrate: a grid for ``llc_fast.calibrate`` (e.g. dict(lrs=[...], gammas=[...], nbetas=[...],
     num_draws=200)) run at ``calibrate_at`` ("first", "last", a step, or "each"); its recommended lr, gamma
     and nbeta are then used. options: estimate_llc's keyword arguments (lr, nbeta, num_chains, seed, ...).
+    Every option of every stage (options, calibrate, probe) and every component name that becomes a file name
+    under save_dir (letters, digits, spaces and _ - . + = ,) is checked before the first checkpoint is loaded.
     """
     items = checkpoint_list(checkpoints, model, dtype)
     data_at = data if callable(data) and not hasattr(data, "__iter__") else (lambda step: data)
     save = Path(save_dir) if save_dir is not None else None
+    _check_up_front(data if data_at is not data else None, components, save, calibrate, probe, options)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
     options = dict(options)
@@ -283,13 +300,14 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
         if calibration:
             at = step if calibrate_at == "each" else next(iter(calibration))
             settings.update({k: calibration[at][k] for k in ("lr", "gamma", "nbeta")})
-        model_at = None
-        masks = component_masks(model if model is not None else load(), components)
+        model_at = load()
+        masks = component_masks(model if model is not None else model_at, components)
+        question = Question(model_at, data_at(step), loss_fn, settings)
         files = {comp: save / f"step{step}_{comp}.json" if save is not None else None for comp in masks}
-        results = {comp: _done(files[comp], settings, mask) for comp, mask in masks.items()}
+        results = {comp: _saved(files[comp], question.of_estimate(mask), _with_fingerprint(LLCResult))
+                   for comp, mask in masks.items()}
         todo = {comp: masks[comp] for comp, result in results.items() if result is None}
         if todo:  # every missing component of this checkpoint in one batched run
-            model_at = model_at or load()
             if len(todo) == 1:
                 (comp, mask), = todo.items()
                 fresh = {comp: estimate_llc(model_at, data_at(step), loss_fn, mask=mask, **settings)}
@@ -301,16 +319,47 @@ def estimate_over_checkpoints(checkpoints, data, loss_fn: Callable, *, model: to
                 results[comp] = result
         rows += [_row(step, comp, results[comp], files[comp]) for comp in masks]
         if probe is not None:
-            file = save / f"probe_step{step}.json" if save is not None else None
-            if file is not None and file.is_file():
-                probes[step] = ProbeResult.load(file)
-            else:
-                model_at = model_at or load()
-                probes[step] = perturbation_probe(model_at, data_at(step), loss_fn,
-                                                  **dict(dict(seed=options.get("seed", 0)), **probe))
-                if file is not None:
-                    probes[step].save(file)
+            probes[step] = _probed(save / f"probe_step{step}.json" if save is not None else None, question,
+                                   dict(dict(seed=options.get("seed", 0)), **probe))
     return CheckpointSweepResult(rows, _jsonable(options), {str(k): v for k, v in calibration.items()}, probes)
+
+
+def _check_up_front(data, components, save: Path | None, calibrate, probe, options: dict) -> None:
+    """Every option of every stage of ``estimate_over_checkpoints`` checked before any checkpoint is loaded or
+    sampled: estimate_llc's options (one LLCConfig, and the data when it is one loader for every step), the
+    calibration grid, the probe's options, the component names that become file names under ``save``, and what
+    a torchrun run cannot do."""
+    call = "estimate_over_checkpoints"
+    if "mask" in options:
+        raise ValueError(f"{call} takes components=, not mask=: e.g. components={{'attn': ['*.attn.*']}}")
+    for name, value in (("calibrate", calibrate), ("probe", probe)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{call}: {name}= takes a dict of keyword arguments, got {type(value).__name__}")
+    if isinstance(components, str) or (isinstance(components, Mapping) and len(components) > 1):
+        refuse_under_torchrun(f"{call}(components=...) with several components (one batched run per checkpoint)",
+                              "launch it without torchrun, or call it once per component, e.g. components="
+                              "{'attn': [...]}")
+    refuse_eval_sets_under_torchrun(call, options.get("eval_data"), options.get("refine"))
+    if save is not None and isinstance(components, Mapping):
+        for name in components:
+            check_name_for_file(name, "component", f"{save / 'step<step>_<name>.json'}")
+    fixed = {k: v for k, v in options.items() if k not in EVAL_OPTIONS}
+    if calibrate is not None:  # the calibration chooses lr, gamma and nbeta; its first setting stands in for them
+        settings, _ = calibration_run(_calibration_kwargs(options, calibrate), caller=f"{call}(calibrate=...)")
+        fixed.update(zip(("lr", "gamma", "nbeta"), settings[0]))
+    elif "lr" not in options:
+        raise TypeError(f"{call} needs lr= (the SGLD step size), or calibrate={{'lrs': [...]}} to choose it")
+    config = options_config(call, fixed)
+    if data is not None:
+        config.for_data(data)
+    if probe is not None:
+        check_probe_options(dict(dict(seed=options.get("seed", 0)), **probe), caller=f"{call}(probe=...)")
+
+
+def _calibration_kwargs(options: dict, grid: Mapping) -> dict:
+    """calibrate's keyword arguments at a checkpoint: the sweep's options but those the calibration sets, then the
+    grid."""
+    return dict({k: v for k, v in options.items() if k not in ("lr", "gamma", "nbeta", "num_chains")}, **grid)
 
 
 def _calibration_steps(items, at) -> set:
@@ -327,34 +376,85 @@ def _calibration_steps(items, at) -> set:
 
 
 def _calibrated(step, model, data, loss_fn, grid, options, save) -> dict:
+    """The recommended lr, gamma, nbeta of ``calibrate`` at this checkpoint: read back from the save_dir when the
+    saved calibration answers the same question (``Question``), else run and saved."""
     file = save / f"calibration_step{step}.json" if save is not None else None
-    if file is not None and file.is_file():
-        with open(file) as f:
-            return json.load(f)
-    kw = {k: v for k, v in options.items() if k not in ("lr", "gamma", "nbeta", "num_chains")}
-    kw.update(grid)
+    kw = _calibration_kwargs(options, grid)
+    fingerprint = Question(model, data, loss_fn, options).of(run_calibration, kw)
+    saved = _saved(file, fingerprint, _json_with_fingerprint)
+    if saved is not None:
+        return saved
     cal = run_calibration(model, data, loss_fn, **kw)
     if cal.recommended is None:
         raise ValueError(f"calibration at step {step} recommends no setting: {cal.reason}")
     best = dict(lr=cal.recommended.lr, gamma=cal.recommended.gamma, nbeta=cal.recommended.nbeta, reason=cal.reason)
     if file is not None:
-        write_atomically(file, json.dumps(best, indent=1))
+        write_atomically(file, json.dumps(dict(best, fingerprint=fingerprint), indent=1))
     return best
 
 
-def _done(file, settings: dict, mask) -> LLCResult | None:
-    """The saved result of this estimate, if a previous run wrote it with the same settings."""
+class Question:
+    """What an estimate, probe or calibration at one checkpoint answers, as fingerprints to compare with a saved
+    one before reusing it: every resolved option, the mask's content, the data at w*, the weights
+    (``LLCConfig.fingerprint``, ``chains.identity``)."""
+
+    def __init__(self, model, data, loss_fn, options: dict):
+        self.model, self.data, self.loss_fn, self.options = model, data, loss_fn, options
+        eval_options = {k: v for k, v in options.items() if k in EVAL_OPTIONS}
+        self.identity = run_identity(model, data, loss_fn, seed=options.get("seed", DEFAULTS["seed"]),
+                                     num_batches=options.get("num_init_loss_batches",
+                                                             DEFAULTS["num_init_loss_batches"]),
+                                     observers=observers_for(**eval_options))
+
+    def of_estimate(self, mask) -> dict:
+        """The fingerprint ``estimate_llc(model, data, loss_fn, mask=mask, **options)`` records."""
+        config = LLCConfig(mask=mask, **{k: v for k, v in self.options.items() if k not in EVAL_OPTIONS})
+        return config.for_data(self.data).replace(identity=self.identity).fingerprint()
+
+    def of(self, fn: Callable, options: dict) -> dict:
+        """The fingerprint of ``fn(model, data, loss_fn, **options)`` (a probe, a calibration): its options with
+        their defaults, the data and the weights."""
+        bound = inspect.signature(fn).bind(None, None, None, **options)
+        bound.apply_defaults()
+        resolved = {k: v for k, v in bound.arguments.items() if k not in ("model", "data", "loss_fn", "progress")}
+        return normalised(dict(function=fn.__name__, options=resolved, identity=self.identity))
+
+
+def _saved(file, fingerprint: dict, load: Callable):
+    """What ``file`` holds when it answers the question of ``fingerprint`` (None when there is no file);
+    load(file) -> (what it holds, the fingerprint saved with it). A file that answers another question is
+    refused, naming each difference: recomputing it would overwrite it."""
     if file is None or not file.is_file():
         return None
-    result = LLCResult.load(file)
-    want = _settings_key(dict(settings, mask=sorted(mask) if mask else None))
-    have = {k: result.config.get(k) for k in want}
-    for k in ("lr", "nbeta", "gamma"):
-        if k in want and not isinstance(want[k], (list, tuple)):
-            want[k] = [float(want[k])] * result.num_chains
-    if have != want:
-        raise ValueError(f"{file} was written with other settings ({have} vs now {want}); use another save_dir or "
-                         "delete it")
+    held, saved = load(file)
+    if saved is None:
+        raise ValueError(f"{file} holds no fingerprint (written by an older llc_fast), so it cannot be shown to answer "
+                         "this question: delete it to recompute it, or use another save_dir")
+    check_same(saved, fingerprint, str(file), f"delete {file} to recompute it, or use another save_dir")
+    return held
+
+
+def _with_fingerprint(cls):
+    """A ``_saved`` loader of a result class whose ``config`` records its fingerprint."""
+    return lambda file: (lambda r: (r, r.config.get("fingerprint")))(cls.load(file))
+
+
+def _json_with_fingerprint(file) -> tuple[dict, dict | None]:
+    held = json.loads(Path(file).read_text())
+    return held, held.get("fingerprint")
+
+
+def _probed(file, question: Question, options: dict) -> ProbeResult:
+    """The perturbation probe of ``options`` at this checkpoint: read back from ``file`` when it answers the same
+    question, else run (and saved to ``file``)."""
+    fingerprint = question.of(perturbation_probe, options)
+    saved = _saved(file, fingerprint, _with_fingerprint(ProbeResult))
+    if saved is not None:
+        return saved
+    result = perturbation_probe(question.model, question.data, question.loss_fn, **options)
+    result.config["fingerprint"] = fingerprint
+    if file is not None:
+        result.save(file)
     return result
 
 

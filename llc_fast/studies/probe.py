@@ -15,31 +15,32 @@ std(Delta L)/sqrt(S). ``kind`` says how delta is drawn in the d sampled coordina
 The same S unit directions (and ball radii) serve every eps, so the curve's shape is not noise. The
 local exponent is the slope of log Delta L against log eps (least squares over the radii with Delta L > 0):
 2 for a regular (quadratic) minimum, larger where the basin is flatter than quadratic. The perturbations
-of one radius are the rows of one batched (vmapped) forward pass, ``max_batched`` at a time.
+of one radius are the rows of one batched (vmapped) forward pass, ``max_batched`` at a time (one at a time, with
+a warning saying why, for a model that cannot be batched, such as BatchNorm in train mode).
 """
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..chains.data import BatchStream, derived_seed, move_to_device
-from ..chains.engines import VmapEngine, checked_loss
+from ..chains.data import STREAM_PROBE, BatchStream, derived_seed, move_to_device
+from ..chains.engines import checked_loss, local_engine
 from ..config import check_count, check_positive
 from ..estimators.result import _nan_to_none, _none_to_nan, pyplot, write_atomically
 from ..files import SavedAsJson
 from ..state.flat import FlatLayout, FlatState
 
 KINDS = ("gaussian", "sphere", "ball")
-STREAM_PROBE = 2  # the batch stream of the probe's evaluation batches
 
 
 @dataclass
@@ -144,6 +145,50 @@ def _directions(kind: str, num_samples: int, coords: torch.Tensor, n: int, seed:
     return out.to(dtype)
 
 
+def _probe_engine(model, state: FlatState, loss_fn: Callable, batch):
+    """The engine of the perturbations: batched (vmap) where the model allows, else one at a time with a warning
+    saying why, as ``estimate_llc`` decides (``chains.engines.local_engine``; the same perturbations either way)."""
+    engine, reason = local_engine(model, state, loss_fn, "auto", lambda: [batch] * state.num_chains)
+    if reason:
+        import warnings
+
+        norms = [n for n, m in model.named_modules()
+                 if m.training and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        hint = (f" BatchNorm in train mode ({', '.join(norms[:3])}) cannot be batched: call model.eval() first to "
+                "batch the perturbations (the loss then uses the running statistics)." if norms else "")
+        warnings.warn(f"the model could not be batched over perturbations ({reason}); they ran one at a time "
+                      f"(the same perturbations, slower).{hint}", RuntimeWarning, stacklevel=3)
+    return engine
+
+
+def check_probe_options(options: Mapping, caller: str = "perturbation_probe") -> dict:
+    """``perturbation_probe``'s keyword arguments checked before anything runs (``caller`` names who passed them):
+    no unknown name, radii given, every value valid. Returns them with the defaults filled in and radii as a
+    float64 array."""
+    from ..api import refuse_unknown_options
+
+    params = {n: p.default for n, p in inspect.signature(perturbation_probe).parameters.items()
+              if p.kind is p.KEYWORD_ONLY}
+    refuse_unknown_options(caller, options, params, "perturbation_probe's options")
+    out = dict(params, **options)
+    if out["radii"] is inspect.Parameter.empty:
+        raise TypeError(f"{caller}: the probe needs radii, the perturbation sizes, e.g. radii=[1e-3, 1e-2, 1e-1]")
+    if out["kind"] not in KINDS:
+        raise ValueError(f"{caller}: the probe's kind must be one of {KINDS}, got {out['kind']!r}")
+    radii = out["radii"] = np.asarray(out["radii"], dtype=np.float64).reshape(-1)
+    if radii.size == 0:
+        raise ValueError(f"{caller}: radii is empty: pass the perturbation sizes, e.g. radii=[1e-3, 1e-2, 1e-1]")
+    check_positive("radii", radii.tolist(), hint="radii are perturbation sizes, e.g. [1e-3, 1e-2].")
+    for name in ("num_samples", "num_batches", "max_batched", "seed"):
+        check_count(name, out[name], 0 if name == "seed" else 1)
+    if out["num_samples"] < 2:
+        raise ValueError(f"{caller}: num_samples must be >= 2 (the standard error needs two perturbations)")
+    if out["mask"] is not None and not isinstance(out["mask"], Mapping):
+        raise TypeError(f"{caller}: the probe's mask is a dict {{parameter name: 0/1 tensor or None}}, got "
+                        f"{type(out['mask']).__name__}")
+    return out
+
+
 def perturbation_probe(model: torch.nn.Module, data, loss_fn: Callable, *, radii: Sequence[float],
                        num_samples: int = 64, kind: str = "gaussian", num_batches: int = 4, seed: int = 0,
                        mask: dict | None = None, device=None, max_batched: int = 64) -> ProbeResult:
@@ -153,16 +198,8 @@ def perturbation_probe(model: torch.nn.Module, data, loss_fn: Callable, *, radii
     evaluation batches, the same for every perturbation. mask: a restriction (``estimate_llc``'s) to
     perturb only some weights. The model is left bitwise unchanged. Returns a ProbeResult.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
-    if radii.size == 0:
-        raise ValueError("radii is empty: pass the perturbation sizes, e.g. radii=[1e-3, 1e-2, 1e-1]")
-    check_positive("radii", radii.tolist(), hint="radii are perturbation sizes, e.g. [1e-3, 1e-2].")
-    for name, value in (("num_samples", num_samples), ("num_batches", num_batches), ("max_batched", max_batched)):
-        check_count(name, value, 1)
-    if num_samples < 2:
-        raise ValueError("num_samples must be >= 2 (the standard error needs two perturbations)")
+    radii = check_probe_options(dict(radii=radii, num_samples=num_samples, kind=kind, num_batches=num_batches,
+                                     seed=seed, mask=mask, device=device, max_batched=max_batched))["radii"]
     layout = FlatLayout.for_sampling(model)
     device = torch.device(device) if device is not None else layout.device
     rows = min(num_samples, max_batched)
@@ -172,16 +209,16 @@ def perturbation_probe(model: torch.nn.Module, data, loss_fn: Callable, *, radii
     stream = BatchStream(data, seed=seed, stream=STREAM_PROBE, index=0)
     batches = [move_to_device(next(stream), device) for _ in range(num_batches)]
     unit = _directions(kind, num_samples, coords, layout.numel, seed, layout.dtype)
-    engine = VmapEngine(model, state, loss_fn)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
         with torch.no_grad(), state.install(0):
             init = float(np.mean([float(checked_loss(loss_fn(model, b), "at w*")) for b in batches]))
+        engine = _probe_engine(model, state, loss_fn, batches[0])
         samples = np.empty((radii.size, num_samples))
         for i, eps in enumerate(radii):
             for lo in range(0, num_samples, rows):
                 hi = min(num_samples, lo + rows)
                 state.w[: hi - lo] = state.w_star + eps * unit[lo:hi].to(device)
-                per_batch = torch.stack([engine.losses(hi - lo, b).to(torch.float64) for b in batches])
+                per_batch = torch.stack([engine.evaluate(hi - lo, b).to(torch.float64) for b in batches])
                 samples[i, lo:hi] = per_batch.mean(0).cpu().numpy() - init
     mean = samples.mean(1)
     se = samples.std(1, ddof=1) / math.sqrt(num_samples)

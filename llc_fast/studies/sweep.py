@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from ..estimators.result import pyplot
-from .calibrate import CalibrationResult, calibrate
+from .calibrate import CalibrationResult, calibrate, calibration_run
 
 
 @dataclass
 class SweepResult:
     """The grid's rows (``CalibrationRow``: lr, gamma, nbeta, llc_mean, llc_stderr, mcse, rhat, mixed,
-    diverged, ...) and the calibration built on them (``calibration``: its recommendation and LLCResult)."""
+    trusted and verdict (the diagnostics' own), diverged, ...) and the calibration built on them
+    (``calibration``: its recommendation and LLCResult)."""
 
     calibration: CalibrationResult
 
@@ -33,11 +34,12 @@ class SweepResult:
         return self.calibration.rows
 
     def table(self) -> str:
-        head = f"{'lr':>9} {'gamma':>8} {'nbeta':>9} {'LLC':>10} {'stderr':>9} {'MCSE':>9} {'R-hat':>7} {'mixed':>6}"
+        head = (f"{'lr':>9} {'gamma':>8} {'nbeta':>9} {'LLC':>10} {'stderr':>9} {'MCSE':>9} {'R-hat':>7} {'mixed':>6} "
+                f"{'trust':>6}")
         lines = [head]
         for r in self.rows:
             lines.append(f"{r.lr:>9.3g} {r.gamma:>8.3g} {r.nbeta:>9.4g} {r.llc_mean:>10.4g} {r.llc_stderr:>9.3g} "
-                         f"{r.mcse:>9.3g} {r.rhat:>7.3f} {'yes' if r.mixed else 'no':>6}")
+                         f"{r.mcse:>9.3g} {r.rhat:>7.3f} {'yes' if r.mixed else 'no':>6} {'yes' if r.trusted else 'no':>6}")
         return "\n".join(lines)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
@@ -81,6 +83,7 @@ def sweep(model, data, loss_fn: Callable, *, nbetas: Sequence[float], gammas: Se
           lrs: Sequence[float], chains_per_setting: int = 4, **calibrate_kwargs) -> SweepResult:
     """lambda_hat for every (lr, gamma, nbeta) of the grid, as ``chains_per_setting`` chains of one run
     (``calibrate``'s other keyword arguments pass through). Returns a SweepResult."""
-    return SweepResult(calibrate(model, data, loss_fn, lrs=lrs, gammas=gammas, nbetas=nbetas,
-                                 chains_per_setting=chains_per_setting, **calibrate_kwargs))
+    grid = dict(lrs=lrs, gammas=gammas, nbetas=nbetas, chains_per_setting=chains_per_setting, **calibrate_kwargs)
+    calibration_run(grid, caller="sweep")  # refusals name sweep, the function called
+    return SweepResult(calibrate(model, data, loss_fn, **grid))
 

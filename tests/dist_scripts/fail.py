@@ -21,6 +21,9 @@ import cases
 
 from llc_fast.distributed import estimate_llc_sharded
 
+#: The line rank 1 prints (with time.time()) just before it fails.
+INJECTED = "fail.py: failure injected at"
+
 
 def main():
     torch.set_num_threads(1)
@@ -31,6 +34,7 @@ def main():
     def failing_loss(model, batch):
         calls[0] += 1
         if dist.get_rank() == 1 and calls[0] == 16 + 3:  # 16 initial-loss batches, then step 3 of the first chain
+            print(f"{INJECTED} {time.time():.3f}", flush=True)  # the tests time the stop from here
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if mode == "hang":

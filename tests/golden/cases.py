@@ -1,4 +1,5 @@
-"""The runs whose traces are pinned bit for bit (``traces.npz``, recorded by ``record.py``).
+"""The runs whose traces are pinned (``traces.npz``, recorded by ``record.py``; compared to the tolerance stated
+in ``tests/test_golden_traces.py``: torch's float32 kernels round their last bits differently on other CPUs).
 
 Each case is (model builder, data builder, loss_fn, estimate_llc keyword arguments): every sampler on
 the reference and C++ backends, per-chain hyperparameters, batched and one-at-a-time engines, groups,

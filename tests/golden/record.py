@@ -1,7 +1,8 @@
 """Record the golden traces: ``python tests/golden/record.py`` (rewrites traces.npz and dist_traces.npz).
 
 Run it only when an issue asks for new math: the test ``tests/test_golden_traces.py`` pins every chain of
-these runs bit for bit, so a refactor that changes a chain fails there.
+these runs (to a tolerance of a few float32 ulps of the loss, the last-bit differences between CPUs), so a
+refactor that changes a chain fails there.
 """
 import os
 import subprocess

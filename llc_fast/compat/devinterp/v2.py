@@ -154,10 +154,14 @@ class _Observables:
         writes its samples to a temporary zarr)."""
         from ...estimators.susceptibility import IN_MEMORY_LIMIT, token_storage
 
-        def storage(name: str, shape: tuple) -> np.ndarray:
-            large = 4 * int(np.prod(shape, dtype=np.int64)) > IN_MEMORY_LIMIT
-            path = tempfile.mkdtemp(prefix="llc_fast_observables_") if large else None
-            return token_storage(path, num_components)(name, shape)
+        def storage(shapes: dict) -> dict:
+            large = {name: shape for name, shape in shapes.items()
+                     if 4 * int(np.prod(shape, dtype=np.int64)) > IN_MEMORY_LIMIT}
+            out = token_storage(None, num_components)({n: s for n, s in shapes.items() if n not in large})
+            if large:
+                path = tempfile.mkdtemp(prefix="llc_fast_observables_")
+                out.update(token_storage(path, num_components)(large))
+            return out
 
         bs = self.batch_size
         sets = {oid: [{"input_ids": ids[i * bs:(i + 1) * bs]} for i in range(bpd)] for oid, (ids, bpd) in
