@@ -7,6 +7,7 @@ parallel); otherwise by ``llc_fast.chains.runner.sample_local``. Both feed the s
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
