@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any @triton.jit decorator runs, so before ll
 machines without a GPU, Triton kernels run in the interpreter."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,3 +160,15 @@ def counted_mlp():
         return loss_fn(m, b)
 
     return model, loader, counting, calls
+
+
+def gpt2_checkpoint_run(root, steps) -> list[str]:
+    """Tiny GPT-2 checkpoints root/run/checkpoint-<step> (save_pretrained) and root/tokens.npy; the llc-fast
+    checkpoints arguments that read them."""
+    transformers = pytest.importorskip("transformers")
+    for step in steps:
+        torch.manual_seed(step)
+        config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=40, n_positions=16)
+        transformers.GPT2LMHeadModel(config).save_pretrained(root / "run" / f"checkpoint-{step}")
+    np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 40, (32, 10)))
+    return ["checkpoints", "--models", str(root / "run"), "--data", str(root / "tokens.npy")]

@@ -18,7 +18,7 @@ from llc_fast.chains.identity import data_identity, differences, digest, weights
 from llc_fast.chains.observe import Observers
 from llc_fast.chains.interrupt import SamplingInterrupted
 
-from conftest import mlp_case
+from conftest import gpt2_checkpoint_run, mlp_case
 
 KW = dict(lr=1e-3, nbeta=30.0, num_chains=2, num_draws=12, num_burnin_steps=2, progress=False, seed=3)
 
@@ -162,17 +162,11 @@ def test_a_saved_estimate_without_a_fingerprint_is_not_reused(tmp_path):
 
 
 def test_the_checkpoints_cli_continues_a_sweep_without_nbeta(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
     from llc_fast.cli import main
 
-    for step in (10, 20):
-        torch.manual_seed(step)
-        config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=40, n_positions=16)
-        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
-    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 40, (32, 10)))
-    args = ["checkpoints", "--models", str(tmp_path / "run"), "--data", str(tmp_path / "tokens.npy"), "--lr", "1e-4",
-            "--num-chains", "2", "--num-draws", "6", "--batch-size", "4", "--no-progress",
-            "--save-dir", str(tmp_path / "sweep"), "--output", str(tmp_path / "llc.csv")]
+    args = gpt2_checkpoint_run(tmp_path, (10, 20)) + [
+        "--lr", "1e-4", "--num-chains", "2", "--num-draws", "6", "--batch-size", "4", "--no-progress",
+        "--save-dir", str(tmp_path / "sweep"), "--output", str(tmp_path / "llc.csv")]
     assert main(args) == 0
     table = (tmp_path / "llc.csv").read_text()
     stamps = _stamps(tmp_path)

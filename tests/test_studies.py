@@ -16,6 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 import llc_fast
 from llc_fast import CheckpointSweepResult, ProbeResult
 from llc_fast.oracles import dln_dataset, dln_learning_coefficient, make_dln, mse_loss, quadratic_sgld_expectation
+from conftest import gpt2_checkpoint_run
 from test_oracle_estimates import FULL_BATCH, Replicated, discretised_quadratic_stats, potential_loss
 
 REPO = Path(__file__).parent.parent
@@ -127,15 +128,9 @@ def test_a_killed_checkpoint_sweep_reruns_only_what_was_not_finished(tmp_path):
 
 
 def test_checkpoints_cli_on_huggingface_checkpoints(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
     from llc_fast.cli import main
 
-    for step in (10, 200):
-        torch.manual_seed(step)
-        config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=40, n_positions=16)
-        transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
-    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 40, (32, 10)))
-    args = ["checkpoints", "--models", str(tmp_path / "run"), "--data", str(tmp_path / "tokens.npy"), "--lr", "1e-4",
+    args = gpt2_checkpoint_run(tmp_path, (10, 200)) + ["--lr", "1e-4",
             "--nbeta", "10", "--num-chains", "2", "--num-draws", "8", "--batch-size", "4", "--no-progress",
             "--save-dir", str(tmp_path / "sweep"), "--component", "attn=*.attn.*", "--output",
             str(tmp_path / "llc.csv"), "--plot", str(tmp_path / "llc.png")]
