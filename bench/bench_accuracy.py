@@ -1,58 +1,11 @@
 """Accuracy of llc_fast's estimates against exact answers, on a panel of deep linear networks.
 
-    .venv/bin/python bench/bench_accuracy.py [--quick] [--nets 0,3,5] [--methods defaults,calibrated,paper]
-                                             [--device cpu|cuda] [--threads N] [--output FILE.json] [--log FILE.txt]
+    .venv/bin/python bench/bench_accuracy.py [--quick] [--nets 0,3,5] [--methods ...] [...: --help]
 
-The panel (``PANEL``): 8 bias-free deep linear networks of 2-6 layers and 110-10,550 parameters, every layer of
-rank exactly r (``make_dln``, entries of standard deviation 1/sqrt(mean width)), so that Aoyagi's λ is the local
-value; w* = the teacher, x ~ U(-10, 10), y = teacher(x) (no noise), n = 1e4-1e5, batches of 500, mean squared
-error; nβ = n/log n unless a method says otherwise.
-
-Exact answers of each network and each run:
-
-* λ and its multiplicity m (Aoyagi 2024, ``dln_learning_coefficient``).
-* The Hessian at w*, exactly (``dln_hessian_eigenvalues``): its nonzero eigenvalues h_i (r·(in + out − r) of
-  them), their largest h_max and condition number, and the stability limit 4/(nβ·h_max + γ) of plain SGLD.
-* Targets of the quadratic part ½ Σ h_i w_i² of the loss at each run's (lr, γ, nβ): ``q_post`` =
-  Σ nβh_i / (2(nβh_i + γ)), the localized tempered posterior's E[nβ·K] (lr → 0); ``q_stat``, the stationary
-  value of discretised full-batch SGLD at the run's lr (``quadratic_sgld_expectation``: what the sampler should
-  converge to); ``q_run``, that chain started at w* and averaged over the run's own draw steps, transient
-  included (``quadratic_sgld_transient_expectation``: what this run could have reached). They leave out what a
-  quadratic cannot hold: the zero-curvature (singular) directions, which give λ its excess over r·(in+out−r)/2
-  through higher-order terms, and minibatch gradient noise. So λ̂ < q_run says the run had not even
-  equilibrated its curved directions, and q_stat < q_post the step's bias (γ's pull shows in q_post < rank/2).
-
-Methods (``METHODS``), each estimate with 4 chains and seed 0:
-
-* ``defaults``: the README's example call, ``estimate_llc(lr=1e-4, gamma=1.0, num_draws=200,
-  num_burnin_steps=100)``.
-* ``calibrated``: ``calibrate`` as the README shows it (2 chains per setting, 200 draws, mala_every=10) on
-  lrs 1e-7 ... 3e-5 (half-decades) x gammas {1, 100}, then ``estimate_llc`` at its recommendation (without
-  one, at the setting its reason names as the closest to mixing: the lowest R-hat without a diverged chain)
-  with 6,000 draws after 6,000 burn-in steps. Its cost includes the calibration's.
-* ``paper``: Lau et al.'s protocol: γ = 1, nβ = n/log n, lr = 5e-7, 10,000 steps, λ̂ from the last 10 %.
-* ``curvature``: SGLD with the curvature preconditioner (``preconditioner="curvature"``, its defaults: 32
-  Hessian-vector products, gains at most 1000), γ = 1, nβ = n/log n, 6,000 draws after 6,000 burn-in steps
-  (the budget of ``calibrated``'s final run), at lr = ``RULE_FRACTION`` / (nβ·μ̂ + γ·max G): μ̂ the largest
-  eigenvalue of G^½·H·G^½ at w* by 20 steps of power iteration on 8 batches (``chains.curvature.top_eigenvalue``),
-  so that the stiffest preconditioned direction takes ε·a = 0.2 (5 % of its stability limit 4, a step bias of
-  5 % there) and relaxes in about 10 steps. Its cost includes the rule's Hessian-vector products (2 gradient evaluations
-  each). Its q_stat and q_run are not computed (the stationary law of a diagonal G on a non-diagonal Hessian
-  needs the whole d x d matrix): "—".
-* ``sgld-rule``: the same rule, budget and γ with G = 1 (plain SGLD at lr = 0.2/(nβ·ĥ_max + γ), ĥ_max by the
-  same power iteration): what the preconditioner adds over choosing the step by the same rule.
-* ``auto``: the one-call procedure ``estimate_llc_auto`` with the same budget (6,000 draws after 6,000 burn-in
-  steps): the curvature at w* (power iteration and Hutchinson's trace on Hessian-vector products),
-  ``calibrate(lrs="auto")`` (2 chains at each of 3 gammas, the same schedule; lr at a quarter of the stability
-  limit), then the estimate at its choice (the largest gamma that does not measurably lower λ̂; the step for a 3 %
-  estimated step bias, at most half the limit). Its cost includes the calibration and the Hessian-vector products.
-
-Printed: the networks; every run (λ̂, its relative error against λ and against q_stat, q_run, the verdict of
-``LLCResult.diagnostics()``, gradient evaluations); per method the median and max |relative error| against λ
-and against q_stat, how many runs were judged "trust" and how many of those are more than 15 % off (against λ,
-against q_stat), and the gradient evaluations (forward/backward passes, MALA's included). ``--quick`` runs two
-tiny networks with every step count divided by ``QUICK_DIVISOR``: a smoke run in seconds, its figures are not
-results.
+The panel (``PANEL``, built by ``build``), the exact answers (``exact_answers``, ``quadratic_targets``: λ, the
+Hessian at w*, q_post, q_stat, q_run), the methods (``METHODS``: defaults, calibrated, paper, curvature,
+sgld-rule, auto, each with 4 chains and seed 0) and how to read the table: bench/README.md, "bench_accuracy.py".
+``--quick`` runs two tiny networks with every step count divided by ``QUICK_DIVISOR`` (a smoke run).
 """
 from __future__ import annotations
 
@@ -139,15 +92,16 @@ RULE_BATCHES, RULE_ITERS = 8, 20  # the power iteration's batches at w* and step
 
 def run_rule(model, loader, quick, preconditioned: bool):
     """``curvature`` (preconditioned) or ``sgld-rule``: lr from the (preconditioned) top curvature at w*."""
-    from llc_fast.chains.curvature import HVP_GRAD_EVALS, HessianProbe, curvature_batches, gains_of, top_eigenvalue
+    from llc_fast.chains.curvature import HVP_GRAD_EVALS, HessianProbe, curvature_batches, gains_for, top_eigenvalue
     from llc_fast.config import LLCConfig
+    from llc_fast.estimators.sampling import curvature_spec
     from llc_fast.state.flat import FlatLayout
 
     gamma, layout = 1.0, FlatLayout.for_sampling(model)
     device = layout.device
     config = LLCConfig(lr=1.0, gamma=gamma, seed=0, preconditioner="curvature").for_data(loader)
     # G as the run computes it (the run's own probes are in its grad_evals), or G = 1
-    gains, probe = gains_of(model, layout, loader, mse_loss, config, device) if preconditioned else \
+    gains, probe = gains_for(model, layout, loader, mse_loss, curvature_spec(config), device) if preconditioned else \
         (None, HessianProbe(model, layout, mse_loss, device))
     mu = top_eigenvalue(probe, curvature_batches(loader, seed=0, count=RULE_BATCHES, device=device), gains,
                         max_iters=RULE_ITERS, rtol=0.0)

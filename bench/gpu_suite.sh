@@ -200,18 +200,18 @@ if [ "$DRY" = 1 ]; then
     # toy sizes on the CPU
     UPDATE_ARGS=(--device cpu --sizes 2^12 2^14 --copy-size 2^20 --repeats 1 --target-s 0.01 --max-repeats 3
                  --retry-busy 0)
-    E2E_ARGS=(--device cpu --quick)
-    LM_ARGS=(--device cpu --quick)
+    E2E_ARGS=(--device cpu --quick --cases gpu)
+    LM_ARGS=(--device cpu --quick --parts lm)
     OVERHEAD_ARGS=(--device cpu --quick --threads 1 --mlp-widths 64,128,10 --samples 512 --batch-size 64)
-    RESTRICTED_ARGS=(--device cpu --quick)
+    RESTRICTED_ARGS=(--device cpu --quick --case gpt2-4l --parts a,f)  # devinterp's part: tests/test_bench_restricted.py
     CAP_A=30 CAP_B=60 CAP_C=120 CAP_D=60 CAP_E=90 CAP_F=60 CAP_G=60 CAP_H=150  # h: devinterp's per-head loop is slow on a busy CPU
 else
     UPDATE_ARGS=(--device cuda --min-size 2^20 --max-size 2^28 --target-s 0.2 --max-repeats 30)
-    E2E_ARGS=(--device cuda --budget-s 65)
-    LM_ARGS=(--device cuda)
+    E2E_ARGS=(--device cuda --cases gpu --budget-s 65)
+    LM_ARGS=(--device cuda --parts lm)
     OVERHEAD_ARGS=(--device cuda --rounds 3)
-    RESTRICTED_ARGS=(--device cuda --rounds 2)
-    CAP_A=15 CAP_B=60 CAP_C=100 CAP_D=75 CAP_E=90 CAP_F=70 CAP_G=60 CAP_H=60
+    RESTRICTED_ARGS=(--device cuda --rounds 2 --case gpt2-4l --parts a,f,d)
+    CAP_A=15 CAP_B=60 CAP_C=100 CAP_D=75 CAP_E=90 CAP_F=70 CAP_G=60 CAP_H=90
 fi
 # the test files that mark GPU tests (collecting only these: the others may import what the GPU machine lacks)
 mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/test_*.py)
@@ -220,18 +220,20 @@ if [ "$HAVE_GPU" = 1 ] && [ "$DRY" = 0 ] && "$PY" -c "import xdist" >/dev/null 2
     PYTEST_ARGS+=(-n 8)  # Triton compiles each specialisation once per process: 8 workers share the work
 fi
 
-run_stage a environment "$CAP_A" env.txt 0 -- "$PY" bench/gpu_env.py --output "$OUT/env.json"
+run_stage a environment "$CAP_A" env.txt 0 -- "$PY" bench/gpu_build.py --env --output "$OUT/env.json"
 run_stage b build "$CAP_B" build.txt 1 -- "$PY" bench/gpu_build.py --output "$OUT/build.json"
 run_stage c gpu-tests "$CAP_C" pytest-gpu.txt 1 -- "$PY" -m pytest "${PYTEST_ARGS[@]}"
-run_stage d bench_update "$CAP_D" bench_update.txt 1 -- "$PY" bench/gpu_update.py "${UPDATE_ARGS[@]}" \
+# d, e, f: the CPU benchmarks themselves with --device cuda (e: bench_e2e's GPU grid; f: bench_overhead's LM part)
+run_stage d bench_update "$CAP_D" bench_update.txt 1 -- "$PY" bench/bench_update.py "${UPDATE_ARGS[@]}" \
     --output "$OUT/bench_update.json"
-run_stage e e2e-devinterp "$CAP_E" e2e.txt 1 -- "$PY" bench/gpu_e2e.py "${E2E_ARGS[@]}" --output "$OUT/e2e.json"
-run_stage f lm-1b "$CAP_F" lm.txt 1 -- "$PY" bench/gpu_lm.py "${LM_ARGS[@]}" --output "$OUT/lm.json"
+run_stage e e2e-devinterp "$CAP_E" e2e.txt 1 -- "$PY" bench/bench_e2e.py "${E2E_ARGS[@]}" --output "$OUT/e2e.json"
+run_stage f lm-1b "$CAP_F" lm.txt 1 -- "$PY" bench/bench_overhead.py "${LM_ARGS[@]}" --output "$OUT/lm.json"
 # g: eager, then the DLN part again with the batched pass through torch.compile (compile_step=True)
 run_stage g overhead "$CAP_G" overhead.txt 1 -- bash -c '"$0" bench/bench_overhead.py "${@:2}" --output "$1/overhead.json" \
     && "$0" bench/bench_overhead.py "${@:2}" --parts dln --compile --output "$1/overhead-compiled.json"' \
     "$PY" "$OUT" "${OVERHEAD_ARGS[@]}"
-# h: K = 8 head components of a small GPT-2 in one batched run against one head, 8 calls and devinterp's loop
+# h: all 16 heads x 4 chains of a 4-layer GPT-2 in one batched run (sparse rows) against one full-model estimate_llc
+# and devinterp's per-head loop
 run_stage h restricted "$CAP_H" restricted.txt 1 -- "$PY" bench/bench_restricted.py "${RESTRICTED_ARGS[@]}" \
     --output "$OUT/restricted.json"
 

@@ -1,11 +1,15 @@
 """Shared harness of the bench/ scripts: timing, the CPU-load guard, validate-then-time, the
-environment header, and the result files (.json/.csv, and a .txt transcript), written atomically."""
+environment header, the command line (``cli``), the grid runner (``run_grid``), the one table writer
+(``Table``) and the result files (.json/.csv, and a .txt transcript), written atomically."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import itertools
 import csv
 import datetime
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -25,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 
 BUSY_CORES = 0.25  # other processes keeping this many cores busy make a CPU timing "busy"
+BUSY = "  <- machine busy in every round: ignore"  # the mark of a figure whose every round was contended
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -57,15 +62,12 @@ def time_one(fn, device: torch.device) -> float:
 
 
 def time_calls(fn, device: torch.device, *, warmup: int, min_repeats: int, max_repeats: int, target_s: float):
-    """``warmup`` calls, then repeats until ``target_s`` of wall time has passed (at least
+    """``warmup`` calls, then repeats until they sum to ``target_s`` (at least
     ``min_repeats``, at most ``max_repeats``). Returns (median seconds, all times)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start < target_s):
-        times.append(time_one(fn, device))
+    times = time_interleaved({0: fn}, device, min_repeats=min_repeats, max_repeats=max_repeats, target_s=target_s)[0][0]
     return statistics.median(times), times
 
 
@@ -88,6 +90,15 @@ def time_interleaved(calls: dict, device: torch.device, *, min_repeats: int, max
     return times, extra_times
 
 
+def wall(fn, device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device synchronized before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
 def validate(fn, *, warmup: int = 1, device: torch.device | None = None) -> str | None:
     """Validate-then-time: ``warmup`` untimed calls; None if they ran, else a one-line error note
     (a backend that cannot do a dtype or sampler is reported, not fatal)."""
@@ -97,8 +108,13 @@ def validate(fn, *, warmup: int = 1, device: torch.device | None = None) -> str 
         if device is not None:
             synchronize(device)
     except Exception as e:
-        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        return "error: " + error_line(e, 80)
     return None
+
+
+def error_line(e: BaseException, width: int = 300) -> str:
+    """'Type: the first line of the message', cut to ``width`` characters."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:width] if str(e) else ''}"
 
 
 # --- the CPU-load guard ------------------------------------------------------------------------
@@ -106,10 +122,9 @@ def validate(fn, *, warmup: int = 1, device: torch.device | None = None) -> str 
 def cpu_times() -> tuple[float, float, float]:
     """(busy CPU seconds of the whole machine, CPU seconds of this process, wall time) now."""
     try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
+        fields = [int(x) for x in _proc("stat").split()[1:]]
         busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    except (OSError, ValueError):
+    except (AttributeError, ValueError):
         busy = math.nan
     t = os.times()
     return busy, t.user + t.system, time.perf_counter()
@@ -177,67 +192,74 @@ class LoadGuard:
             if not again:
                 return runs
 
+    def rounds(self, fn, want: int, describe: Callable[[Any], str]) -> tuple[list, bool, list[Attempt]]:
+        """``run`` with each attempt logged as '  round: ``describe(value)``' (its other cores; busy: whether it
+        is timed again). Returns (the values of the clean attempts, else of all; whether any was clean; all)."""
+        def said(a: Attempt, again: bool) -> None:
+            log(f"  round: {describe(a.value)}" + ("" if a.other is None else f"; other processes kept {a.other:.2f} "
+                "cores busy") + ("" if self.clean(a) else "; busy" + ("; timing it again" if again else "")))
+
+        attempts = self.run(fn, want=want, report=said)
+        clean = [a for a in attempts if self.clean(a)]
+        return [a.value for a in (clean or attempts)], bool(clean), attempts
+
+
+def guard_for(args) -> LoadGuard:
+    """The load guard of a run: ``--wait-quiet`` and ``--retry-busy`` on the CPU, nothing on a GPU."""
+    cpu = args.device.type == "cpu"
+    return LoadGuard(args.wait_quiet if cpu else 0.0, getattr(args, "retry_busy", 0) if cpu else 0)
+
 
 # --- the environment ---------------------------------------------------------------------------
 
-def python_name() -> str:
-    """The interpreter as typed from the repository root (.venv/bin/python), else its full path."""
-    rel = os.path.relpath(sys.executable, Path.cwd())
-    return rel if not rel.startswith("..") else sys.executable
-
-
 def command_line(argv=None) -> str:
-    return " ".join([python_name()] + sys.argv) if argv is None else " ".join(argv)
+    """``main``'s ``argv``, else the command as typed from the repository root (the interpreter as
+    .venv/bin/python, else its full path)."""
+    if argv is not None:
+        return " ".join(argv)
+    rel = os.path.relpath(sys.executable, Path.cwd())
+    return " ".join([sys.executable if rel.startswith("..") else rel] + sys.argv)
 
 
 def now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def loadavg() -> str:
+def _proc(path: str, prefix: str = ""):
+    """The first line of /proc/``path`` starting with ``prefix`` (None if unreadable)."""
     try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
+        with open(f"/proc/{path}") as f:
+            return next((line for line in f if line.startswith(prefix)), None)
     except OSError:
-        return "n/a"
+        return None
+
+
+def loadavg() -> str:
+    line = _proc("loadavg")
+    return " ".join(line.split()[:3]) if line else "n/a"
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    line = _proc("cpuinfo", "model name")
+    return line.split(":", 1)[1].strip() if line else platform.processor() or "unknown CPU"
 
 
 def version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        pass
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version(mod)
-    except Exception:
-        return "not installed"
+    """``mod.__version__``, else the version of its installed distribution, else 'not installed'."""
+    for get in (lambda: __import__(mod).__version__, lambda: importlib.metadata.version(mod)):
+        try:
+            return get()
+        except Exception:
+            pass
+    return "not installed"
 
 
 def available_memory(device: torch.device) -> int:
     """Bytes free on the GPU, or MemAvailable on the CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    line = _proc("meminfo", "MemAvailable:")
+    return int(line.split()[1]) * 1024 if line else 1 << 62
 
 
 def set_threads(threads: int | None) -> int:
@@ -266,12 +288,9 @@ def provenance() -> dict:
                 h.update(f.name.encode() + b"\0" + f.read_bytes())
         out[label] = h.hexdigest()[:12]
     try:
-        from llc_fast.kernels import cpp_update
+        from llc_fast.kernels.cpu_update import cpu_build_config
 
-        if hasattr(cpp_update, "cpu_build_config"):
-            out["cpp_extension"], flags = cpp_update.cpu_build_config()
-        else:
-            out["cpp_extension"], flags = cpp_update.EXTENSION_NAME, cpp_update.CPU_CFLAGS
+        out["cpp_extension"], flags = cpu_build_config()
         out["cpp_flags"] = " ".join(flags)
     except Exception as e:  # pragma: no cover
         out["cpp_flags"] = f"unknown ({type(e).__name__})"
@@ -289,6 +308,7 @@ def environment(device: torch.device, argv=None, packages=("torch", "triton", "l
 
 
 def print_environment(name: str, env: dict, packages=("torch", "triton", "llc_fast"), log=print) -> None:
+    """The header as the '# ' lines every printed output starts with."""
     log(f"# {name}  {env['date']}")
     log(f"# command: {env['command']}")
     log(f"# device: {env['device']} ({env['device_type']}, {env['cpu_count']} cores); {env['platform']}; "
@@ -299,6 +319,92 @@ def print_environment(name: str, env: dict, packages=("torch", "triton", "llc_fa
         f"{env['kernels_py_sha256']}; C++ flags: {env.get('cpp_flags')}")
     log(f"# torch threads: {env['torch_threads']} (os.cpu_count() = {env['cpu_count']}); load average at start: "
         f"{env['loadavg_start']}")
+
+
+def begin(name: str, device: torch.device, argv, packages=("torch", "triton", "llc_fast"), **extra) -> dict:
+    """The start of a run: its ``environment`` (with ``extra``), printed; the header of its result file."""
+    header = environment(device, argv, packages, **extra)
+    print_environment(name, header, packages)
+    return header
+
+
+# --- the grid, the table -------------------------------------------------------------------------
+
+def log(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def grid(**axes) -> list[dict]:
+    """Every combination of the axes' values, the first axis outermost: ``grid(size=[..], dtype=[..])``."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def run_grid(points, measure, *, providers=None, table: "Table | None" = None) -> list[dict]:
+    """Liger-Kernel's ``run_benchmarks``: for each point of the grid (a dict), ``measure(point)`` (or
+    ``measure(point, provider)`` for each of ``providers``) returns a row or a list of rows; each row,
+    the point's keys first, is printed by ``table`` as it comes. Returns every row."""
+    rows: list[dict] = []
+    for point in points:
+        got = measure(point) if providers is None else [measure(point, p) for p in providers]
+        for r in (got if isinstance(got, list) else [got]):
+            if r is None:
+                continue
+            rows.append(dict(point, **r))
+            if table is not None:
+                table.row(rows[-1])
+    return rows
+
+
+def _cell(value, fmt) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt(value) if callable(fmt) else format(value, fmt)
+
+
+class Table:
+    """One fixed-width table: columns ``(key, width, format[, title])`` (format: a format spec or a function;
+    width 0: left-aligned, last); a missing or None value prints '-'. ``print(rows)``: header and rows."""
+
+    def __init__(self, *cols, log=log):
+        self.cols = [c if len(c) == 4 else (*c, c[0]) for c in cols]
+        self.log = log
+
+    def header(self) -> None:
+        line = " ".join(f"{t:>{w}}" if w else t for _, w, _, t in self.cols)
+        self.log(line)
+        self.log("-" * len(line))
+
+    def row(self, r: dict) -> None:
+        self.log(" ".join(f"{_cell(r.get(k), f):>{w}}" if w else _cell(r.get(k), f) for k, w, f, _ in self.cols))
+
+    def print(self, rows, *, group=None) -> None:
+        """The header, then the rows (a blank line between groups: rows whose ``group(row)`` differs)."""
+        self.header()
+        last = None
+        for r in rows:
+            if group is not None and last is not None and group(r) != last:
+                self.log()
+            last = group(r) if group is not None else None
+            self.row(r)
+
+
+def spread(values) -> dict:
+    """Median, min, max and count of the finite values (NaN if none)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return dict(median=math.nan, min=math.nan, max=math.nan, n=0)
+    return dict(median=statistics.median(vals), min=min(vals), max=max(vals), n=len(vals))
+
+
+def fmt_spread(v: dict, scale: float = 1.0, spec: str = ".2f", unit: str = "") -> str:
+    """'median (min-max)' of a ``spread``, times ``scale``."""
+    m, lo, hi = (v[k] * scale for k in ("median", "min", "max"))
+    return f"{m:{spec}}{unit} ({lo:{spec}}-{hi:{spec}}{unit})"
+
+
+def summary(text: str, quick: bool = False) -> None:
+    """The one-line result gpu_suite.sh puts in its table."""
+    print("SUMMARY: " + ("[quick: not a result] " if quick else "") + text, flush=True)
 
 
 # --- command line and result files ------------------------------------------------------------
@@ -317,6 +423,38 @@ def add_common_options(ap, *, each: str, output: str = "write the results as JSO
     ap.add_argument("--log", type=Path, metavar="FILE.txt",
                     help="also write everything printed to FILE.txt, after the command line and date (the format "
                          "of bench/results/*.txt); written atomically when the run ends")
+
+
+def cli(doc: str, options, run, *, each: str, quick: dict | None = None, device: str | None = "cpu", check=None,
+        retry_busy: bool = True, output: str = "write the results as JSON"):
+    """A script's ``main(argv=None)``: its ``options(ap)``, then --device, --quick and the common options;
+    each option of ``quick`` ({dest: (default, default with --quick)}) left unset takes its default; the
+    options are checked (``check(args, ap)``, if given); then, under
+    ``--log``'s transcript with ``--threads`` set, ``run(args, argv)``. ``args.device`` is a torch.device."""
+    quick = quick or {}
+
+    def main(argv=None) -> int:
+        ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        if device is not None:
+            ap.add_argument("--device", default=device, choices=["cpu", "cuda"])
+        ap.add_argument("--quick", action="store_true", help="a smoke run (seconds): its figures are not results")
+        options(ap)
+        add_common_options(ap, each=each, output=output, retry_busy=retry_busy)
+        ap.set_defaults(**{k: None for k in quick})
+        args = ap.parse_args(argv)
+        for k, (full, short) in quick.items():
+            if getattr(args, k) is None:
+                setattr(args, k, short if args.quick else full)
+        if device is not None:
+            args.device = checked_device(ap, args.device)
+        if check is not None:
+            check(args, ap)
+        with transcript(args.log, argv):
+            set_threads(args.threads)
+            return run(args, argv)
+
+    return main
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -340,8 +478,11 @@ def _jsonable(o):
         return str(o)
 
 
-def write_results(path: Path, header: dict, rows: list[dict], key: str = "rows") -> None:
-    """``{"header": header, key: rows}`` as JSON, or (a .csv path) '# k: v' header lines and a CSV table."""
+def write_results(path: Path | None, header: dict, rows: list[dict], key: str = "rows") -> None:
+    """``{"header": header, key: rows}`` as JSON, or (a .csv path) '# k: v' header lines and a CSV table;
+    nothing if ``path`` is None (no ``--output``)."""
+    if path is None:
+        return
     path = Path(path)
     if path.suffix == ".csv":
         buf = io.StringIO()
@@ -376,13 +517,11 @@ def transcript(path: Path | None, argv=None):
     if path is None:
         yield
         return
-    buf = io.StringIO()
-    buf.write(f"$ {command_line(argv)}\n# date: {now()}\n\n")
-    out = sys.stdout
-    sys.stdout = _Tee(out, buf)
+    buf = io.StringIO(f"$ {command_line(argv)}\n# date: {now()}\n\n")
+    buf.seek(0, io.SEEK_END)
     try:
-        yield
+        with contextlib.redirect_stdout(_Tee(sys.stdout, buf)):
+            yield
     finally:
-        sys.stdout = out
         write_atomic(path, buf.getvalue())
         print(f"# wrote {path}")

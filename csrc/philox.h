@@ -63,9 +63,9 @@ LLC_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
   return out;
 }
 
-// The words of group g (elements 4g .. 4g+3) of one chain, step and stream.
-LLC_HD Words4 group_words(uint64_t seed, uint32_t chain, uint32_t step, uint64_t group, uint32_t stream) {
-  return philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), step,
+// The words of quad g (elements 4g .. 4g+3) of one chain, step and stream.
+LLC_HD Words4 quad_words(uint64_t seed, uint32_t chain, uint32_t step, uint64_t quad, uint32_t stream) {
+  return philox4x32_10(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), step,
                        chain | (stream << 31), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
@@ -89,7 +89,7 @@ struct Normals4 {
   float n[4];
 };
 
-// The four standard normals of a group: Box-Muller of (u0, u1) and of (u2, u3).
+// The four standard normals of a quad: Box-Muller of (u0, u1) and of (u2, u3).
 LLC_HD Normals4 normals_from_words(const Words4& w) {
   Normals4 out;
   box_muller(uniform_from_word(w.w[0]), uniform_from_word(w.w[1]), &out.n[0], &out.n[1]);

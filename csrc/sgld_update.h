@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <climits>
 
 #include "philox.h"
 
@@ -21,62 +22,8 @@ enum DType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
 // the sampler is preconditioned.
 enum Sampler : int32_t { kSGLD = 0, kRMSProp = 1, kRMSPropBC = 2 };
 
-// Everything one update needs besides the tensors. Host scalars are held in float64 and
-// rounded once to the compute type T, as torch does with a Python scalar or torch.tensor(x, T).
-struct UpdateArgs {
-  // [C, N] weights, gradient, statistic (or null); [N] w* and mask (uint8 0/1, or null)
-  void* w;
-  const void* grad;
-  const void* w_star;
-  void* stat;
-  const uint8_t* mask;
-  // Per-row masks (RowMasks, llc_fast/kernels/update_spec.py), or both null: row_windows is int64
-  // [C, 3], row c's (lo, hi, offset) resolved by the host (offset < 0: row c is unrestricted);
-  // row c's mask of local element i is lo <= i < hi ? row_mask[offset + i - lo] : 0. When set,
-  // has_mask is false and mask is null.
-  const int64_t* row_windows;
-  const uint8_t* row_mask;
-  // [C] per-chain lr, nbeta, gamma (float32; float64 for float64 weights) and chain indices
-  const void* lr;
-  const void* nbeta;
-  const void* gamma;
-  const int64_t* chain_ids;
-  int64_t num_chains;
-  int64_t n;
-  uint64_t seed;
-  uint32_t step;
-  int64_t index_offset;  // global index of element 0
-  double stat_scale;     // s_t
-  int32_t sampler;
-  bool update_statistic;
-  bool has_mask;
-  bool has_box;
-  double alpha, one_minus_alpha, eps, weight_decay, box, noise_level;
-  int32_t dtype;
-};
-
-// Fill the scalar settings of UpdateArgs (everything but the tensors and sizes); callers check ranges.
-inline void set_scalars(UpdateArgs& a, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
-                        bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
-                        double eps, double weight_decay, double box, double noise_level, int32_t dtype) {
-  a.seed = seed;
-  a.step = static_cast<uint32_t>(step);
-  a.stat_scale = stat_scale;
-  a.sampler = sampler;
-  a.update_statistic = update_statistic;
-  a.has_mask = has_mask;
-  a.has_box = has_box;
-  a.alpha = alpha;
-  a.one_minus_alpha = one_minus_alpha;
-  a.eps = eps;
-  a.weight_decay = weight_decay;
-  a.box = box;
-  a.noise_level = noise_level;
-  a.dtype = dtype;
-}
-
-// One segment of a multi-segment update (a sharded rank's local shard of one parameter): its own
-// [C, n] weights and gradient, and where it sits in the flat per-rank buffers ([N_local] w* and
+// One segment of an update (a sharded rank's local shard of one parameter, or the whole buffer): its
+// own [C, n] weights and gradient, and where it sits in the flat per-rank buffers ([N_local] w* and
 // mask, [C, N_local] statistic: columns [local_start, local_start + n)) and in the global flat
 // vector (element j gets the noise of global index global_offset + j). The host passes a table of
 // these as int64 [S, 5]: w pointer, grad pointer, n, local_start, global_offset.
@@ -88,6 +35,68 @@ struct Segment {
   int64_t global_offset;
 };
 static_assert(sizeof(Segment) == 5 * sizeof(int64_t), "Segment is the host's int64 [S, 5] table row");
+
+// The one argument of every update entry point (the C++ module's sgld_update; the CUDA library's
+// llc_sgld_update_cuda and llc_sgld_update_segments_cuda), passed by address. The host fills it
+// through its mirror, the ctypes.Structure native.UpdateArgs (llc_fast/kernels/native.py): the same
+// fields in the same order, so that adding an argument is one field here and one there. Host
+// scalars are held in float64 and rounded once to the compute type T, as torch does with a Python
+// scalar or torch.tensor(x, T).
+struct UpdateArgs {
+  // The segments: num_segments rows. Host memory for the C++ kernel and CUDA's single-buffer entry
+  // (one row); device memory for CUDA's segment entry, followed there by first_block
+  // (sgld_update_cuda.cu), whose last value total_blocks repeats.
+  const Segment* segments;
+  int64_t num_segments;
+  int64_t total_blocks;
+  // [N_local] w* and mask (uint8 0/1, or null), [C, N_local] statistic (or null)
+  const void* w_star;
+  void* stat;
+  const uint8_t* mask;
+  // Per-row masks (RowMasks, llc_fast/kernels/update_spec.py), or both null: row_windows is int64
+  // [C, 3], row c's (lo, hi, offset) resolved by the host (offset < 0: row c is unrestricted);
+  // row c's mask of local element i is lo <= i < hi ? row_mask[offset + i - lo] : 0. When set,
+  // has_mask is false and mask is null.
+  const int64_t* row_windows;
+  const uint8_t* row_mask;
+  // [C] per-row lr, nbeta, gamma (float32; float64 for float64 weights) and chain indices
+  const void* lr;
+  const void* nbeta;
+  const void* gamma;
+  const int64_t* chain_ids;
+  int64_t num_rows;  // C
+  int64_t n_local;   // N_local: elements of w*, of the mask and of a statistic row
+  uint64_t seed;
+  uint64_t step;      // in [0, 2^32)
+  double stat_scale;  // s_t
+  int32_t sampler;
+  bool update_statistic;
+  bool has_mask;
+  bool has_box;
+  double alpha, one_minus_alpha, eps, weight_decay, box, noise_level;
+  int32_t dtype;
+  int32_t num_threads;  // the C++ kernel's OpenMP threads (0: all)
+  uint64_t stream;      // the CUDA kernels' cudaStream_t
+};
+
+// Whether the scalars and sizes of an update are in range and the pointers it reads are set
+// (callers check the segments themselves).
+inline bool valid_args(const UpdateArgs& a) {
+  if (a.num_rows < 0 || a.n_local < 0 || a.num_segments < 0 || a.step > 0xFFFFFFFFull) return false;
+  if (a.num_rows > 0 && a.n_local > INT64_MAX / a.num_rows) return false;
+  if (a.sampler < kSGLD || a.sampler > kRMSPropBC) return false;
+  if (a.dtype != kFloat32 && a.dtype != kFloat64 && a.dtype != kBFloat16) return false;
+  if (a.num_rows == 0 || a.num_segments == 0) return true;  // nothing is read
+  return a.segments && a.w_star && a.lr && a.nbeta && a.gamma && a.chain_ids && (a.sampler == kSGLD || a.stat) &&
+         (!a.has_mask || a.mask) && (!a.row_windows || (!a.has_mask && a.row_mask));
+}
+
+// Whether a segment fits the flat buffers and the global index range (host memory only).
+inline bool valid_segment(const UpdateArgs& a, const Segment& g) {
+  return g.n >= 0 && g.local_start >= 0 && g.local_start <= a.n_local - g.n && g.global_offset >= 0 &&
+         g.n <= INT64_MAX - g.global_offset - 4 && (g.n == 0 || (g.w && g.grad)) &&
+         (a.num_rows == 0 || g.n <= INT64_MAX / a.num_rows);
+}
 
 template <typename T>
 struct Hyper {  // the scalars of one update, in the compute type

@@ -1,20 +1,20 @@
-// The fused SGLD update on the CPU: one pass over memory, OpenMP over (chain, block of groups),
+// The fused SGLD update on the CPU: one pass over memory, OpenMP over (chain, block of quads),
 // SIMD within a block.
 //
-// A pybind11 module without torch headers: tensors arrive as raw data pointers (Python ints)
-// and sizes; llc_fast/kernels/cpp_update.py checks shapes, dtypes and devices before calling.
-// Build flags (cpp_update.py): -O3 -fopenmp -ffp-contract=off -fno-math-errno, plus
+// A pybind11 module without torch headers: tensors arrive as raw data pointers in one UpdateArgs
+// (sgld_update.h), filled by llc_fast/kernels/native.py after the checks of update_call.py.
+// Build flags (llc_fast/kernels/build.py): -O3 -fopenmp -ffp-contract=off -fno-math-errno, plus
 // -march=native where the compiler takes it. -ffp-contract=off: no fused multiply-add is formed
 // implicitly, so the deterministic part of the update is the reference's sequence of correctly
 // rounded operations (bit-identical to torch's where torch's own ops are correctly rounded); the
 // noise code below asks for its fused multiply-adds explicitly. -fno-math-errno lets sqrtf be
 // one (vector) instruction. No -ffast-math (it would reassociate and approximate the update).
 //
-// Each work item (chain c, block of kGroupsPerBlock groups of four elements) runs tiles of
-// kTileGroups groups through three phases over L1-resident scratch arrays (per thread):
+// Each work item (chain c, block of kQuadsPerBlock quads (four elements each)) runs tiles of
+// kTileQuads quads through three phases over L1-resident scratch arrays (per thread):
 //
-//   1. Philox4x32-10 of the tile's groups, structure of arrays (word j of group k in
-//      words[j][k]): AVX-512 / AVX2 intrinsics, 8 / 4 groups per register with each 32-bit
+//   1. Philox4x32-10 of the tile's quads, structure of arrays (word j of quad k in
+//      words[j][k]): AVX-512 / AVX2 intrinsics, 8 / 4 quads per register with each 32-bit
 //      counter word in the low half of a 64-bit lane, so that one vpmuludq gives both halves of a
 //      32x32 -> 64 product; a portable scalar loop otherwise. Bit-exact (same integer function).
 //   2. Words -> uniforms (bit-exact, Triton's conversion) -> normals, in a vectorizable loop with
@@ -50,17 +50,17 @@ namespace py = pybind11;
 namespace llc {
 namespace {
 
-constexpr int64_t kGroupsPerBlock = 1024;  // 4096 elements per OpenMP work item
-#ifndef LLC_TILE_GROUPS  // (a macro for experiments)
-#define LLC_TILE_GROUPS 128
+constexpr int64_t kQuadsPerBlock = 1024;  // 4096 elements per OpenMP work item
+#ifndef LLC_TILE_QUADS  // (a macro for experiments)
+#define LLC_TILE_QUADS 128
 #endif
 // 512 elements per tile, 8 KB of scratch. Small tiles keep the loads of phase 3 coming often
 // enough for the hardware prefetchers to keep streaming while phases 1 and 2 compute: measured
 // on Zen 4, 2^24 float32 elements, tiles of 1024 elements were 20-30% slower with 2 threads
 // (software prefetching of the next tile during phases 1-2 was slower still).
-constexpr int64_t kTileGroups = LLC_TILE_GROUPS;
-constexpr int64_t kPhiloxBatch = 32;  // phase 1 computes groups in multiples of this
-static_assert(kGroupsPerBlock % kTileGroups == 0 && kTileGroups % kPhiloxBatch == 0, "tile sizes");
+constexpr int64_t kTileQuads = LLC_TILE_QUADS;
+constexpr int64_t kPhiloxBatch = 32;  // phase 1 computes quads in multiples of this
+static_assert(kQuadsPerBlock % kTileQuads == 0 && kTileQuads % kPhiloxBatch == 0, "tile sizes");
 
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
 #define LLC_FMAF(a, b, c) __builtin_fmaf((a), (b), (c))
@@ -80,14 +80,14 @@ inline float float_of(uint32_t b) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Phase 1: Philox words of groups g0 .. g0 + ngroups - 1 (ngroups a multiple of kPhiloxBatch)
-// into w0[k], w1[k], w2[k], w3[k]. Counters as group_words (philox.h): c0 = g mod 2^32,
+// Phase 1: Philox words of quads g0 .. g0 + nquads - 1 (nquads a multiple of kPhiloxBatch)
+// into w0[k], w1[k], w2[k], w3[k]. Counters as quad_words (philox.h): c0 = g mod 2^32,
 // c1 = g / 2^32, c2 = step, c3 = chain | stream << 31; key = the seed's two words.
 // ------------------------------------------------------------------------------------------
 
 #if defined(__AVX512F__)
 #define LLC_PHILOX_IMPL "avx512"
-void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream, uint64_t g0, int64_t ngroups,
+void philox_quads(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream, uint64_t g0, int64_t nquads,
                    uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) {
   constexpr int U = 4;  // independent vectors in flight (the round is a chain of dependent ops)
   const __m512i mul_a = _mm512_set1_epi64(kPhiloxRoundA);
@@ -103,7 +103,7 @@ void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream
   const __m512i cstep = _mm512_set1_epi32(static_cast<int>(step));
   const __m512i cchain = _mm512_set1_epi32(static_cast<int>(chain | (stream << 31)));
   const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  for (int64_t k = 0; k < ngroups; k += 8 * U) {
+  for (int64_t k = 0; k < nquads; k += 8 * U) {
     // Only the low half of each 64-bit lane is a counter word; the high halves are don't-cares
     // (vpmuludq reads the low halves only, and the output is narrowed to the low halves).
     __m512i c0[U], c1[U], c2[U], c3[U];
@@ -136,7 +136,7 @@ void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream
 }
 #elif defined(__AVX2__)
 #define LLC_PHILOX_IMPL "avx2"
-void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream, uint64_t g0, int64_t ngroups,
+void philox_quads(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream, uint64_t g0, int64_t nquads,
                    uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) {
   constexpr int U = 4;
   const __m256i mul_a = _mm256_set1_epi64x(kPhiloxRoundA);
@@ -153,7 +153,7 @@ void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream
   const __m256i cchain = _mm256_set1_epi32(static_cast<int>(chain | (stream << 31)));
   const __m256i iota = _mm256_set_epi64x(3, 2, 1, 0);
   const __m256i low_halves = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  for (int64_t k = 0; k < ngroups; k += 4 * U) {
+  for (int64_t k = 0; k < nquads; k += 4 * U) {
     __m256i c0[U], c1[U], c2[U], c3[U];
     for (int u = 0; u < U; ++u) {
       const __m256i g = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(g0 + k + 4 * u)), iota);
@@ -185,11 +185,11 @@ void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream
 }
 #else
 #define LLC_PHILOX_IMPL "scalar"
-void philox_groups(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream, uint64_t g0, int64_t ngroups,
+void philox_quads(uint64_t seed, uint32_t chain, uint32_t step, uint32_t stream, uint64_t g0, int64_t nquads,
                    uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) {
 #pragma omp simd
-  for (int64_t k = 0; k < ngroups; ++k) {
-    const Words4 o = group_words(seed, chain, step, g0 + static_cast<uint64_t>(k), stream);
+  for (int64_t k = 0; k < nquads; ++k) {
+    const Words4 o = quad_words(seed, chain, step, g0 + static_cast<uint64_t>(k), stream);
     w0[k] = o.w[0];
     w1[k] = o.w[1];
     w2[k] = o.w[2];
@@ -280,11 +280,11 @@ inline void box_muller_simd(uint32_t word_a, uint32_t word_b, float* na, float* 
   *nb = r * s;
 }
 
-// The normals of ngroups groups in element order: xi[4k + j] = n_j of group k.
+// The normals of nquads quads in element order: xi[4k + j] = n_j of quad k.
 void normals_from_soa(const uint32_t* __restrict w0, const uint32_t* __restrict w1, const uint32_t* __restrict w2,
-                      const uint32_t* __restrict w3, int64_t ngroups, float* __restrict xi) {
+                      const uint32_t* __restrict w3, int64_t nquads, float* __restrict xi) {
 #pragma omp simd
-  for (int64_t k = 0; k < ngroups; ++k) {
+  for (int64_t k = 0; k < nquads; ++k) {
     float n0, n1, n2, n3;
     box_muller_simd(w0[k], w1[k], &n0, &n1);
     box_muller_simd(w2[k], w3[k], &n2, &n3);
@@ -296,9 +296,9 @@ void normals_from_soa(const uint32_t* __restrict w0, const uint32_t* __restrict 
 }
 
 void interleave_soa(const uint32_t* __restrict w0, const uint32_t* __restrict w1, const uint32_t* __restrict w2,
-                    const uint32_t* __restrict w3, int64_t ngroups, uint32_t* __restrict out) {
+                    const uint32_t* __restrict w3, int64_t nquads, uint32_t* __restrict out) {
 #pragma omp simd
-  for (int64_t k = 0; k < ngroups; ++k) {
+  for (int64_t k = 0; k < nquads; ++k) {
     out[4 * k + 0] = w0[k];
     out[4 * k + 1] = w1[k];
     out[4 * k + 2] = w2[k];
@@ -308,21 +308,21 @@ void interleave_soa(const uint32_t* __restrict w0, const uint32_t* __restrict w1
 
 // Scratch of one tile (per thread, on the stack).
 struct alignas(64) TileScratch {
-  uint32_t words[4][kTileGroups];       // phase 1 output (stream 0, then stream 1 for bfloat16)
-  float xi[4 * kTileGroups];            // normals, element order
-  uint32_t round_bits[4 * kTileGroups];  // stream-1 words, element order (bfloat16 only)
-  uint8_t mask[4 * kTileGroups];         // a per-row mask's values of a run that leaves its window
+  uint32_t words[4][kTileQuads];       // phase 1 output (stream 0, then stream 1 for bfloat16)
+  float xi[4 * kTileQuads];            // normals, element order
+  uint32_t round_bits[4 * kTileQuads];  // stream-1 words, element order (bfloat16 only)
+  uint8_t mask[4 * kTileQuads];         // a per-row mask's values of a run that leaves its window
 };
 
-// Normals (and, if rounding, stream-1 words) of groups g0 .. g0 + ngroups - 1 in element order.
-void tile_noise(uint64_t seed, uint32_t chain, uint32_t step, uint64_t g0, int64_t ngroups, bool rounding,
+// Normals (and, if rounding, stream-1 words) of quads g0 .. g0 + nquads - 1 in element order.
+void tile_noise(uint64_t seed, uint32_t chain, uint32_t step, uint64_t g0, int64_t nquads, bool rounding,
                 TileScratch& s) {
-  const int64_t padded = (ngroups + kPhiloxBatch - 1) / kPhiloxBatch * kPhiloxBatch;  // extra groups: unused
-  philox_groups(seed, chain, step, kStreamGaussian, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
-  normals_from_soa(s.words[0], s.words[1], s.words[2], s.words[3], ngroups, s.xi);
+  const int64_t padded = (nquads + kPhiloxBatch - 1) / kPhiloxBatch * kPhiloxBatch;  // extra quads: unused
+  philox_quads(seed, chain, step, kStreamGaussian, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
+  normals_from_soa(s.words[0], s.words[1], s.words[2], s.words[3], nquads, s.xi);
   if (rounding) {
-    philox_groups(seed, chain, step, kStreamRounding, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
-    interleave_soa(s.words[0], s.words[1], s.words[2], s.words[3], ngroups, s.round_bits);
+    philox_quads(seed, chain, step, kStreamRounding, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
+    interleave_soa(s.words[0], s.words[1], s.words[2], s.words[3], nquads, s.round_bits);
   }
 }
 
@@ -417,12 +417,11 @@ void update_run(S* __restrict w, const S* __restrict grad, const S* __restrict w
 }
 
 // Segments (a single-buffer update is one segment with local_start 0 and stat_stride n). Work
-// items are (segment, chain, block of kGroupsPerBlock groups), numbered segment by segment; all
+// items are (segment, chain, block of kQuadsPerBlock quads), numbered segment by segment; all
 // run in one OpenMP parallel region. kRowMasks: per-row masks (UpdateArgs::row_windows), each
 // work item looks its row's window up once and gives each run the mask bytes it covers.
 template <typename S, bool kPrecond, bool kUpdateStat, bool kMask, bool kWD, bool kRowMasks = false>
-void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segments, int64_t stat_stride,
-                   int num_threads) {
+void update_impl_t(const UpdateArgs& a) {
   using T = typename Storage<S>::T;
   constexpr bool kBF16 = sizeof(S) == 2;
   const Hyper<T> h = make_hyper<T>(a);
@@ -431,19 +430,21 @@ void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segment
   const T* lr = static_cast<const T*>(a.lr);
   const T* nbeta = static_cast<const T*>(a.nbeta);
   const T* gamma = static_cast<const T*>(a.gamma);
+  const Segment* segs = a.segments;
+  const int64_t num_segments = a.num_segments, stat_stride = a.n_local;
   // first work item of each segment (item_start[num_segments] = all items); empty segments have none
   std::vector<int64_t> item_start(static_cast<size_t>(num_segments) + 1, 0);
   std::vector<int64_t> seg_blocks(static_cast<size_t>(num_segments), 0);
   for (int64_t s = 0; s < num_segments; ++s) {
     const int64_t n = segs[s].n, off = segs[s].global_offset;
-    // The global groups that cover elements [off, off + n), in blocks of kGroupsPerBlock.
-    const int64_t blocks = n > 0 ? ((off + n - 1) / 4 + 1 - off / 4 + kGroupsPerBlock - 1) / kGroupsPerBlock : 0;
+    // The global quads that cover elements [off, off + n), in blocks of kQuadsPerBlock.
+    const int64_t blocks = n > 0 ? ((off + n - 1) / 4 + 1 - off / 4 + kQuadsPerBlock - 1) / kQuadsPerBlock : 0;
     seg_blocks[s] = blocks;
-    item_start[s + 1] = item_start[s] + a.num_chains * blocks;
+    item_start[s + 1] = item_start[s] + a.num_rows * blocks;
   }
   const int64_t items = item_start[num_segments];
   if (items == 0) return;
-  if (num_threads <= 0) num_threads = omp_get_max_threads();
+  const int num_threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
 
 #pragma omp parallel num_threads(num_threads)
   {
@@ -477,10 +478,10 @@ void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segment
       rc.sgld_noise = h.noise_level * t_sqrt(rc.lr * static_cast<T>(1));
       const int64_t row = c * n;
       T* stat_row = kPrecond ? stat + c * stat_stride + seg.local_start : nullptr;
-      const int64_t gb = g_first + b * kGroupsPerBlock;
-      const int64_t ge = std::min(g_end, gb + kGroupsPerBlock);
-      for (int64_t tg = gb; tg < ge; tg += kTileGroups) {
-        const int64_t tn = std::min(kTileGroups, ge - tg);
+      const int64_t gb = g_first + b * kQuadsPerBlock;
+      const int64_t ge = std::min(g_end, gb + kQuadsPerBlock);
+      for (int64_t tg = gb; tg < ge; tg += kTileQuads) {
+        const int64_t tn = std::min(kTileQuads, ge - tg);
         tile_noise(a.seed, chain, a.step, static_cast<uint64_t>(tg), tn, kBF16, scratch);
         // Local elements of the tile: global [4 tg, 4 (tg + tn)) cut to [off, off + n).
         const int64_t e_begin = std::max<int64_t>(4 * tg - off, 0);
@@ -522,129 +523,50 @@ void update_impl_t(const UpdateArgs& a, const Segment* segs, int64_t num_segment
 }
 
 template <typename S, bool kPrecond, bool kUpdateStat>
-void update_impl_flags(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stride, int num_threads) {
+void update_impl_flags(const UpdateArgs& a) {
   const bool wd = a.weight_decay != 0.0;  // as make_hyper's has_wd
   if (a.row_windows) {
-    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true, true>(a, segs, ns, stride, num_threads);
-    else update_impl_t<S, kPrecond, kUpdateStat, true, false, true>(a, segs, ns, stride, num_threads);
+    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true, true>(a);
+    else update_impl_t<S, kPrecond, kUpdateStat, true, false, true>(a);
   } else if (a.has_mask) {
-    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true>(a, segs, ns, stride, num_threads);
-    else update_impl_t<S, kPrecond, kUpdateStat, true, false>(a, segs, ns, stride, num_threads);
+    if (wd) update_impl_t<S, kPrecond, kUpdateStat, true, true>(a);
+    else update_impl_t<S, kPrecond, kUpdateStat, true, false>(a);
   } else {
-    if (wd) update_impl_t<S, kPrecond, kUpdateStat, false, true>(a, segs, ns, stride, num_threads);
-    else update_impl_t<S, kPrecond, kUpdateStat, false, false>(a, segs, ns, stride, num_threads);
+    if (wd) update_impl_t<S, kPrecond, kUpdateStat, false, true>(a);
+    else update_impl_t<S, kPrecond, kUpdateStat, false, false>(a);
   }
 }
 
 template <typename S>
-void update_impl(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stride, int num_threads) {
-  if (a.sampler == kSGLD) update_impl_flags<S, false, false>(a, segs, ns, stride, num_threads);
-  else if (a.update_statistic) update_impl_flags<S, true, true>(a, segs, ns, stride, num_threads);
-  else update_impl_flags<S, true, false>(a, segs, ns, stride, num_threads);
+void update_impl(const UpdateArgs& a) {
+  if (a.sampler == kSGLD) update_impl_flags<S, false, false>(a);
+  else if (a.update_statistic) update_impl_flags<S, true, true>(a);
+  else update_impl_flags<S, true, false>(a);
 }
 
-// The scalar settings of UpdateArgs (everything but the tensors and sizes), checked.
-void fill_settings(UpdateArgs& a, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
-                   bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
-                   double eps, double weight_decay, double box, double noise_level, int32_t dtype) {
-  if (step > 0xFFFFFFFFull) throw std::invalid_argument("sgld_update: bad step");
-  if (sampler < kSGLD || sampler > kRMSPropBC) throw std::invalid_argument("sgld_update: bad sampler code");
-  if (dtype != kFloat32 && dtype != kFloat64 && dtype != kBFloat16) throw std::invalid_argument("sgld_update: bad dtype code");
-  set_scalars(a, seed, step, stat_scale, sampler, update_statistic, has_mask, has_box, alpha, one_minus_alpha, eps,
-              weight_decay, box, noise_level, dtype);
-}
-
-void run_update(const UpdateArgs& a, const Segment* segs, int64_t ns, int64_t stat_stride, int32_t num_threads) {
+// One update over the segments of ``args`` (the address of an UpdateArgs, sgld_update.h, filled by
+// the host's native.UpdateArgs; its segment table in host memory) in one parallel region. A single
+// buffer is one segment with local_start 0 covering all of w*.
+void sgld_update(uintptr_t args) {
+  const UpdateArgs* ap = reinterpret_cast<const UpdateArgs*>(args);
+  if (!ap || !valid_args(*ap)) throw std::invalid_argument("sgld_update: bad sizes, step, codes or null pointers");
+  const UpdateArgs& a = *ap;
+  if (a.num_rows == 0 || a.num_segments == 0) return;
+  for (int64_t s = 0; s < a.num_segments; ++s)
+    if (!valid_segment(a, a.segments[s])) throw std::invalid_argument("sgld_update: bad segment " + std::to_string(s));
   py::gil_scoped_release release;
   switch (a.dtype) {
-    case kFloat32: update_impl<float>(a, segs, ns, stat_stride, num_threads); break;
-    case kFloat64: update_impl<double>(a, segs, ns, stat_stride, num_threads); break;
-    case kBFloat16: update_impl<uint16_t>(a, segs, ns, stat_stride, num_threads); break;
+    case kFloat32: update_impl<float>(a); break;
+    case kFloat64: update_impl<double>(a); break;
+    case kBFloat16: update_impl<uint16_t>(a); break;
   }
-}
-
-void sgld_update(uintptr_t w, uintptr_t grad, uintptr_t w_star, uintptr_t stat, uintptr_t mask, uintptr_t row_windows,
-                 uintptr_t row_mask, uintptr_t lr,
-                 uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains, int64_t n, uint64_t seed,
-                 uint64_t step, double stat_scale, int32_t sampler, bool update_statistic, bool has_mask, bool has_box,
-                 double alpha, double one_minus_alpha, double eps, double weight_decay, double box,
-                 double noise_level, int64_t index_offset, int32_t dtype, int32_t num_threads) {
-  if (num_chains < 0 || n < 0 || index_offset < 0 || n > INT64_MAX - index_offset - 4 || step > 0xFFFFFFFFull)
-    throw std::invalid_argument("sgld_update: bad sizes, offset or step");
-  if (num_chains > 0 && n > INT64_MAX / num_chains) throw std::invalid_argument("sgld_update: C * N overflows int64");
-  UpdateArgs a;
-  fill_settings(a, seed, step, stat_scale, sampler, update_statistic, has_mask, has_box, alpha, one_minus_alpha, eps,
-                weight_decay, box, noise_level, dtype);
-  if (num_chains == 0 || n == 0) return;
-  a.w = reinterpret_cast<void*>(w);
-  a.grad = reinterpret_cast<const void*>(grad);
-  a.w_star = reinterpret_cast<const void*>(w_star);
-  a.stat = reinterpret_cast<void*>(stat);
-  a.mask = reinterpret_cast<const uint8_t*>(mask);
-  a.row_windows = reinterpret_cast<const int64_t*>(row_windows);
-  a.row_mask = reinterpret_cast<const uint8_t*>(row_mask);
-  a.lr = reinterpret_cast<const void*>(lr);
-  a.nbeta = reinterpret_cast<const void*>(nbeta);
-  a.gamma = reinterpret_cast<const void*>(gamma);
-  a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
-  a.num_chains = num_chains;
-  a.n = n;
-  a.index_offset = index_offset;
-  if (!a.w || !a.grad || !a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
-      (has_mask && !a.mask) || (a.row_windows && (has_mask || !a.row_mask)))
-    throw std::invalid_argument("sgld_update: null data pointer");
-  const Segment seg = {static_cast<int64_t>(w), static_cast<int64_t>(grad), n, 0, index_offset};
-  run_update(a, &seg, 1, n, num_threads);
-}
-
-// One update over several segments (see Segment, sgld_update.h) in one parallel region. segments:
-// int64 [num_segments, 5]; w_star, mask: [n_local]; stat: [C, n_local].
-void sgld_update_segments(uintptr_t segments, int64_t num_segments, uintptr_t w_star, uintptr_t stat, uintptr_t mask,
-                          uintptr_t row_windows, uintptr_t row_mask, uintptr_t lr, uintptr_t nbeta, uintptr_t gamma, uintptr_t chain_ids, int64_t num_chains,
-                          int64_t n_local, uint64_t seed, uint64_t step, double stat_scale, int32_t sampler,
-                          bool update_statistic, bool has_mask, bool has_box, double alpha, double one_minus_alpha,
-                          double eps, double weight_decay, double box, double noise_level, int32_t dtype,
-                          int32_t num_threads) {
-  if (num_chains < 0 || n_local < 0 || num_segments < 0 || (num_chains > 0 && n_local > INT64_MAX / num_chains))
-    throw std::invalid_argument("sgld_update_segments: bad sizes");
-  UpdateArgs a;
-  fill_settings(a, seed, step, stat_scale, sampler, update_statistic, has_mask, has_box, alpha, one_minus_alpha, eps,
-                weight_decay, box, noise_level, dtype);
-  if (num_chains == 0 || num_segments == 0) return;
-  const Segment* segs = reinterpret_cast<const Segment*>(segments);
-  if (!segs) throw std::invalid_argument("sgld_update_segments: null segment table");
-  for (int64_t s = 0; s < num_segments; ++s) {
-    const Segment& g = segs[s];
-    if (g.n < 0 || g.local_start < 0 || g.local_start > n_local - g.n || g.global_offset < 0 ||
-        g.n > INT64_MAX - g.global_offset - 4 || (g.n > 0 && (!g.w || !g.grad)) ||
-        (num_chains > 0 && g.n > INT64_MAX / num_chains))
-      throw std::invalid_argument("sgld_update_segments: bad segment " + std::to_string(s));
-  }
-  a.w = nullptr;
-  a.grad = nullptr;
-  a.w_star = reinterpret_cast<const void*>(w_star);
-  a.stat = reinterpret_cast<void*>(stat);
-  a.mask = reinterpret_cast<const uint8_t*>(mask);
-  a.row_windows = reinterpret_cast<const int64_t*>(row_windows);
-  a.row_mask = reinterpret_cast<const uint8_t*>(row_mask);
-  a.lr = reinterpret_cast<const void*>(lr);
-  a.nbeta = reinterpret_cast<const void*>(nbeta);
-  a.gamma = reinterpret_cast<const void*>(gamma);
-  a.chain_ids = reinterpret_cast<const int64_t*>(chain_ids);
-  a.num_chains = num_chains;
-  a.n = n_local;
-  a.index_offset = 0;
-  if (!a.w_star || !a.lr || !a.nbeta || !a.gamma || !a.chain_ids || (sampler != kSGLD && !a.stat) ||
-      (has_mask && !a.mask) || (a.row_windows && (has_mask || !a.row_mask)))
-    throw std::invalid_argument("sgld_update_segments: null data pointer");
-  run_update(a, segs, num_segments, n_local, num_threads);
 }
 
 // Debug / test hook: for each chain c and element k < count (global index start + k), writes the
 // stream's Philox word (uint32 [C, count]), its uniform and, for stream 0, the normal (float32
 // [C, count]). Any output pointer may be 0. Computed by the update kernel's own code (phases 1
 // and 2 above), tile by tile.
-void philox_debug(uint64_t seed, uintptr_t chain_ids, int64_t num_chains, uint64_t step, int64_t start, int64_t count,
+void philox_debug(uint64_t seed, uintptr_t chain_ids, int64_t num_rows, uint64_t step, int64_t start, int64_t count,
                   uint32_t stream, uintptr_t words_out, uintptr_t uniforms_out, uintptr_t normals_out) {
   if (start < 0 || count < 0 || count > INT64_MAX - start - 4 || step > 0xFFFFFFFFull || stream > 1)
     throw std::invalid_argument("philox_debug: bad start, count, step or stream");
@@ -656,12 +578,12 @@ void philox_debug(uint64_t seed, uintptr_t chain_ids, int64_t num_chains, uint64
   const int64_t g_first = start / 4;
   const int64_t g_end = (start + count - 1) / 4 + 1;
   TileScratch s;
-  for (int64_t c = 0; c < num_chains; ++c) {
+  for (int64_t c = 0; c < num_rows; ++c) {
     const uint32_t chain = static_cast<uint32_t>(ids[c]);
-    for (int64_t tg = g_first; tg < g_end; tg += kTileGroups) {
-      const int64_t tn = std::min(kTileGroups, g_end - tg);
+    for (int64_t tg = g_first; tg < g_end; tg += kTileQuads) {
+      const int64_t tn = std::min(kTileQuads, g_end - tg);
       const int64_t padded = (tn + kPhiloxBatch - 1) / kPhiloxBatch * kPhiloxBatch;
-      philox_groups(seed, chain, static_cast<uint32_t>(step), stream, static_cast<uint64_t>(tg), padded, s.words[0],
+      philox_quads(seed, chain, static_cast<uint32_t>(step), stream, static_cast<uint64_t>(tg), padded, s.words[0],
                     s.words[1], s.words[2], s.words[3]);
       interleave_soa(s.words[0], s.words[1], s.words[2], s.words[3], tn, s.round_bits);
       normals_from_soa(s.words[0], s.words[1], s.words[2], s.words[3], tn, s.xi);
@@ -677,14 +599,14 @@ void philox_debug(uint64_t seed, uintptr_t chain_ids, int64_t num_chains, uint64
   }
 }
 
-// Debug / test hook: the kernel's normals of explicit words. words: uint32 [groups, 4]; out:
-// float32 [groups, 4], out[g][j] = n_j of the group whose words are words[g][0..3].
-void normals_debug(uintptr_t words_in, uintptr_t out, int64_t groups) {
+// Debug / test hook: the kernel's normals of explicit words. words: uint32 [quads, 4]; out:
+// float32 [quads, 4], out[g][j] = n_j of the quad whose words are words[g][0..3].
+void normals_debug(uintptr_t words_in, uintptr_t out, int64_t quads) {
   const uint32_t* wp = reinterpret_cast<const uint32_t*>(words_in);
   float* op = reinterpret_cast<float*>(out);
   TileScratch s;
-  for (int64_t g0 = 0; g0 < groups; g0 += kTileGroups) {
-    const int64_t tn = std::min(kTileGroups, groups - g0);
+  for (int64_t g0 = 0; g0 < quads; g0 += kTileQuads) {
+    const int64_t tn = std::min(kTileQuads, quads - g0);
     for (int64_t k = 0; k < tn; ++k)
       for (int j = 0; j < 4; ++j) s.words[j][k] = wp[4 * (g0 + k) + j];
     normals_from_soa(s.words[0], s.words[1], s.words[2], s.words[3], tn, op + 4 * g0);
@@ -718,25 +640,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("DTYPE_FLOAT64") = static_cast<int>(llc::kFloat64);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(llc::kBFloat16);
   m.attr("PHILOX_IMPL") = LLC_PHILOX_IMPL;
-  m.def("sgld_update", &llc::sgld_update, "One SGLD step in place (see cpp_update.py)", py::arg("w"), py::arg("grad"),
-        py::arg("w_star"), py::arg("stat"), py::arg("mask"), py::arg("row_windows"), py::arg("row_mask"), py::arg("lr"), py::arg("nbeta"), py::arg("gamma"),
-        py::arg("chain_ids"), py::arg("num_chains"), py::arg("n"), py::arg("seed"), py::arg("step"),
-        py::arg("stat_scale"), py::arg("sampler"), py::arg("update_statistic"), py::arg("has_mask"),
-        py::arg("has_box"), py::arg("alpha"), py::arg("one_minus_alpha"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("box"), py::arg("noise_level"), py::arg("index_offset"), py::arg("dtype"),
-        py::arg("num_threads") = 0);
-  m.def("sgld_update_segments", &llc::sgld_update_segments,
-        "One SGLD step in place over several segments, one parallel region (see cpp_update.py)",
-        py::arg("segments"), py::arg("num_segments"), py::arg("w_star"), py::arg("stat"), py::arg("mask"),
-        py::arg("row_windows"), py::arg("row_mask"), py::arg("lr"), py::arg("nbeta"), py::arg("gamma"), py::arg("chain_ids"), py::arg("num_chains"),
-        py::arg("n_local"), py::arg("seed"), py::arg("step"), py::arg("stat_scale"), py::arg("sampler"),
-        py::arg("update_statistic"), py::arg("has_mask"), py::arg("has_box"), py::arg("alpha"),
-        py::arg("one_minus_alpha"), py::arg("eps"), py::arg("weight_decay"), py::arg("box"), py::arg("noise_level"),
-        py::arg("dtype"), py::arg("num_threads") = 0);
-  m.def("philox_debug", &llc::philox_debug, py::arg("seed"), py::arg("chain_ids"), py::arg("num_chains"),
+  m.attr("UPDATE_ARGS_SIZE") = static_cast<int64_t>(sizeof(llc::UpdateArgs));  // native.UpdateArgs checks it
+  m.def("sgld_update", &llc::sgld_update, "One SGLD step in place over the segments of an UpdateArgs (see cpu_update.py)",
+        py::arg("args"));
+  m.def("philox_debug", &llc::philox_debug, py::arg("seed"), py::arg("chain_ids"), py::arg("num_rows"),
         py::arg("step"), py::arg("start"), py::arg("count"), py::arg("stream"), py::arg("words_out"),
         py::arg("uniforms_out"), py::arg("normals_out"));
-  m.def("normals_debug", &llc::normals_debug, py::arg("words"), py::arg("out"), py::arg("groups"));
+  m.def("normals_debug", &llc::normals_debug, py::arg("words"), py::arg("out"), py::arg("quads"));
   m.def("philox4x32", &llc::philox4x32_py, "Philox4x32-10 of counters (c0..c3) under key (k0, k1)");
   m.def("stochastic_round_debug", &llc::stochastic_round_debug, py::arg("x"), py::arg("words"), py::arg("out"),
         py::arg("n"));

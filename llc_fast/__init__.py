@@ -11,11 +11,14 @@ from .config import LLCConfig, default_nbeta  # noqa: E402
 from .estimators import AllChainsDivergedError, LLCDivergenceWarning, LLCResult  # noqa: E402
 from .estimators.restricted import RestrictedLLCResult  # noqa: E402
 from .estimators.susceptibility import SusceptibilityResult  # noqa: E402
+from .estimators.bif_result import BIFResult  # noqa: E402
 from .kernels import backends  # noqa: E402
 from .studies import (AutoCalibrationError, CalibrationResult, CheckpointSweepResult, ProbeResult,  # noqa: E402
-                      SweepResult, calibrate, estimate_llc_auto, estimate_over_checkpoints, perturbation_probe, sweep)
+                      SweepResult, calibrate, estimate_bif, estimate_llc_auto, estimate_over_checkpoints,
+                      perturbation_probe, sweep)
 
 __all__ = ["estimate_llc", "estimate_restricted_llcs", "RestrictedLLCResult", "estimate_susceptibilities", "SusceptibilityResult", "LLCConfig", "LLCResult", "LLCDivergenceWarning", "AllChainsDivergedError", "backends",
            "oracles", "estimate_llc_auto", "AutoCalibrationError", "calibrate", "CalibrationResult", "default_nbeta",
            "sweep", "SweepResult", "perturbation_probe",
-           "ProbeResult", "estimate_over_checkpoints", "CheckpointSweepResult", "__version__"]
+           "ProbeResult", "estimate_over_checkpoints", "CheckpointSweepResult", "estimate_bif", "BIFResult",
+           "__version__"]

@@ -2,7 +2,7 @@
 
 The one local-or-distributed choice of the package is made here: with a process group of several
 ranks, the chains are sampled by ``llc_fast.distributed`` (FSDP2 shard groups, chain groups in
-parallel); otherwise by ``llc_fast.chains.runner.sample_local``. Both feed the same estimator.
+parallel); otherwise by ``llc_fast.estimators.sampling.sample_local``. Both feed the same estimator.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .chains.runner import sample_local
+from .estimators.sampling import sample_local
 from .config import LLCConfig
 from .distributed.mesh import launched_processes, launched_world_size
 from .estimators.llc import estimate
@@ -24,12 +24,16 @@ from .files import check_name_for_file
 
 def estimate_config(model, data, loss_fn: Callable, config: LLCConfig, observers=None):
     """``estimate_llc`` for a built ``LLCConfig``: sampled here, or across the torchrun processes.
-    observers: evaluation sets measured at every draw (``chains.observe.Observers``)."""
-    if observers is not None or config.components is not None:  # the entry points refuse them first, by name
-        refuse_under_torchrun("a run of several components or with evaluation sets",
-                              "launch it without torchrun")
+    observers: evaluation sets measured at every draw (``chains.observe.Observers``). Under torchrun a run of
+    components or with evaluation sets splits its chain rows over the ranks (``distributed.rows``), any other run
+    goes to ``distributed.sharded`` (chain groups, FSDP shard groups)."""
     if launched_world_size() > 1:
         from .distributed.sharded import sample_sharded
+
+        if observers is not None or config.components is not None:
+            from .distributed.rows import sample_rows
+
+            return estimate(model, data, loss_fn, config, sample=sample_rows, observers=observers)
 
         return estimate(model, data, loss_fn, config, sample=sample_sharded)
     return estimate(model, data, loss_fn, config, sample=sample_local, observers=observers)
@@ -101,7 +105,8 @@ def observers_for(eval_data=None, refine=None, num_eval_batches: int = 1):
 
 
 def estimate_restricted_llcs(model: torch.nn.Module, data, loss_fn: Callable, components, *,
-                             include_full: bool = False, **estimate_llc_options) -> RestrictedLLCResult:
+                             include_full: bool = False, sparse_rows: str = "auto",
+                             **estimate_llc_options) -> RestrictedLLCResult:
     """The weight-restricted LLC of every component, from one batched run.
 
     components: {name: list of parameter-name patterns (exact names or globs such as "layers.3.*") |
@@ -109,6 +114,10 @@ def estimate_restricted_llcs(model: torch.nn.Module, data, loss_fn: Callable, co
         "embeddings" (HuggingFace GPT-2, GPT-NeoX and Llama-style models: ``integrations.components``).
         Components may overlap: each is its own restriction (the weights it does not name stay at w*).
     include_full: add the unrestricted LLC as component "full".
+    sparse_rows: "auto" (default): each restricted component's rows hold only its coordinates (weights, gradient,
+        RMSProp statistic) and run in one nested vmap per group of components sharing parameter tensors, where
+        the run allows it (docs/restricted.md; ``result.facts["row_storage"]`` says which ran, with
+        ``state_bytes_per_row``); "on": refuse where it does not apply; "off": every row a full copy.
     estimate_llc_options: every option of ``estimate_llc`` but mask (lr, nbeta, num_chains, seed, eval_data,
         refine, ...); lr, nbeta and gamma per chain apply to chain j of every component.
 
@@ -116,25 +125,27 @@ def estimate_restricted_llcs(model: torch.nn.Module, data, loss_fn: Callable, co
     of every component reads the same batches and the same noise, so a component's estimate is the one
     ``estimate_llc(mask=that component)`` gives with the same seed. Returns a ``RestrictedLLCResult``
     (``result["l0h1"]`` is an LLCResult; ``.table()``, ``.to_csv()``, ``.save()``, ``.plot()``).
+    Under torchrun every rank calls it: the rows are split over the ranks (``llc_fast.distributed.rows``) and every
+    rank returns the same result.
     """
-    refuse_under_torchrun("estimate_restricted_llcs", "launch it without torchrun, or under torchrun call "
-                          "estimate_llc(model, data, loss_fn, mask=restriction, ...) once per component")
     eval_data, refine = estimate_llc_options.pop("eval_data", None), estimate_llc_options.pop("refine", None)
     num_eval_batches = estimate_llc_options.pop("num_eval_batches", 1)
-    config = components_config("estimate_restricted_llcs", model, components, include_full, estimate_llc_options)
+    config = components_config("estimate_restricted_llcs", model, components, include_full, estimate_llc_options,
+                               sparse_rows)
     return estimate_config(model, data, loss_fn, config, observers_for(eval_data, refine, num_eval_batches))
 
 
 EVAL_OPTIONS = ("eval_data", "refine", "num_eval_batches")  # estimate_llc's options that are not LLCConfig's
 
 
-def components_config(caller: str, model, components, include_full: bool, options: dict) -> LLCConfig:
+def components_config(caller: str, model, components, include_full: bool, options: dict,
+                      sparse_rows: str = "auto") -> LLCConfig:
     """The LLCConfig of a run over ``components`` (``resolve_components``) with estimate_llc's other ``options``;
-    ``mask=`` and unknown options are refused, naming ``caller``."""
+    ``mask=`` and unknown options are refused, naming ``caller``. sparse_rows: see estimate_restricted_llcs."""
     if "mask" in options:
         raise ValueError(f"{caller} takes components, not mask=: give each component its restriction")
     restrictions = resolve_components(model, components, include_full=include_full)
-    return options_config(caller, options, components=tuple(restrictions.items()))
+    return options_config(caller, options, components=tuple(restrictions.items()), sparse_rows=sparse_rows)
 
 
 def estimate_llc(
@@ -158,6 +169,7 @@ def estimate_llc(
     weight_decay: float = 0.0,
     box: float | None = None,
     noise_level: float = 1.0,
+    sgnht_diffusion: float | None = None,
     mask: dict[str, torch.Tensor] | None = None,
     num_init_loss_batches: int = 16,
     freeze_preconditioner_at: int | None = None,
@@ -169,7 +181,9 @@ def estimate_llc(
     chain_batching: str = "auto",
     max_batched_chains: int | None = None,
     batch_memory_bytes: int | None = None,
+    row_batching: str = "measured",
     mala_every: int | None = None,
+    compile_step: bool = False,
     checkpoint: str | None = None,
     checkpoint_every: int | None = None,
     resume: str | None = None,
@@ -177,18 +191,22 @@ def estimate_llc(
     target_rel_error: float | None = None,
     max_draws: int | None = None,
     check_every: int | None = None,
-    compile_step: bool = False,
     eval_data=None,
     refine: Mapping | None = None,
     num_eval_batches: int = 1,
 ) -> LLCResult:
     """Estimate the LLC of ``model`` at its current weights w*.
 
+    The options are ``LLCConfig``'s fields, where each is declared once (its default and check; one line each in
+    ``llc_fast.config.options_table()``, README's options table); this signature repeats their names and defaults
+    and ``tests/test_config_options.py`` checks that it does.
     data: a DataLoader or any re-iterable of batches; cycled as needed. Each chain reads its
         own stream of batches (a shuffling loader is re-seeded per chain and pass).
     loss_fn(model, batch) -> scalar tensor: the mean loss of the batch.
-    sampler: "sgld", "rmsprop_sgld" (devinterp's preconditioner) or "rmsprop_sgld_bc"
-        (bias-corrected, V starting at 1; Hitchcock & Hoogland 2025).
+    sampler: "sgld", "rmsprop_sgld" (devinterp's preconditioner), "rmsprop_sgld_bc"
+        (bias-corrected, V starting at 1; Hitchcock & Hoogland 2025) or "sgnht" (Ding et al. 2014: a momentum
+        per weight and a thermostat per chain, localized like the others; sgnht_diffusion: its diffusion factor
+        A, default 0.01; docs/update.md).
     lr, nbeta, gamma: step size epsilon, inverse temperature times n, localization strength; each a
         scalar or one value per chain. nbeta defaults to n/log n when the loader's dataset has a length.
         ``llc_fast.estimate_llc_auto`` chooses lr and gamma itself (a calibration from the curvature at w*).
@@ -217,7 +235,10 @@ def estimate_llc(
         sampling on the CPU (available memory) as on a GPU. result.config's rows_per_group and
         row_plan say how many rows a group has and why. Activations come on top and scale with the
         group size too: a batched pass that runs out of memory is retried at once in passes of half
-        as many chains (a BatchMemoryWarning; the chains are the same).
+        as many chains (a BatchMemoryWarning; the chains are the same). row_batching: "measured"
+        (default) times trial passes of the planned most, half and a quarter of the rows before a run of at least
+        100 steps and keeps the fastest per row (result.config's rows_per_call, row_times_s); "fit": the most
+        that fit.
     checkpoint, checkpoint_every: write the whole run to this file (atomically) every that many steps; a write
         that fails (a full disk) is a warning naming the file and the error, the last checkpoint written stays,
         and sampling goes on. resume: continue the run saved in that file, bit for bit (the same settings are
@@ -240,28 +261,17 @@ def estimate_llc(
 
     Under torchrun (an initialised process group of several ranks) every rank calls this and the
     chains run on all of them (``llc_fast.distributed.estimate_llc_sharded``, which takes the layout
-    options). The model's parameters are sampled if floating-point with requires_grad; the model itself
-    is left bitwise unchanged. Returns an LLCResult.
+    options); with eval_data or refine the chains are split over the ranks, each holding the whole model
+    (``llc_fast.distributed.rows``). The model's parameters are sampled if floating-point with requires_grad;
+    the model itself is left bitwise unchanged. Returns an LLCResult.
     """
-    refuse_eval_sets_under_torchrun("estimate_llc", eval_data, refine)
     if isinstance(lr, str):
         raise ValueError(f"estimate_llc got lr={lr!r}: it takes a step size (a number, or one per chain)" + (
             "; for lr and gamma chosen from the curvature at w* by a calibration, call "
             "llc_fast.estimate_llc_auto(model, data, loss_fn, ...) with the same options but lr and gamma"
             if lr == "auto" else ", e.g. lr=1e-4"))
-    config = LLCConfig(
-        sampler=sampler, lr=lr, nbeta=nbeta, gamma=gamma, num_chains=num_chains, num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps, num_steps_bw_draws=num_steps_bw_draws, seed=seed, device=device,
-        progress=progress, rmsprop_alpha=rmsprop_alpha, rmsprop_eps=rmsprop_eps, weight_decay=weight_decay, box=box,
-        noise_level=noise_level, mask=mask, num_init_loss_batches=num_init_loss_batches,
-        freeze_preconditioner_at=freeze_preconditioner_at, preconditioner=preconditioner,
-        preconditioner_samples=preconditioner_samples, preconditioner_max_gain=preconditioner_max_gain,
-        backend=backend, shared_batches=shared_batches,
-        chain_batching=chain_batching, max_batched_chains=max_batched_chains, batch_memory_bytes=batch_memory_bytes,
-        mala_every=mala_every, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume,
-        target_stderr=target_stderr, target_rel_error=target_rel_error, max_draws=max_draws, check_every=check_every,
-        compile_step=compile_step,
-    )
+    options = {name: value for name, value in locals().items() if name in llc_option_names()}
+    config = LLCConfig(**{name: value for name, value in options.items() if name not in EVAL_OPTIONS})
     return estimate_config(model, data, loss_fn, config, observers_for(eval_data, refine, num_eval_batches))
 
 
@@ -282,12 +292,16 @@ def estimate_susceptibilities(model, data, loss_fn: Callable, components, observ
         .npy files under token_losses_path: their total size is checked against the free space and the files are
         allocated on disk before sampling; subset names become part of the file names).
     estimate_llc_options: lr, nbeta, num_chains, num_draws, seed, ... (as estimate_llc).
+    Under torchrun the rows are split over the ranks as ``estimate_restricted_llcs``'s (not with token_losses_path).
     """
     from .chains.observe import Observers
     from .estimators.susceptibility import (REFERENCE, check_token_losses, flat_tokens, susceptibilities_from,
                                             token_storage)
 
-    refuse_under_torchrun("estimate_susceptibilities", "launch it without torchrun")
+    if token_losses_path is not None:
+        refuse_under_torchrun("estimate_susceptibilities(token_losses_path=...)", "leave token_losses_path out (the "
+                              "per-token losses are then held in memory, result.token_losses), or launch without "
+                              "torchrun")
     if not isinstance(observables, Mapping) or not observables:
         raise ValueError("observables must be a non-empty dict {subset name: loader or list of batches}")
     if token_losses_path is not None:

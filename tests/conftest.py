@@ -21,11 +21,11 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 def update_backend(name: str):
     """(update function, device of its tensors) of a fused-update backend; skips the test where it cannot run."""
     if name == "torch":
-        from llc_fast.kernels.reference import reference_update
+        from llc_fast.kernels.torch_update import reference_update
 
         return reference_update, torch.device("cpu")
     if name == "cpu":
-        from llc_fast.kernels.cpp_update import load_cpu_update
+        from llc_fast.kernels.cpu_update import load_cpu_update
 
         try:
             return load_cpu_update(), torch.device("cpu")

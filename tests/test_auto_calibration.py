@@ -16,7 +16,7 @@ from llc_fast.kernels.update_spec import STABILITY_LIMIT
 from llc_fast.oracles import (dln_dataset, dln_hessian_eigenvalues, make_dln, make_regression_example, mse_loss,
                               quadratic_sgld_expectation)
 from llc_fast.studies.calibrate import CalibrationRow
-from llc_fast.studies.recommend import _choose, _recommend
+from llc_fast.studies.recommend import _choose, recommend
 from llc_fast.chains.hessian import Curvature
 from llc_fast.studies.stability import GAMMA_Z, MAX_STEP_FRACTION, auto_choice, gamma_ladder
 
@@ -172,16 +172,16 @@ def test_the_gamma_check_moves_down_only_for_a_significantly_larger_estimate():
     close = made_up(1, 10.0, 10.0 + 0.9 * GAMMA_Z * math.hypot(0.1, 0.1), 0.1)
     assert gamma_ladder(big, [big, close])[0] is big  # within GAMMA_Z standard errors: gamma stays
     assert gamma_ladder(big, [big, made_up(1, 10.0, 12.0, math.nan)])[0] is big  # no standard error: no judgement
-    best, reason = _recommend([big, mid, small], acceptance_recorded=False)
+    best, reason = recommend([big, mid, small], acceptance_recorded=False)
     assert best is mid and reason.startswith("setting 1") and "moves the target" in reason
     apart = made_up(1, 10.0, 12.0, 0.1)
     apart.rhat = 1.05  # larger, but its chains disagree: leaving w* along flat directions, not a truer target
     chosen, note = gamma_ladder(big, [big, apart])
     assert chosen is big and "agree less (R-hat 1.05 > 1.01)" in note
     unflat = made_up(1, 10.0, 12.0, 0.1, flattened=False)  # a still-rising row says nothing about the target
-    assert _recommend([big, unflat], acceptance_recorded=False)[0] is big
+    assert recommend([big, unflat], acceptance_recorded=False)[0] is big
     beyond = made_up(3, 100.0, 30.0, 0.1, lr=2e-3, within=False)
-    best, reason = _recommend([beyond], acceptance_recorded=False)
+    best, reason = recommend([beyond], acceptance_recorded=False)
     assert best is None and "lr < 0.0005" in reason
 
 

@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import llc_fast
 from llc_fast.chains.engines import SequentialEngine, VmapEngine

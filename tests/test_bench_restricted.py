@@ -65,3 +65,29 @@ def test_quick_run_with_devinterp(tmp_path):
     assert row["devinterp_error"] is None, row["devinterp_error"]
     assert row["parts"]["d"]["calls"] == 2 and row["parts"]["d"]["chain_rows"] == 4
     assert all(math.isfinite(v) for v in row["checks"]["devinterp_llc"].values())
+
+
+def test_quick_run_of_the_full_model_part_and_the_memory_columns(tmp_path):
+    """(f): one estimate_llc of the whole model beside (a), with a/f, the state bytes per row of each (sparse
+    rows >= 10x smaller on real models; here the tiny model's ratio only has to exist) and peak RSS."""
+    out = tmp_path / "r.json"
+    assert _main(TINY + ["--parts", "a,f", "--output", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["case"] == "default" and row["parts"]["f"]["chain_rows"] == 2 and row["parts"]["f"]["calls"] == 1
+    for key in ("a_over_f", "a_over_f_wall"):
+        assert math.isfinite(row["ratios"][key]["median"]) and row["ratios"][key]["median"] > 0
+    mem = row["memory"]
+    assert mem["full_row_bytes"] > mem["sparse_row_bytes"] > 0 and mem["full_over_sparse_row_bytes"] > 1
+    assert mem["a_peak_rss_bytes"] > 0 and mem["f_peak_rss_bytes"] >= mem["a_peak_rss_bytes"]
+    assert mem["sparse_rows_per_call"] >= 2 and "sparse rows" in mem["a_row_plan"]
+
+
+def test_gpt2_small_shape_case_plans_and_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "s.json"
+    assert _main(["--quick", "--case", "gpt2-small-shape", "--layers", "1", "--heads", "2", "--embd", "8",
+                  "--vocab", "16", "--seq-len", "6", "--batch-size", "2", "--chains", "2", "--steps", "2",
+                  "--output", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["case"] == "gpt2-small-shape" and row["components"] == 2 and row["chains"] == 2
+    assert "full rows" in row["plan"] and "sparse rows" in row["plan"] and sum(row["calls_planned"]) == 4
+    assert row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0 and row["row_storage"] == "sparse"

@@ -21,7 +21,8 @@ from llc_fast import CalibrationResult, LLCDivergenceWarning, calibrate
 from llc_fast import default_nbeta
 from llc_fast.cli import main
 from llc_fast.diagnostics.convergence import DRIFT_Z_MAX
-from llc_fast.studies.calibrate import ACCEPTANCE_TARGET, CalibrationRow, _chain_subset, _recommend
+from llc_fast.studies.calibrate import CalibrationRow, _chain_subset, recommend
+from llc_fast.studies.recommend import ACCEPTANCE_TARGET
 from llc_fast.oracles import quadratic_sgld_expectation
 
 R, NBETA = 400, 100.0
@@ -116,17 +117,17 @@ def row(setting, lr, *, acceptance=0.95, flattened=True, diverged=0, gamma=1.0):
 def test_recommendation_rule_on_made_up_rows():
     rows = [row(0, 1e-3), row(1, 2e-3, acceptance=0.91, gamma=1.0), row(2, 2e-3, acceptance=0.93, gamma=100.0),
             row(3, 4e-3, flattened=False), row(4, 8e-3, acceptance=0.89), row(5, 1e-2, diverged=1)]
-    assert _recommend(rows, acceptance_recorded=True)[0] is rows[2]  # largest qualifying lr, then higher acceptance
-    assert _recommend(rows, acceptance_recorded=False)[0] is rows[4]  # without acceptance: largest stable flat lr
+    assert recommend(rows, acceptance_recorded=True)[0] is rows[2]  # largest qualifying lr, then higher acceptance
+    assert recommend(rows, acceptance_recorded=False)[0] is rows[4]  # without acceptance: largest stable flat lr
     fallback = [row(0, 1e-3, acceptance=0.5), row(1, 2e-3, acceptance=0.8, flattened=False), rows[5]]
-    best, reason = _recommend(fallback, acceptance_recorded=True)
+    best, reason = recommend(fallback, acceptance_recorded=True)
     assert best is fallback[1] and reason.startswith("no setting") and "not flattened" in reason
-    best, reason = _recommend([rows[5]], acceptance_recorded=True)
+    best, reason = recommend([rows[5]], acceptance_recorded=True)
     assert best is None and "smaller lrs" in reason
     unmixed = row(6, 3e-3)
     unmixed.mixed, unmixed.rhat, unmixed.max_chain_drift_z = False, 1.2, 4.0
-    assert _recommend([*rows, unmixed], acceptance_recorded=True)[0] is rows[2]  # never the unmixed one
-    best, reason = _recommend([unmixed, rows[5]], acceptance_recorded=True)
+    assert recommend([*rows, unmixed], acceptance_recorded=True)[0] is rows[2]  # never the unmixed one
+    best, reason = recommend([unmixed, rows[5]], acceptance_recorded=True)
     assert best is None and "no setting's chains mixed" in reason and "R-hat 1.2" in reason
 
 
@@ -285,4 +286,4 @@ def test_chains_drifting_in_opposite_directions_are_not_mixed():
     result = LLCResult.from_traces(trace, init, np.array([nbeta, nbeta]), {}, config)
     r = _row(result, 0, [0, 1])
     assert r.flattened and not r.mixed and r.max_chain_drift_z > 3
-    assert _recommend([r], acceptance_recorded=False)[0] is None
+    assert recommend([r], acceptance_recorded=False)[0] is None

@@ -1,8 +1,10 @@
 """``llc-fast estimate`` on a tiny random HuggingFace model saved to disk: one process and two agree."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,90 @@ def test_token_files(tmp_path):
     (tmp_path / "t.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match=".npy or a .bin"):
         load_tokens(tmp_path / "t.txt")
+
+
+# --- bad data and output paths, refused before any work; Ctrl-C keeps the run ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defects")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, n_positions=16)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "model")
+    return root
+
+
+def _estimate_gpt2(model_dir, data, *extra):
+    return main(["estimate", "--model", str(model_dir), "--data", str(data), "--lr", "1e-4", "--nbeta", "10",
+                 "--num-chains", "1", "--num-draws", "3", "--batch-size", "2", "--no-progress", *extra])
+
+
+def test_cli_checks_tokens_against_the_file_dtype_and_the_vocabulary(tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    from llc_fast.integrations import hf
+
+    loaded = []
+    monkeypatch.setattr(hf, "load_causal_lm", lambda *a, **k: loaded.append(1))  # must never be reached
+    model = tiny_model_dir / "model"
+    np.arange(60, dtype=np.int32).tofile(tmp_path / "t32.bin")  # int32 ids read as uint16
+    assert _estimate_gpt2(model, tmp_path / "t32.bin", "--seq-len", "6", "--token-dtype", "uint16") == 2
+    assert "looks like int32 or uint32 token ids; pass --token-dtype int32" in capsys.readouterr().err
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02")
+    assert _estimate_gpt2(model, tmp_path / "odd.bin", "--seq-len", "2", "--token-dtype", "uint16") == 2
+    assert "not a whole number of uint16 token ids" in capsys.readouterr().err
+    tokens = np.random.default_rng(0).integers(0, 50, (1000, 8))
+    tokens[777, 3] = 50  # one id outside the vocabulary
+    np.save(tmp_path / "oov.npy", tokens)
+    assert _estimate_gpt2(model, tmp_path / "oov.npy") == 2
+    assert "token id 50 at row 777, position 3 is outside the model's vocabulary [0, 50)" in capsys.readouterr().err
+    np.save(tmp_path / "long.npy", np.zeros((4, 20), dtype=np.int64))
+    assert _estimate_gpt2(model, tmp_path / "long.npy") == 2
+    assert "longer than the model's 16 positions: pass --seq-len 16" in capsys.readouterr().err
+    for bad in ("-3", "0"):
+        with pytest.raises(SystemExit):
+            _estimate_gpt2(model, tmp_path / "oov.npy", "--seq-len", bad)
+        assert "--seq-len: must be >= 1" in capsys.readouterr().err
+    assert loaded == []
+
+
+def test_cli_checks_the_output_path_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from llc_fast.integrations import hf
+
+    class ModelLoaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise ModelLoaded
+
+    monkeypatch.setattr(hf, "load_causal_lm", load)
+    model = tiny_model_dir / "model"
+    np.save(tmp_path / "ok.npy", np.zeros((8, 8), dtype=np.int64))
+    data = tmp_path / "ok.npy"
+    cases = [(tmp_path / "missing" / "r.json", "does not exist"), (tmp_path, "is a directory"),
+             (model / "r.json", "inside the model directory"), (data, "exists; pass --force")]
+    for out, message in cases:
+        assert _estimate_gpt2(model, data, "--output", str(out)) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(ModelLoaded):  # --force gets past the check
+        _estimate_gpt2(model, data, "--output", str(data), "--force")
+
+
+def test_cli_ctrl_c_keeps_the_run_and_says_how_to_resume(tiny_model_dir, tmp_path):
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 50, (64, 8)))
+    out, ck = tmp_path / "llc.json", tmp_path / "run.ckpt"
+    args = [sys.executable, "-m", "llc_fast", "estimate", "--model", str(tiny_model_dir / "model"), "--data",
+            str(tmp_path / "tokens.npy"), "--lr", "1e-4", "--nbeta", "10", "--num-chains", "2", "--num-draws", "100000",
+            "--batch-size", "4", "--no-progress", "--output", str(out), "--checkpoint", str(ck),
+            "--chain-batching", "sequential"]
+    proc = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # the memory table is printed just before sampling starts
+        if "total" in line and "fits" in line:
+            break
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "partial result" in err and f"--resume {ck}" in err and ck.exists()
+    partial = LLCResult.load(tmp_path / "llc.partial.json")
+    assert partial.config["partial"] and partial.loss_trace.shape[1] > 0 and not out.exists()

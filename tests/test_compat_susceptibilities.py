@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import llc_fast.compat.devinterp.v2 as v2
+import llc_fast.compat.devinterp.runs as compat_runs
 from llc_fast.compat import devinterp as compat
 
 transformers = pytest.importorskip("transformers")
@@ -73,7 +73,7 @@ def noisy(tmp_path_factory):
     model = _gpt2()
     path = tmp_path_factory.mktemp("sus") / "samples.zarr"
     calls = []
-    real = v2.estimate_config
+    real = compat_runs.estimate_config
 
     def spy(model, data, loss_fn, config, observers=None):
         calls.append(config)
@@ -81,7 +81,7 @@ def noisy(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mp.setattr(v2, "estimate_config", spy)
+        mp.setattr(compat_runs, "estimate_config", spy)
         out = compat.susceptibilities(model, MAIN, OBSERVABLES, _restrictions(model), num_chains=3, num_draws=6,
                                       output_path=path, progress=False, **COMMON)
         runs = list(calls)

@@ -28,9 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llc_fast.kernels import build, cpp_update, philox
-from llc_fast.kernels.reference import compute_dtype, reference_update
-from llc_fast.kernels.update_spec import SamplerSettings, StepCounters
+from llc_fast.kernels import build, philox
+from llc_fast.kernels import cpu_update as cpu_module
+from llc_fast.kernels.torch_update import reference_update
+from llc_fast.kernels.update_spec import SamplerSettings, StepCounters, compute_dtype
 
 NORMAL_TOL = 1e-5
 KERNEL_NORMAL_TOL = 2e-6  # |C++ normal - torch reference normal|: both within 7e-7 of exact
@@ -40,12 +41,12 @@ CHAIN_IDS = [5, 0, 2**31 - 1, 17, 3]
 
 @pytest.fixture(scope="module")
 def ext():
-    return cpp_update.load_cpu_extension()
+    return cpu_module.load_cpu_extension()
 
 
 @pytest.fixture(scope="module")
 def cpu_update():
-    return cpp_update.load_cpu_update()
+    return cpu_module.load_cpu_update()
 
 
 # ----------------------------------------------------------------------------- noise
@@ -85,8 +86,8 @@ def test_noise_matches_reference(ext, seed, step, start, count):
     ids = torch.tensor(CHAIN_IDS, dtype=torch.int64)
     for stream in (philox.STREAM_GAUSSIAN, philox.STREAM_ROUNDING):
         words, uniforms, normals = _cpp_noise(ext, seed, CHAIN_IDS, step, start, count, stream)
-        ref_words, first = philox._group_words(seed, ids, step, start, count, stream)
-        ref_words = philox._per_element(ref_words, first, start, count)
+        ref_words, first = philox.quad_words(seed, ids, step, start, count, stream)
+        ref_words = philox.per_element(ref_words, first, start, count)
         assert torch.equal(words, ref_words)
         assert torch.equal(uniforms, philox.uniform_from_word(ref_words))  # bit-exact
         if stream == philox.STREAM_GAUSSIAN:
@@ -428,13 +429,19 @@ def test_same_interface_as_reference(cpu_update):
     assert select_backend("cpu", torch.device("cpu")).name == "cpu"
 
 
-def test_prepared_positional_arguments_follow_the_bindings(ext):
-    """A prepared C++ update calls the kernels with positional arguments: in the bindings' order."""
-    import re
+def test_the_update_takes_one_argument_struct(ext):
+    """The C++ update's one entry point takes the address of an UpdateArgs, whose mirror native.UpdateArgs
+    has the C struct's size (checked again at every load)."""
+    import ctypes
 
-    for fn, names in ((ext.sgld_update, cpp_update.SINGLE_ARGS), (ext.sgld_update_segments, cpp_update.SEGMENTS_ARGS)):
-        signature = fn.__doc__.split("(", 1)[1].split(") ->", 1)[0]
-        assert tuple(re.findall(r"(\w+): ", signature)) == names
+    from llc_fast.kernels import native
+
+    assert ext.sgld_update.__doc__.split("(", 1)[1].split(") ->", 1)[0].startswith("args: ")  # one argument
+    assert ext.UPDATE_ARGS_SIZE == ctypes.sizeof(native.UpdateArgs)
+    with pytest.raises(RuntimeError, match="disagree"):
+        native.check_layout(ext.UPDATE_ARGS_SIZE + 8, "test")
+    with pytest.raises(ValueError, match="bad sizes, step, codes or null pointers"):
+        ext.sgld_update(ctypes.addressof(native.UpdateArgs(num_rows=-1)))
 
 
 def _good_args():
@@ -479,41 +486,41 @@ def test_build_failure_is_a_runtime_error(monkeypatch):
     monkeypatch.setattr(build, "_CPU_MODULE", None)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.raises(RuntimeError, match="compiler"):
-        cpp_update.load_cpu_update()
+        cpu_module.load_cpu_update()
 
 
 def test_cpu_build_config(monkeypatch):
     """-march=native when the compiler takes it, never -ffast-math, and an extension name that
     changes with what the flags mean on the machine (another CPU must not load this build)."""
     monkeypatch.delenv("LLC_FAST_MARCH", raising=False)
-    name, flags = cpp_update.cpu_build_config()
-    assert name.startswith(cpp_update.EXTENSION_NAME + "_")
+    name, flags = cpu_module.cpu_build_config()
+    assert name.startswith(cpu_module.EXTENSION_NAME + "_")
     assert "-ffp-contract=off" in flags and not any("fast-math" in f for f in flags)
     cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) and build._target_macros(cxx, cpp_update.CPU_CFLAGS + ["-march=native"]) is not None:
+    if shutil.which(cxx) and build.target_macros(cxx, cpu_module.CPU_CFLAGS + ["-march=native"]) is not None:
         assert flags[-1] == "-march=native"
-    assert cpp_update.cpu_build_config() == (name, flags)  # stable
+    assert cpu_module.cpu_build_config() == (name, flags)  # stable
 
     seen = {}
 
     def fake_macros(cxx, fl):
         return seen.get("macros", "#define __AVX512F__ 1")
 
-    monkeypatch.setattr(build, "_target_macros", fake_macros)
-    name_a, flags_a = cpp_update.cpu_build_config("c++")
+    monkeypatch.setattr(build, "target_macros", fake_macros)
+    name_a, flags_a = cpu_module.cpu_build_config("c++")
     seen["macros"] = "#define __AVX2__ 1"  # the same flags on a different CPU
-    name_b, flags_b = cpp_update.cpu_build_config("c++")
+    name_b, flags_b = cpu_module.cpu_build_config("c++")
     assert flags_a == flags_b and name_a != name_b
     monkeypatch.setenv("LLC_FAST_MARCH", "none")
-    name_c, flags_c = cpp_update.cpu_build_config("c++")
+    name_c, flags_c = cpu_module.cpu_build_config("c++")
     assert not any(f.startswith("-march") for f in flags_c) and name_c != name_b
     # a compiler that rejects -march=...: built for its default target (with a warning if the user asked)
     monkeypatch.delenv("LLC_FAST_MARCH")
-    monkeypatch.setattr(build, "_target_macros", lambda cxx, fl: None if any("-march" in f for f in fl) else "")
-    assert not any(f.startswith("-march") for f in cpp_update.cpu_build_config("c++")[1])
+    monkeypatch.setattr(build, "target_macros", lambda cxx, fl: None if any("-march" in f for f in fl) else "")
+    assert not any(f.startswith("-march") for f in cpu_module.cpu_build_config("c++")[1])
     monkeypatch.setenv("LLC_FAST_MARCH", "skylake-avx512")
     with pytest.warns(UserWarning, match="rejects"):
-        assert not any(f.startswith("-march") for f in cpp_update.cpu_build_config("c++")[1])
+        assert not any(f.startswith("-march") for f in cpu_module.cpu_build_config("c++")[1])
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -542,8 +549,8 @@ def test_cuda_noise_matches_reference():
     ids = torch.tensor(CHAIN_IDS, dtype=torch.int64)
     for start, count in ((0, 9), (2**33 + 5, 4099)):
         words, uniforms, normals = cuda_philox_debug(2**32 + 7, ids.cuda(), 5, start, count)
-        ref_words, first = philox._group_words(2**32 + 7, ids, 5, start, count, 0)
-        ref_words = philox._per_element(ref_words, first, start, count)
+        ref_words, first = philox.quad_words(2**32 + 7, ids, 5, start, count, 0)
+        ref_words = philox.per_element(ref_words, first, start, count)
         assert torch.equal(words.cpu(), ref_words)
         assert torch.equal(uniforms.cpu(), philox.uniform_from_word(ref_words))
         assert (normals.cpu() - philox.gaussian_noise(2**32 + 7, ids, 5, start, count)).abs().max() <= NORMAL_TOL

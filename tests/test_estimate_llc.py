@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import llc_fast
 from llc_fast import AllChainsDivergedError, LLCDivergenceWarning, LLCResult
 
-from conftest import mse, regression_data
+from llc_fast.estimators.llc import LLCChainsStuckWarning
+
+from conftest import mlp_case, mse, regression_data
 
 
 class WithBatchNorm(nn.Module):
@@ -158,3 +160,103 @@ def test_bfloat16_model_is_sampled():
     r = llc_fast.estimate_llc(model, data, mse, **dict(FAST, num_draws=30))
     assert r.config["param_dtype"] == "bfloat16"
     assert np.isfinite(r.llc_mean) and not np.all(r.loss_trace == r.loss_trace[0, 0])
+
+
+TWO_CHAINS = dict(lr=1e-3, nbeta=20.0, num_chains=2, num_draws=12, progress=False)
+
+
+def _loader():
+    return DataLoader(regression_data(), batch_size=16)
+
+
+def test_finite_but_absurd_chains_are_flagged_and_excluded():
+    """RMSProp-SGLD at nbeta = 1e8 explodes to finite losses of 1e20 and more: the bound |L - L(w*)| <=
+    100 max(|L(w*)|, 1) flags it; no estimate of 1e30 comes back."""
+    model, loader, loss_fn = mlp_case()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(llc_fast.AllChainsDivergedError) as err:
+            llc_fast.estimate_llc(model, loader, loss_fn, sampler="rmsprop_sgld", lr=1e-3, nbeta=1e8, num_chains=2,
+                                  num_draws=50, progress=False)
+    result = err.value.result
+    assert result.diverged_chains == [0, 1]
+    assert any("moved more than 100x" in str(w.message) for w in caught if w.category is LLCDivergenceWarning)
+    bound = 100 * max(abs(result.init_loss), 1.0)
+    for c, step in result.diverged_at_step.items():  # the first step out of bound is the one named
+        steps = np.concatenate([result.burnin_loss_trace[c], result.loss_trace[c]])
+        assert steps[step] > bound or not np.isfinite(steps[step]) or np.isnan(steps[step])
+
+
+def test_the_first_bad_step_is_named_not_the_step_it_was_seen():
+    """Checks run every 16 steps, but the warning names the first step whose loss left the bound."""
+    model = nn.Linear(3, 1)
+    data = [tuple(regression_data().tensors)]
+    with pytest.warns(LLCDivergenceWarning) as caught:
+        r = llc_fast.estimate_llc(model, data, mse, **dict(TWO_CHAINS, lr=[1e-3, 3.0], num_draws=40))
+    assert r.diverged_chains == [1]
+    losses = r.loss_trace[1]  # no burn-in: draw d is step d
+    first = r.diverged_at_step[1]
+    assert np.all(np.abs(losses[:first] - r.init_loss) <= 100 * max(r.init_loss, 1))
+    assert np.isnan(losses[first:]).all()
+    assert first % 16 != 15 and f"diverged at step {first} " in str(caught[0].message)
+
+
+def test_chains_that_never_move_are_flagged():
+    model = nn.Linear(3, 1)
+    with pytest.warns(LLCChainsStuckWarning, match=r"never moved from w\*.*below the float resolution.*larger lr"):
+        llc_fast.estimate_llc(model, _loader(), mse, **dict(TWO_CHAINS, lr=1e-300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LLCChainsStuckWarning)  # a normal step size moves every chain
+        llc_fast.estimate_llc(model, _loader(), mse, **TWO_CHAINS)
+
+
+def test_divergence_advice_depends_on_what_is_out_of_scale():
+    model = nn.Linear(3, 1)
+    with pytest.warns(LLCDivergenceWarning) as caught:
+        llc_fast.estimate_llc(model, _loader(), mse, **dict(TWO_CHAINS, lr=1e-2, gamma=[1.0, 1e4], num_draws=30))
+    text = str(caught[0].message)
+    assert "lr*gamma = 100" in text and "smaller gamma" in text and "larger gamma" not in text
+    from llc_fast.estimators.llc import divergence_advice
+
+    assert "smaller step size than lr=0.1" in divergence_advice(0.1, 1e6, 1.0)
+
+
+def test_dropout_in_train_mode_and_a_certain_divergence_are_said_before_sampling():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.Linear(4, 1))
+    with pytest.warns(RuntimeWarning, match=r"dropout is active \(train mode\) in \['1'\].*model.eval\(\)"):
+        llc_fast.estimate_llc(model, _loader(), mse, **TWO_CHAINS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in eval mode: no warning
+        llc_fast.estimate_llc(model.eval(), _loader(), mse, **TWO_CHAINS)
+    calls = []
+    with pytest.warns(LLCDivergenceWarning) as caught:
+        with pytest.raises(llc_fast.AllChainsDivergedError):
+            llc_fast.estimate_llc(nn.Linear(3, 1), _loader(), lambda m, b: calls.append(1) or mse(m, b),
+                                  **dict(TWO_CHAINS, lr=1.0, gamma=10.0, num_draws=40))
+    first = str(caught[0].message)
+    assert "will diverge: lr*gamma = 10 >= 4" in first and "Use lr < 0.4" in first
+
+
+def test_mask_with_none_values_samples_whole_parameters():
+    """What devinterp's create_param_masks returns (None: the whole parameter) works natively."""
+    model = nn.Linear(3, 1)
+    r = llc_fast.estimate_llc(model, _loader(), mse, mask={"weight": None}, **TWO_CHAINS)
+    assert r.config["mask"] == ["weight"] and np.isfinite(r.llc_mean)
+
+
+def test_the_result_says_what_was_sampled():
+    """Frozen parameters are named, tied ones are sampled once (and named with the slot they share)."""
+    from conftest import TokenModel
+
+    model = TokenModel()
+    model.norm.weight.requires_grad_(False)
+    tokens = torch.randint(0, 11, (16, 5), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, batch):
+        logits = m(batch[:, :-1])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+    r = llc_fast.estimate_llc(model, [tokens], loss_fn, **TWO_CHAINS)
+    assert r.config["frozen_params"] == ["norm.weight"]
+    assert r.config["tied_params"] == {"out.weight": "emb.weight"}
+    assert r.config["num_params"] == sum(p.numel() for n, p in model.named_parameters() if n != "norm.weight")

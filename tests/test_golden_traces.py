@@ -139,7 +139,7 @@ def _exact_inputs(dtype: torch.dtype, sampler: str, n: int = 4099, chains: int =
 
 
 def _cpu_update_bits(dtype: torch.dtype, sampler: str) -> str:
-    from llc_fast.kernels.cpp_update import load_cpu_update
+    from llc_fast.kernels.cpu_update import load_cpu_update
     from llc_fast.kernels.update_spec import SamplerSettings, StepCounters
 
     update = load_cpu_update()
@@ -157,7 +157,7 @@ def _cpu_build_has_fma() -> bool:
     from llc_fast.kernels import build
 
     cxx = os.environ.get("CXX", "c++")
-    return "__FMA__" in (build._target_macros(cxx, build.cpu_build_config(cxx)[1]) or "")
+    return "__FMA__" in (build.target_macros(cxx, build.cpu_build_config(cxx)[1]) or "")
 
 
 @pytest.mark.parametrize("dtype,sampler", sorted(CPU_UPDATE_BITS))
@@ -181,3 +181,15 @@ def test_torchrun_chains_are_unchanged(tmp_path):
     for spec in cases.DIST_SPECS:
         name, _, s = spec.partition(":")
         _assert_same(spec, LLCResult.load(tmp_path / f"{name}{'_S' + s if s else ''}.json"), golden)
+
+
+@pytest.mark.parametrize("name", ["vmap_extras_torch", "sequential_extras_cpu"])
+def test_a_sparse_row_restricted_run_is_the_pinned_masked_run(name):
+    """The masked cases as the one component of a restricted run on sparse rows (docs/restricted.md): its chains
+    are the pinned ones (the engine is the nested vmap, whatever the case's chain_batching)."""
+    make_model, make_data, loss_fn, kwargs = cases.CASES[name]
+    kw = {k: v for k, v in kwargs.items() if k not in ("mask", "chain_batching")}
+    res = llc_fast.estimate_restricted_llcs(make_model(), make_data(), loss_fn, {"m": kwargs["mask"]},
+                                            sparse_rows="on", **kw)
+    assert res.facts["row_storage"] == "sparse"
+    _assert_same(name, res["m"], np.load(GOLDEN / "traces.npz"))

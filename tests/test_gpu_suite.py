@@ -1,6 +1,7 @@
 """bench/gpu_suite.sh, the GPU campaign, cannot rot: its dry run (every stage at toy sizes on the CPU,
 CUDA hidden, Triton in its interpreter) runs every stage, writes every result file and fails none; and a
 stage that fails or outlives its cap is reported as such while the stages after it still run."""
+import json
 import os
 import stat
 import subprocess
@@ -76,8 +77,8 @@ def test_failing_and_slow_stages_are_reported_and_the_rest_still_run(tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n"
                     'case "$1" in\n'
-                    '  bench/gpu_update.py) echo "SUMMARY: this stage was made to fail"; exit 3 ;;\n'
-                    "  bench/gpu_e2e.py) echo started; exec sleep 60 ;;\n"
+                    '  bench/bench_update.py) echo "SUMMARY: this stage was made to fail"; exit 3 ;;\n'
+                    "  bench/bench_e2e.py) echo started; exec sleep 60 ;;\n"
                     '  bench/bench_overhead.py) echo "SUMMARY: stand-in"; exit 0 ;;\n'
                     "esac\n"
                     f'exec "{sys.executable}" "$@"\n')
@@ -97,3 +98,15 @@ def test_failing_and_slow_stages_are_reported_and_the_rest_still_run(tmp_path):
     assert "exit code 1" in (out / "summary.txt").read_text()
     listing = subprocess.run(["tar", "-tzf", str(tmp_path / "results.tar.gz")], capture_output=True, text=True).stdout
     assert "bad/summary.txt" in listing and "bad/env.txt" in listing
+
+
+def test_environment_stage_writes_its_json(tmp_path):
+    """Stage a (``gpu_build.py --env``) prints the header and its SUMMARY line and writes env.json, without a GPU too."""
+    out = tmp_path / "env.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_build.py", "--env", "--output", str(out)], cwd=ROOT,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# gpu_suite environment" in proc.stdout and "$ nvcc --version" in proc.stdout
+    assert proc.stdout.splitlines()[-2].startswith("SUMMARY: ")
+    header = json.loads(out.read_text())["header"]
+    assert header["cuda_available"] is False and "version_devinterp" in header and "git_commit" in header

@@ -2,9 +2,14 @@
 calibration grid and the probe options of a checkpoint sweep, calibrate's and sweep's own options, and the
 component names that become file names. Each refusal names the function the user called and what it takes."""
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 import llc_fast
 from llc_fast.studies.probe import check_probe_options
+
+from conftest import mse, regression_data
 
 FAST = dict(num_chains=1, num_draws=10, progress=False)
 
@@ -129,3 +134,18 @@ def test_calibrate_names_itself_and_its_options(counted_mlp):
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint=PATH"):  # estimate_llc's, before the run
         llc_fast.calibrate(model, loader, loss_fn, lrs=[1e-4], checkpoint_every=3, progress=False)
     assert not calls
+
+
+TWO_CHAINS = dict(lr=1e-3, nbeta=20.0, num_chains=2, num_draws=12, progress=False)
+
+
+def _loader():
+    return DataLoader(regression_data(), batch_size=16)
+
+
+def test_no_step_and_nothing_to_sample_are_refused():
+    with pytest.raises(ValueError, match="num_draws=1 with num_burnin_steps=0 takes no sampler step"):
+        llc_fast.estimate_llc(nn.Linear(3, 1), _loader(), mse, **dict(TWO_CHAINS, num_draws=1))
+    llc_fast.estimate_llc(nn.Linear(3, 1), _loader(), mse, **dict(TWO_CHAINS, num_draws=1, num_burnin_steps=5))
+    with pytest.raises(ValueError, match="the mask samples nothing"):
+        llc_fast.estimate_llc(nn.Linear(3, 1), _loader(), mse, mask={"weight": torch.zeros(1, 3)}, **TWO_CHAINS)

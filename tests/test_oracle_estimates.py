@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import llc_fast
-from llc_fast.chains import ChainHyper, Schedule, run_chains
+from llc_fast.chains import ChainHyper, LoopSettings, Schedule, run_chains
 from llc_fast.chains.engines import SequentialEngine
-from llc_fast.chains.runner import initial_loss
+from llc_fast.chains.setup import initial_loss
 from llc_fast.kernels import SamplerSettings, select_backend
 from llc_fast.oracles import (one_variable_expectation, quadratic_sgld_expectation, sum_of_powers_expectation)
 from llc_fast.state import FlatLayout, FlatState
@@ -96,7 +96,7 @@ def test_rmsprop_with_frozen_preconditioner_matches_discretised_chain(sampler):
         hyper = ChainHyper(torch.tensor([lr]), torch.tensor([nbeta]), torch.tensor([gamma]), torch.tensor([chain]))
         engine = SequentialEngine(model, state, potential_loss)
         init = initial_loss(engine, FULL_BATCH, seed=0, num_batches=1, device=torch.device("cpu"))
-        trace = run_chains(engine, state, FULL_BATCH, hyper, settings=settings, schedule=schedule, seed=0,
+        trace = run_chains(engine, state, FULL_BATCH, LoopSettings(hyper, settings, schedule, seed=0),
                            backend=backend, device=torch.device("cpu"), init_loss=init)
         scale = settings.statistic_scale(schedule.freeze_preconditioner_at - 1)
         G = 1.0 / (np.sqrt(state.stat[0].numpy() * scale) + settings.rmsprop_eps)

@@ -15,7 +15,7 @@ from llc_fast.chains.curvature import (HessianDiagonal, HessianProbe, curvature_
                                        hutchinson_diagonal, statistic_eps, top_eigenvalue)
 from llc_fast.chains.schedule import Schedule
 from llc_fast.config import LLCConfig
-from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings
+from llc_fast.kernels.update_spec import KERNEL_SAMPLERS as SAMPLERS, SamplerSettings
 from llc_fast.oracles import quadratic_sgld_expectation
 from llc_fast.state.flat import FlatLayout, FlatState
 
@@ -229,7 +229,7 @@ def test_flat_state_takes_a_statistic_per_element():
 def test_a_chain_is_the_same_in_any_grouping_and_engine():
     """G is computed from the whole run's settings, not from the rows a process or group holds: chains run
     batched, one at a time, or as a subset (a chain-parallel process) are the same chains."""
-    from llc_fast.chains.runner import sample_local
+    from llc_fast.estimators.sampling import sample_local
     from llc_fast.oracles import dln_dataset, make_dln, mse_loss
 
     model = make_dln((3, 4, 3), 1, seed=1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llc_fast.kernels import philox
-from llc_fast.kernels.reference import reference_update
+from llc_fast.kernels.torch_update import reference_update
 from llc_fast.kernels.update_spec import SamplerSettings, StepCounters
 
 
@@ -137,3 +137,27 @@ def test_bad_arguments_raise():
                          **dict(kw, lr=torch.tensor([1.0, 2.0, 3.0])))
     with pytest.raises(ValueError, match="sampler"):
         SamplerSettings("adam")
+
+
+def test_sgld_step_is_the_pure_step():
+    """reference.sgld_step returns the new weights and statistic without writing its inputs, and with the
+    step's normals it is what the "torch" backend applies."""
+    from llc_fast.kernels.reference import sgld_step
+
+    g = torch.Generator().manual_seed(3)
+    C, N = 2, 9
+    w, grad, ws = torch.randn(C, N, generator=g), torch.randn(C, N, generator=g), torch.randn(N, generator=g)
+    v = torch.rand(C, N, generator=g)
+    m = (torch.arange(N) % 2).float()
+    settings, counters = SamplerSettings("rmsprop_sgld_bc", box=0.5, weight_decay=0.1), StepCounters(4, stat_step=4)
+    lr, nbeta, gamma = torch.tensor([[1e-2], [3e-2]]), torch.tensor([[10.0], [3.0]]), torch.tensor([[100.0], [1.0]])
+    ids = torch.tensor([1, 6])
+    xi = philox.gaussian_noise(7, ids, 4, 11, N)
+    inputs = [t.clone() for t in (w, grad, ws, v)]
+    new, v_new = sgld_step(w, grad, ws, v, xi, m, lr=lr, nbeta=nbeta, gamma=gamma, settings=settings,
+                           stat_scale=settings.statistic_scale(4))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (w, grad, ws, v)))
+    w_b, v_b = w.clone(), v.clone()
+    reference_update(w_b, grad, ws, v_b, lr=lr[:, 0], nbeta=nbeta[:, 0], gamma=gamma[:, 0], settings=settings,
+                     counters=counters, seed=7, chain_ids=ids, mask=m, index_offset=11)
+    assert torch.equal(new, w_b) and torch.equal(v_new, v_b)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from llc_fast.kernels import RowMasks
-from llc_fast.kernels.reference import compute_dtype, reference_update
-from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
+from llc_fast.kernels.torch_update import reference_update
+from llc_fast.kernels.update_spec import KERNEL_SAMPLERS as SAMPLERS, SamplerSettings, StepCounters, compute_dtype
 
 from conftest import update_backend
 
@@ -208,11 +208,12 @@ def _run_segments(fn, device, segs, w_star, stat, mask, hyper, chain_ids, kwargs
     mask = _row_masks_to(mask, device) if isinstance(mask, RowMasks) else to(mask)
     hyper = {k: to(v) for k, v in hyper.items()}
     if steps == 1:
-        fn.update_segments(mine, to(w_star), st, mask=mask, chain_ids=torch.tensor(chain_ids), **hyper, **kwargs)
+        kw = {k: v for k, v in kwargs.items() if k != "counters"}
+        fn.prepare(mine, to(w_star), st, mask=mask, chain_ids=torch.tensor(chain_ids), **hyper, **kw).launch(
+            kwargs["counters"])
     else:
         kw = {k: v for k, v in kwargs.items() if k != "counters"}
-        prepared = fn.prepare_segments(mine, to(w_star), st, mask=mask, chain_ids=torch.tensor(chain_ids), **hyper,
-                                       **kw)
+        prepared = fn.prepare(mine, to(w_star), st, mask=mask, chain_ids=torch.tensor(chain_ids), **hyper, **kw)
         for t in range(steps):
             prepared.launch(StepCounters(step=t, update_statistic=t < 2, stat_step=min(t, 1)))
     return [w.cpu() for w, _, _, _ in mine], None if st is None else st.cpu()
@@ -248,7 +249,7 @@ def test_segments_with_windows_across_boundaries(backend, sampler, dtype, steps)
     dense = rm.dense(N_LOCAL)
     segs, w_star, stat, hyper = _segments_case(dtype, sampler, len(rows), seed=7 + SAMPLERS.index(sampler))
     kwargs = _kwargs(sampler)
-    from llc_fast.kernels.reference import reference_update as ref
+    from llc_fast.kernels.torch_update import reference_update as ref
 
     ws_ref, s_ref = _run_segments(ref, torch.device("cpu"), segs, w_star, stat, rm, hyper, CHAIN_IDS, kwargs, steps)
     ws_new, s_new = _run_segments(fn, device, segs, w_star, stat, rm, hyper, CHAIN_IDS, kwargs, steps)

@@ -1,7 +1,7 @@
 """The multi-segment update (a sharded rank's local shards in one call) against its definition:
-one single-buffer reference update per segment (``reference.reference_update_segments``).
+one single-buffer reference update per segment.
 
-Each backend's ``update_segments`` runs on segments of odd sizes (1, 3, 4097, ...), local starts
+Each backend's ``prepare`` + ``launch`` (``update_segments`` below) runs on segments of odd sizes (1, 3, 4097, ...), local starts
 with gaps between them, global offsets not multiples of four and past 2**31 / 2**32, every
 sampler, a mask, per-chain hyperparameters, float32 and bfloat16; and it is ONE kernel call (C++)
 or launch (Triton, CUDA). Tolerances as in test_cpp_update.py / test_triton_update.py: the
@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from llc_fast.kernels import dispatch
-from llc_fast.kernels.backend import Backend, NotSupportedError, pack_call
-from llc_fast.kernels.reference import compute_dtype, reference_update, reference_update_segments
-from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
+from llc_fast.kernels.backend import Backend, NotSupportedError, PreparedUpdate
+from llc_fast.kernels.torch_update import reference_update
+from llc_fast.kernels.update_call import Segment, pack_call
+from llc_fast.kernels.update_spec import KERNEL_SAMPLERS as SAMPLERS, SamplerSettings, StepCounters, compute_dtype
 
 from conftest import update_backend
 
@@ -30,6 +31,11 @@ N_LOCAL = 4117
 CHAIN_IDS = [3, 0, 11]
 
 
+def update_segments(backend, segments, w_star, stat, *, counters, **kwargs):
+    """One step of ``backend`` over ``segments``: ``prepare``, then ``launch`` at ``counters``."""
+    backend.prepare(segments, w_star, stat, **kwargs).launch(counters)
+
+
 def _case(dtype, sampler, chains, *, per_chain, mask, seed=0, segments=SEGMENTS, n_local=N_LOCAL):
     g = torch.Generator().manual_seed(seed)
     cdt = compute_dtype(dtype)
@@ -38,7 +44,7 @@ def _case(dtype, sampler, chains, *, per_chain, mask, seed=0, segments=SEGMENTS,
     for n, start, offset in segments:
         w = (w_star[start:start + n].double() + 0.1 * torch.randn(chains, n, generator=g, dtype=torch.float64))
         grad = 2 * torch.randn(chains, n, generator=g, dtype=torch.float64)
-        segs.append((w.to(dtype), grad.to(dtype), start, offset))
+        segs.append(Segment(w.to(dtype), grad.to(dtype), start, offset))
     stat = None
     if sampler != "sgld":
         stat = (torch.rand(chains, n_local, generator=g, dtype=torch.float64) ** 3 * 4).to(cdt)
@@ -51,11 +57,11 @@ def _case(dtype, sampler, chains, *, per_chain, mask, seed=0, segments=SEGMENTS,
     return segs, w_star, stat, m, hyper
 
 
-def _run(update_segments, device, segs, w_star, stat, m, hyper, kwargs):
+def _run(backend, device, segs, w_star, stat, m, hyper, kwargs):
     to = (lambda t: None if t is None else t.to(device))
     mine = [(to(w.clone()), to(g), s, o) for w, g, s, o in segs]
     st = None if stat is None else to(stat.clone())
-    update_segments(mine, to(w_star), st, mask=to(m), **{k: to(v) if isinstance(v, torch.Tensor) else v
+    update_segments(backend, mine, to(w_star), st, mask=to(m), **{k: to(v) if isinstance(v, torch.Tensor) else v
                                                           for k, v in hyper.items()}, **kwargs)
     return [w.cpu() for w, _, _, _ in mine], None if st is None else st.cpu()
 
@@ -96,8 +102,8 @@ def test_segments_match_reference_loop(backend, sampler, dtype):
     settings = SamplerSettings(sampler=sampler, weight_decay=1e-2 if sampler == "sgld" else 0.0)
     kwargs = dict(settings=settings, counters=StepCounters(step=5, update_statistic=True, stat_step=5), seed=2**40 + 3,
                   chain_ids=torch.tensor(CHAIN_IDS[:chains]))
-    ws_ref, stat_ref = _run(reference_update_segments, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
-    ws_new, stat_new = _run(update.update_segments, device, segs, w_star, stat, m, hyper, kwargs)
+    ws_ref, stat_ref = _run(reference_update, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
+    ws_new, stat_new = _run(update, device, segs, w_star, stat, m, hyper, kwargs)
     _compare(dtype, segs, ws_ref, ws_new, stat_ref, stat_new, stat, m)
 
 
@@ -106,7 +112,7 @@ def test_reference_loop_is_one_update_per_segment():
     segs, w_star, stat, m, hyper = _case(torch.float32, "rmsprop_sgld_bc", 2, per_chain=True, mask=True)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld_bc", box=0.05), counters=StepCounters(step=2),
                   seed=9, chain_ids=torch.tensor([1, 4]))
-    ws_ref, stat_ref = _run(reference_update_segments, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
+    ws_ref, stat_ref = _run(reference_update, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
     st = stat.clone()
     for (w, g, start, offset), w_ref in zip(segs, ws_ref):
         w = w.clone()
@@ -125,7 +131,7 @@ def test_float64_and_one_segment_cpu():
                                          segments=[(4099, 0, 2**31 + 3)], n_local=4099)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld"), counters=StepCounters(step=1), seed=1,
                   chain_ids=torch.tensor([0, 1]))
-    (w_seg,), st_seg = _run(update.update_segments, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
+    (w_seg,), st_seg = _run(update, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
     w, g, _, offset = segs[0]
     w, st = w.clone(), stat.clone()
     update(w, g, w_star, st, index_offset=offset, **hyper, **kwargs)
@@ -133,10 +139,10 @@ def test_float64_and_one_segment_cpu():
 
 
 def test_cpu_segments_are_one_kernel_call(monkeypatch):
-    from llc_fast.kernels import cpp_update
+    from llc_fast.kernels import cpu_update
 
     update, _ = update_backend("cpu")
-    ext = cpp_update.load_cpu_extension()
+    ext = cpu_update.load_cpu_extension()
     calls = []
 
     class Counting:
@@ -144,12 +150,12 @@ def test_cpu_segments_are_one_kernel_call(monkeypatch):
             fn = getattr(ext, name)
             return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
 
-    monkeypatch.setattr(cpp_update, "load_cpu_extension", lambda: Counting())
+    monkeypatch.setattr(cpu_update, "load_cpu_extension", lambda: Counting())
     segs, w_star, stat, m, hyper = _case(torch.float32, "rmsprop_sgld", 2, per_chain=False, mask=True)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld"), counters=StepCounters(step=1), seed=1,
                   chain_ids=torch.tensor([0, 1]))
-    _run(update.update_segments, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
-    assert calls == ["sgld_update_segments"]
+    _run(update, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
+    assert calls == ["sgld_update"]
 
 
 @pytest.mark.gpu
@@ -158,7 +164,7 @@ def test_triton_segments_are_one_launch(monkeypatch):
     from llc_fast.kernels.triton_update import triton_update
 
     launches = []
-    kernel = module._sgld_update_segments_kernel
+    kernel = module.sgld_update_segments_kernel
 
     class Counting:
         def __getitem__(self, grid):
@@ -168,12 +174,12 @@ def test_triton_segments_are_one_launch(monkeypatch):
     def no_single(*a, **k):
         raise AssertionError("the single-buffer kernel was launched")
 
-    monkeypatch.setattr(module, "_sgld_update_segments_kernel", Counting())
-    monkeypatch.setattr(module, "_sgld_update_kernel", type("NoLaunch", (), {"__getitem__": no_single})())
+    monkeypatch.setattr(module, "sgld_update_segments_kernel", Counting())
+    monkeypatch.setattr(module, "sgld_update_kernel", type("NoLaunch", (), {"__getitem__": no_single})())
     segs, w_star, stat, m, hyper = _case(torch.float32, "rmsprop_sgld_bc", 3, per_chain=True, mask=True)
     kwargs = dict(settings=SamplerSettings(sampler="rmsprop_sgld_bc"), counters=StepCounters(step=1), seed=1,
                   chain_ids=torch.tensor([0, 1, 2]))
-    _run(triton_update.update_segments, DEVICE, segs, w_star, stat, m, hyper, kwargs)
+    _run(triton_update, DEVICE, segs, w_star, stat, m, hyper, kwargs)
     assert len(launches) == 1
 
 
@@ -185,15 +191,15 @@ def test_bad_segments_raise_value_error(backend):
                   chain_ids=torch.tensor([0]), **hyper)
     overlap = [segs[0], (segs[1][0], segs[1][1], segs[0][2] + 1, 100)]
     with pytest.raises(ValueError, match="overlap"):
-        update.update_segments(overlap, w_star, stat, mask=m, **kwargs)
+        update_segments(update, overlap, w_star, stat, mask=m, **kwargs)
     outside = [(segs[0][0], segs[0][1], N_LOCAL - 1, 0)]
     with pytest.raises(ValueError, match="outside"):
-        update.update_segments(outside, w_star, stat, mask=m, **kwargs)
+        update_segments(update, outside, w_star, stat, mask=m, **kwargs)
     with pytest.raises(ValueError, match="stat"):
-        update.update_segments(segs, w_star, stat[:, :-1].contiguous(), mask=m, **kwargs)
+        update_segments(update, segs, w_star, stat[:, :-1].contiguous(), mask=m, **kwargs)
     with pytest.raises(ValueError, match="global_offset"):
-        update.update_segments([(segs[0][0], segs[0][1], 0, -1)], w_star, stat, mask=m, **kwargs)
-    update.update_segments([], w_star, stat, mask=m, **kwargs)  # nothing to do
+        update_segments(update, [(segs[0][0], segs[0][1], 0, -1)], w_star, stat, mask=m, **kwargs)
+    update_segments(update, [], w_star, stat, mask=m, **kwargs)  # nothing to do
 
 
 def test_every_backend_is_one_object_with_both_entries():
@@ -211,11 +217,11 @@ def test_every_backend_is_one_object_with_both_entries():
         assert backend.name == info.name and backend.update.__self__ is backend
         w_one, st_one = w.clone(), stat[:, cols].contiguous()
         backend.update(w_one, g, w_star[cols], st_one, mask=m[cols], index_offset=offset, **hyper, **kwargs)
-        (w_seg,), st_seg = _run(backend.update_segments, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
+        (w_seg,), st_seg = _run(backend, torch.device("cpu"), segs, w_star, stat, m, hyper, kwargs)
         assert torch.equal(w_seg, w_one) and torch.equal(st_seg[:, cols], st_one), info.name
         whole = [(w.clone(), g, 0, offset)]
         st_whole = stat[:, cols].contiguous()
-        backend.update_segments(whole, w_star[cols], st_whole, mask=m[cols], **hyper, **kwargs)
+        update_segments(backend, whole, w_star[cols], st_whole, mask=m[cols], **hyper, **kwargs)
         assert torch.equal(whole[0][0], w_one) and torch.equal(st_whole, st_one), info.name
 
 
@@ -226,13 +232,14 @@ def test_unsupported_calls_list_the_reasons():
                   **hyper)
     meta = [(torch.zeros(1, 3, device="meta"), torch.zeros(1, 3, device="meta"), 0, 0)]
     with pytest.raises(NotSupportedError, match="cpu backend cannot run this update: the tensors are on meta"):
-        update_backend("cpu")[0].update_segments(meta, torch.zeros(N_LOCAL, device="meta"), None, **kwargs)
+        update_segments(update_backend("cpu")[0], meta, torch.zeros(N_LOCAL, device="meta"), None, **kwargs)
     from llc_fast.kernels.triton_update import triton_update
 
     far = [(segs[0][0], segs[0][1], 0, 2**62 - 1)]
     with pytest.raises(NotSupportedError, match=r"below 2\*\*62"):
-        triton_update.update_segments(far, w_star, None, **kwargs)
+        update_segments(triton_update, far, w_star, None, **kwargs)
     to = (lambda t: t.to(DEVICE))
+    kwargs.pop("counters")
     call = pack_call([(to(w), to(g), a, b) for w, g, a, b in segs], to(w_star), None, mask=None, **kwargs)
     assert triton_update.not_supported_reasons(call) == []
 
@@ -249,7 +256,7 @@ def test_cuda_segments_entry_is_exported(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     syms = subprocess.run(["nm", "-D", str(out)], capture_output=True, text=True).stdout
-    assert "llc_sgld_update_segments_cuda" in syms and "llc_cuda_segment_block_groups" in syms
+    assert "llc_sgld_update_segments_cuda" in syms and "llc_cuda_segment_block_quads" in syms
 
 
 # --- prepared updates: checked and packed once, launched at each step ----------------------------
@@ -303,7 +310,7 @@ def _copies(segs, stat, device):
                          f"{str(PREPARED_CASES[k][1]).replace('torch.', '')}")
 @pytest.mark.parametrize("backend", PREPARED_BACKENDS + [pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_prepared_launch_is_update_segments_bit_for_bit(backend, case, layout):
-    """prepare_segments once + launch per step = update_segments per step, bit for bit, over steps whose
+    """prepare once + launch per step = prepare and launch per step, bit for bit, over steps whose
     statistic updates and then is frozen, with the prepared gradients, new gradient tensors, and again the
     gradients of the step before (grads=None)."""
     update, device = _any_backend(backend)
@@ -311,14 +318,14 @@ def test_prepared_launch_is_update_segments_bit_for_bit(backend, case, layout):
     segs, w_star, stat, args, grads = _prepared_case(sampler, dtype, opts, layout, device)
     ref, ref_stat = _copies(segs, stat, device)
     mine, my_stat = _copies(segs, stat, device)
-    prepared = update.prepare_segments(mine, w_star, my_stat, **args)
+    prepared = update.prepare(mine, w_star, my_stat, **args)
     current = [g for _, g, _, _ in segs]
     for k, counters in enumerate(PREPARED_STEPS):
         new = None if k in (0, 2) else grads[k]  # step 0: the prepared gradients; step 2: those of step 1
         if new is not None:
             current = new
         ref = [(w, g, s, o) for (w, _, s, o), g in zip(ref, current)]
-        update.update_segments(ref, w_star, ref_stat, counters=counters, **args)
+        update_segments(update, ref, w_star, ref_stat, counters=counters, **args)
         prepared.launch(counters, grads=new)
         for (w_ref, *_), (w_mine, *_) in zip(ref, mine):
             assert torch.equal(w_mine.view(torch.int16) if dtype == torch.bfloat16 else w_mine,
@@ -336,7 +343,7 @@ def test_prepared_launch_refuses_bad_grads(backend):
     segs, w_star, stat, args, _ = _prepared_case("rmsprop_sgld", torch.float32, PREPARED_CASES[3][2], "segments",
                                                  device)
     mine, my_stat = _copies(segs, stat, device)
-    prepared = update.prepare_segments(mine, w_star, my_stat, **args)
+    prepared = update.prepare(mine, w_star, my_stat, **args)
     good = [g for _, g, _, _ in mine]
     n1 = good[1].shape[1]
     bad = [
@@ -359,14 +366,14 @@ def test_prepared_launch_refuses_bad_grads(backend):
     assert all(torch.equal(w, w0) for (w, _, _, _), w0 in zip(mine, before[0])) and torch.equal(my_stat, before[1])
     prepared.launch(StepCounters(3))  # with the prepared gradients
     ref, ref_stat = _copies(segs, stat, device)
-    update.update_segments(ref, w_star, ref_stat, counters=StepCounters(3), **args)
+    update_segments(update, ref, w_star, ref_stat, counters=StepCounters(3), **args)
     assert all(torch.equal(w, w_ref) for (w, _, _, _), (w_ref, _, _, _) in zip(mine, ref))
     assert torch.equal(my_stat, ref_stat)
 
 
 @pytest.mark.parametrize("backend", PREPARED_BACKENDS)
 def test_prepare_checks_once_and_packs_once(backend, monkeypatch):
-    """prepare_segments makes update_segments' checks (ValueError, NotSupportedError); its launches neither
+    """prepare makes its checks once (ValueError, NotSupportedError); its launches neither
     pack the call again nor convert the per-chain values, chain indices or mask again."""
     from llc_fast.kernels import backend as backend_module
     from llc_fast.kernels import native
@@ -376,16 +383,16 @@ def test_prepare_checks_once_and_packs_once(backend, monkeypatch):
                                                      "segments", device)
     mine, my_stat = _copies(segs, stat, device)
     with pytest.raises(ValueError, match="overlap"):
-        update.prepare_segments([mine[0], (mine[1][0], mine[1][1], mine[0][2] + 1, 100)], w_star, my_stat, **args)
+        update.prepare([mine[0], (mine[1][0], mine[1][1], mine[0][2] + 1, 100)], w_star, my_stat, **args)
     with pytest.raises(ValueError, match="stat"):
-        update.prepare_segments(mine, w_star, None, **args)
+        update.prepare(mine, w_star, None, **args)
     if backend != "torch":
         meta = [(torch.zeros(3, 3, device="meta"), torch.zeros(3, 3, device="meta"), 0, 0)]
         with pytest.raises(NotSupportedError, match="cannot run this update"):
-            update.prepare_segments(meta, torch.zeros(3, device="meta"), None,
+            update.prepare(meta, torch.zeros(3, device="meta"), None,
                                     **dict(args, settings=SamplerSettings(), mask=None,
                                            chain_ids=torch.tensor([0, 1, 2])))
-    prepared = update.prepare_segments(mine, w_star, my_stat, **args)
+    prepared = update.prepare(mine, w_star, my_stat, **args)
     counts = {}
 
     def counting(name, fn):
@@ -395,8 +402,8 @@ def test_prepare_checks_once_and_packs_once(backend, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(backend_module, "pack_call", counting("pack_call", backend_module.pack_call))
-    monkeypatch.setattr(backend_module.UpdateCall, "per_chain_values",
-                        counting("per_chain_values", backend_module.UpdateCall.per_chain_values))
+    monkeypatch.setattr(backend_module.UpdateCall, "per_row_values",
+                        counting("per_row_values", backend_module.UpdateCall.per_row_values))
     monkeypatch.setattr(native, "kernel_args", counting("kernel_args", native.kernel_args))
     monkeypatch.setattr(native, "segment_table", counting("segment_table", native.segment_table))
     for k, counters in enumerate(PREPARED_STEPS[:3]):
@@ -404,34 +411,42 @@ def test_prepare_checks_once_and_packs_once(backend, monkeypatch):
     assert counts == {}
 
 
-def test_prepared_update_of_a_backend_with_only_launch():
-    """A backend that implements only launch(call) gets the base class's prepared update: its launch with
-    the step's counters and gradients."""
+def test_a_backend_implements_prepare_call():
+    """A backend is its ``prepare_call``: a ``PreparedUpdate`` whose ``launch_step`` gets each step's counters
+    (the step checked) with the current gradients; a backend without one cannot prepare."""
     calls = []
+
+    class RecordingPrepared(PreparedUpdate):
+        def __init__(self, backend, call):
+            super().__init__(backend, call)
+            self.inner = reference_update.prepare_call(call)
+
+        def launch_step(self, counters, step):
+            calls.append((step, counters, list(self.grads)))
+            self.inner.grads = self.grads
+            self.inner.launch_step(counters, step)
 
     class Recording(Backend):
         name, devices = "recording", ("cpu",)
 
-        def launch(self, call):
-            calls.append((call.step, call.counters, [s.grad for s in call.segments]))
-            reference_update.launch(call)
+        def prepare_call(self, call):
+            return RecordingPrepared(self, call)
 
     segs, w_star, stat, args, grads = _prepared_case("rmsprop_sgld_bc", torch.float32, PREPARED_CASES[4][2],
                                                      "segments", torch.device("cpu"))
     mine, my_stat = _copies(segs, stat, torch.device("cpu"))
     ref, ref_stat = _copies(segs, stat, torch.device("cpu"))
-    prepared = Recording().prepare_segments(mine, w_star, my_stat, **args)
+    prepared = Recording().prepare(mine, w_star, my_stat, **args)
     for k, counters in enumerate(PREPARED_STEPS):
         prepared.launch(counters, grads=grads[k])
         ref = [(w, g, s, o) for (w, _, s, o), g in zip(ref, grads[k])]
-        reference_update.update_segments(ref, w_star, ref_stat, counters=counters, **args)
+        update_segments(reference_update, ref, w_star, ref_stat, counters=counters, **args)
         assert calls[-1][0] == counters.step and calls[-1][1] == counters
         assert all(a is b for a, b in zip(calls[-1][2], grads[k]))
     assert all(torch.equal(w, w_ref) for (w, _, _, _), (w_ref, _, _, _) in zip(mine, ref))
     assert torch.equal(my_stat, ref_stat)
     with pytest.raises(NotImplementedError):
-        type("Nothing", (Backend,), {"name": "nothing", "devices": ("cpu",)})().update_segments(
-            mine, w_star, my_stat, counters=StepCounters(0), **args)
+        type("Nothing", (Backend,), {"name": "nothing", "devices": ("cpu",)})().prepare(mine, w_star, my_stat, **args)
 
 
 @pytest.mark.parametrize("backend", PREPARED_BACKENDS)
@@ -440,14 +455,14 @@ def test_prepared_empty_update_is_a_no_op(backend):
     update, device = _any_backend(backend)
     kwargs = dict(lr=1e-3, nbeta=10.0, gamma=100.0, settings=SamplerSettings(), seed=0)
     w_star = torch.randn(6, device=device)
-    empty = update.prepare_segments([(torch.zeros(0, 6, device=device), torch.zeros(0, 6, device=device), 0, 0)],
+    empty = update.prepare([(torch.zeros(0, 6, device=device), torch.zeros(0, 6, device=device), 0, 0)],
                                     w_star, None, chain_ids=torch.zeros(0, dtype=torch.int64), **kwargs)
     empty.launch(StepCounters(1), grads=[torch.zeros(0, 6, device=device)])
     with pytest.raises(ValueError, match=r"grads\[0\]"):
         empty.launch(StepCounters(1), grads=[torch.zeros(1, 6, device=device)])
     w = torch.randn(2, 3, device=device)
     w0 = w.clone()
-    none = update.prepare_segments([(torch.zeros(2, 0, device=device), torch.zeros(2, 0, device=device), 0, 0),
+    none = update.prepare([(torch.zeros(2, 0, device=device), torch.zeros(2, 0, device=device), 0, 0),
                                     (w, torch.ones(2, 3, device=device), 0, 9)], w_star, None,
                                    chain_ids=torch.tensor([0, 1]), **dict(kwargs, lr=0.0))
     none.launch(StepCounters(2), grads=[torch.zeros(2, 0, device=device), torch.ones(2, 3, device=device)])
@@ -465,7 +480,7 @@ def test_prepared_update_keeps_only_the_current_grads(backend):
     mine, _ = _copies(segs, stat, device)
     first = mine[0][1].clone()
     alive = weakref.ref(first)
-    prepared = update.prepare_segments([(mine[0][0], first, 0, mine[0][3])], w_star, None, **args)
+    prepared = update.prepare([(mine[0][0], first, 0, mine[0][3])], w_star, None, **args)
     prepared.launch(StepCounters(0))
     prepared.launch(StepCounters(1), grads=grads[1])
     del first

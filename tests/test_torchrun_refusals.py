@@ -5,11 +5,15 @@ by its WORLD_SIZE (or by a process group's size): the refusals come before any p
 import types
 
 import pytest
+from torch import nn
+from torch.utils.data import DataLoader
 
 import llc_fast
 import llc_fast.distributed.mesh as mesh
 from llc_fast.cli import main
 from llc_fast.config import LLCConfig
+
+from conftest import mse, regression_data
 
 UNDER_TORCHRUN = "cannot run under torchrun yet (this process is one of 2 it started)"
 
@@ -37,15 +41,9 @@ def _refused(call, *needles):
 def test_functions_are_refused_naming_what_was_passed(torchrun, counted_mlp):
     model, loader, loss_fn, calls = counted_mlp
     kw = dict(lr=1e-4, num_draws=10, progress=False)
-    _refused(lambda: llc_fast.estimate_restricted_llcs(model, loader, loss_fn, {"a": ["0.*"]}, **kw),
-             "estimate_restricted_llcs cannot", "estimate_llc(model, data, loss_fn, mask=restriction, ...) once per "
-                                                "component")
-    _refused(lambda: llc_fast.estimate_susceptibilities(model, loader, loss_fn, {"a": ["0.*"]}, {"s": loader}, **kw),
-             "estimate_susceptibilities cannot", "launch it without torchrun")
-    _refused(lambda: llc_fast.estimate_llc(model, loader, loss_fn, eval_data=loader, **kw),
-             "estimate_llc(eval_data=...) cannot", "leave eval_data out to sample under torchrun")
-    _refused(lambda: llc_fast.estimate_llc(model, loader, loss_fn, eval_data=loader, refine={"x": loader}, **kw),
-             "estimate_llc(eval_data=..., refine=...) cannot", "leave eval_data and refine out")
+    _refused(lambda: llc_fast.estimate_susceptibilities(model, loader, loss_fn, {"a": ["0.*"]}, {"s": loader},
+                                                        token_losses_path="tokens", **kw),
+             "estimate_susceptibilities(token_losses_path=...) cannot", "leave token_losses_path out")
     message = _refused(lambda: llc_fast.sweep(model, loader, loss_fn, nbetas=[10.0], lrs=[1e-4], progress=False),
                        "sweep with mala_every=10 (the default) cannot", "set mala_every=None")
     assert "shard_group_size" not in message  # an option sweep does not take
@@ -71,6 +69,12 @@ def test_the_advice_given_is_not_refused_in_turn(monkeypatch, counted_mlp):
         lambda: llc_fast.calibrate(model, loader, loss_fn, lrs=[1e-4], mala_every=None, progress=False),
         lambda: llc_fast.sweep(model, loader, loss_fn, nbetas=[10.0], lrs=[1e-4], mala_every=None, progress=False),
         lambda: llc_fast.estimate_llc(model, loader, loss_fn, lr=1e-4, mask={"0.weight": None}, progress=False),
+        # restricted, refined and susceptibility runs split their rows over the ranks (distributed/rows.py)
+        lambda: llc_fast.estimate_restricted_llcs(model, loader, loss_fn, {"a": ["0.*"]}, lr=1e-4, progress=False),
+        lambda: llc_fast.estimate_susceptibilities(model, loader, loss_fn, {"a": ["0.*"]}, {"s": loader}, lr=1e-4,
+                                                   progress=False),
+        lambda: llc_fast.estimate_llc(model, loader, loss_fn, lr=1e-4, eval_data=loader, refine={"x": loader},
+                                      progress=False),
         lambda: llc_fast.estimate_over_checkpoints([(0, model)], loader, loss_fn, components={"a": ["0.*"]},
                                                    calibrate=dict(lrs=[1e-4], mala_every=None), progress=False),
     ]
@@ -119,3 +123,16 @@ def test_commands_are_refused_in_one_line_with_exit_code_2(torchrun, monkeypatch
     assert line.startswith(f"{prog}") and f"{prog} {UNDER_TORCHRUN}" in line
     assert "run the same command without torchrun" in line or "run it without torchrun" in line
     assert "from a script" not in line and "init_from_env" not in line  # advice a command-line user can follow
+
+
+TWO_CHAINS = dict(lr=1e-3, nbeta=20.0, num_chains=2, num_draws=12, progress=False)
+
+
+def _loader():
+    return DataLoader(regression_data(), batch_size=16)
+
+
+def test_torchrun_without_a_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2.*not initialised.*llc_fast.distributed.init_from_env\(\)"):
+        llc_fast.estimate_llc(nn.Linear(3, 1), _loader(), mse, **TWO_CHAINS)

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from llc_fast.kernels import philox
-from llc_fast.kernels.reference import reference_update
-from llc_fast.kernels.triton_kernels import _interleave, _noise_tile, _philox_words, _rounding_tile
+from llc_fast.kernels.torch_update import reference_update
+from llc_fast.kernels.triton_kernels import interleave, noise_tile, philox_words, rounding_tile
 from llc_fast.kernels.triton_update import triton_update
 from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
 
@@ -47,19 +47,19 @@ ULPS = 4
 
 @triton.jit
 def _debug_noise_kernel(words_ptr, unif_ptr, normal_ptr, round_ptr, seed, step, chain, g_first, count,
-                        LEAD: tl.constexpr, GROUPS: tl.constexpr):
+                        LEAD: tl.constexpr, QUADS: tl.constexpr):
     """Elements [4*g_first + LEAD, ... + count) of one chain: stream-0 words, uniforms, normals, stream-1 words."""
-    local_group = tl.arange(0, GROUPS).to(tl.int64)
-    groups = g_first + local_group
-    idx = local_group[:, None] * 4 + tl.arange(0, 4)[None, :] - LEAD
+    local_quad = tl.arange(0, QUADS).to(tl.int64)
+    groups = g_first + local_quad
+    idx = local_quad[:, None] * 4 + tl.arange(0, 4)[None, :] - LEAD
     valid = (idx >= 0) & (idx < count)
-    w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 0)
-    tl.store(words_ptr + idx, _interleave(w0, w1, w2, w3), mask=valid)
-    u = _interleave(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1),
+    w0, w1, w2, w3 = philox_words(seed, groups, step, chain, 0)
+    tl.store(words_ptr + idx, interleave(w0, w1, w2, w3), mask=valid)
+    u = interleave(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1),
                     tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
     tl.store(unif_ptr + idx, u, mask=valid)
-    tl.store(normal_ptr + idx, _noise_tile(seed, groups, step, chain), mask=valid)
-    tl.store(round_ptr + idx, _rounding_tile(seed, groups, step, chain), mask=valid)
+    tl.store(normal_ptr + idx, noise_tile(seed, groups, step, chain), mask=valid)
+    tl.store(round_ptr + idx, rounding_tile(seed, groups, step, chain), mask=valid)
 
 
 def _kernel_noise(seed, chain, step, start, count):
@@ -70,7 +70,7 @@ def _kernel_noise(seed, chain, step, start, count):
     lead = start % 4
     groups = triton.next_power_of_2(max(1, (lead + count + 3) // 4))
     _debug_noise_kernel[(1,)](words, unif, normal, rounding, seed, step, chain, start // 4, count,
-                              LEAD=lead, GROUPS=groups)
+                              LEAD=lead, QUADS=groups)
     return words.cpu(), unif.cpu(), normal.cpu(), rounding.cpu()
 
 
@@ -88,8 +88,8 @@ NOISE_CASES = [  # seed, chain, step, first global index, count
 def test_kernel_noise_matches_reference(seed, chain, step, start, count):
     words, unif, normal, rounding = _kernel_noise(seed, chain, step, start, count)
     ids = torch.tensor([chain])
-    ref_words, first = philox._group_words(seed, ids, step, start, count, philox.STREAM_GAUSSIAN)
-    ref_words = philox._per_element(ref_words, first, start, count)[0]
+    ref_words, first = philox.quad_words(seed, ids, step, start, count, philox.STREAM_GAUSSIAN)
+    ref_words = philox.per_element(ref_words, first, start, count)[0]
     assert torch.equal(words, ref_words)
     ref_unif = philox.uniform_from_word(ref_words)
     assert torch.equal(unif, ref_unif)  # bit-exact
@@ -473,14 +473,14 @@ def launches(monkeypatch) -> list:
     from llc_fast.kernels import triton_kernels as module
 
     grids = []
-    kernel = module._sgld_update_kernel
+    kernel = module.sgld_update_kernel
 
     class Counting:
         def __getitem__(self, grid):
             grids.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(module, "_sgld_update_kernel", Counting())
+    monkeypatch.setattr(module, "sgld_update_kernel", Counting())
     return grids
 
 
@@ -537,8 +537,8 @@ _AOT_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from llc_fast.kernels.triton_kernels import _sgld_update_kernel as k
-    from llc_fast.kernels.triton_update import GPU_GROUPS, GPU_NUM_WARPS
+    from llc_fast.kernels.triton_kernels import sgld_update_kernel as k
+    from llc_fast.kernels.triton_update import GPU_QUADS, GPU_NUM_WARPS
 
     def compile(arch, weights, stat, f64, bf16, row=False):
         sig = {"w_ptr": weights, "g_ptr": weights, "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8",
@@ -546,8 +546,8 @@ _AOT_SCRIPT = textwrap.dedent("""
         for name in ("lr", "nbeta", "gamma", "alpha", "one_minus_alpha", "scale", "eps", "wd", "box",
                      "noise_level"):
             sig[name] = "fp32"
-        sig.update(seed="u64", step="i64", n="i64", g_first="i64", chain_base="i32", num_chains="i32")
-        consts = dict(GROUPS=GPU_GROUPS, LEAD=3, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
+        sig.update(seed="u64", step="i64", n="i64", g_first="i64", chain_base="i32", num_rows="i32")
+        consts = dict(QUADS=GPU_QUADS, LEAD=3, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
                       HAS_MASK=not row, ROW_MASK=row, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64)
         sig.update({name: "constexpr" for name in consts})
         out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),
@@ -562,7 +562,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     compile(80, "*i16", "*fp32", False, True, row=True)  # per-row masks (RowMasks)
     compile(90, "*fp32", "*fp32", False, False, row=True)
 
-    from llc_fast.kernels.triton_kernels import _sgld_update_segments_kernel as ks
+    from llc_fast.kernels.triton_kernels import sgld_update_segments_kernel as ks
 
     def compile_segments(arch, weights, stat, f64, bf16, row=False):  # pointers loaded from the table, cast in the kernel
         sig = {"seg_ptr": "*i64", "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8", "rw_ptr": "*i64", "hp_ptr": stat,
@@ -570,8 +570,8 @@ _AOT_SCRIPT = textwrap.dedent("""
         for name in ("lr", "nbeta", "gamma", "alpha", "one_minus_alpha", "scale", "eps", "wd", "box",
                      "noise_level"):
             sig[name] = "fp32"
-        sig.update(seed="u64", step="i64", n_local="i64", chain_base="i32", num_chains="i32")
-        consts = dict(GROUPS=GPU_GROUPS, SEARCH_STEPS=8, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
+        sig.update(seed="u64", step="i64", n_local="i64", chain_base="i32", num_rows="i32")
+        consts = dict(QUADS=GPU_QUADS, SEARCH_STEPS=8, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
                       HAS_MASK=not row, ROW_MASK=row, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64)
         sig.update({name: "constexpr" for name in consts})
         out = triton.compile(ASTSource(fn=ks, signature=sig, constexprs=consts),

@@ -1,4 +1,5 @@
 """Bad inputs get a clear error before any sampling work: what was wrong and what to pass."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -6,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import llc_fast
 
-from conftest import mse
+from conftest import mse, regression_data
 
 X, Y = torch.randn(20, 3), torch.randn(20, 1)
 DATA = [(X, Y)]
@@ -105,3 +106,39 @@ def test_errors_come_before_sampling():
     with pytest.raises(ValueError):
         call(loss_fn=bad)
     assert len(calls) == 1
+
+
+TWO_CHAINS = dict(lr=1e-3, nbeta=20.0, num_chains=2, num_draws=12, progress=False)
+
+
+def _loader():
+    return DataLoader(regression_data(), batch_size=16)
+
+
+@pytest.mark.parametrize("engine", ["vmap", "sequential"])
+@pytest.mark.parametrize("bad_loss", [
+    lambda m, b: mse(m, b).detach(),
+    lambda m, b: torch.no_grad()(mse)(m, b),
+    lambda m, b: torch.tensor(3),
+], ids=["detached", "no_grad", "int_tensor"])
+def test_a_loss_without_gradient_is_refused_before_sampling(engine, bad_loss):
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        return bad_loss(m, b)
+
+    with pytest.raises(ValueError, match=r"loss_fn returned (a tensor without gradient|an integer tensor).*at w\*"):
+        llc_fast.estimate_llc(nn.Linear(3, 1), _loader(), loss_fn, chain_batching=engine, **TWO_CHAINS)
+    assert len(calls) <= 5  # the initial-loss batches and the check, never a sampling step
+
+
+def test_small_input_defects():
+    model = nn.Linear(3, 1)
+    r = llc_fast.estimate_llc(model, _loader(), mse, **dict(TWO_CHAINS, lr=np.array([1e-3, 2e-3])))  # numpy per chain
+    assert r.config["lr"] == [1e-3, 2e-3]
+    with pytest.raises(TypeError, match=r"mask must be a dict \{parameter name"):
+        llc_fast.estimate_llc(model, _loader(), mse, mask=[torch.ones(1, 3)], **TWO_CHAINS)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda' but no CUDA GPU is visible.*device='cpu'"):
+            llc_fast.estimate_llc(model, _loader(), mse, device="cuda", **TWO_CHAINS)

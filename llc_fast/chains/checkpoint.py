@@ -1,11 +1,12 @@
 """Checkpoints of a sampling run: everything needed to continue it bit for bit.
 
-A checkpoint holds, for every group of chains: the next step, the losses and MALA acceptances so far,
+A checkpoint holds, for every row batch (``runner.RowBatch``): the next step, the losses and MALA acceptances so far,
 the divergence flags, the chains' rows of the sampler state (weights and RMSProp statistic; a rank's own
 shards when sharded), the positions of the batch streams and the state of the RNG that drives randomness
-inside the model; and for the run: L(w*), the engine, the group layout and the config it was made with
+inside the model; and for the run: L(w*), the engine, the row batches' size and the config it was made with
 (a resume from another config is refused, naming the differences). It is written atomically with
-``torch.save``; under torchrun every rank writes its own file (``rank_path``).
+``torch.save``; under torchrun every rank writes its own file (``rank_path``). What a run writes, and
+reads back to resume, is ``resume.py``'s.
 """
 from __future__ import annotations
 
@@ -25,6 +26,24 @@ def rank_path(path: str | os.PathLike, rank: int, world: int) -> Path:
     """The checkpoint file of one rank (the path itself on one process)."""
     path = Path(path)
     return path if world == 1 else path.with_name(f"{path.name}.rank{rank}-of-{world}")
+
+
+def check_world(path: str | os.PathLike, rank: int, world: int) -> None:
+    """Refuse, naming both counts, to resume with ``world`` processes a checkpoint ``path`` that only other numbers of
+    processes wrote (this rank's file is missing and another world size's files are there)."""
+    path = Path(path)
+    if rank_path(path, rank, world).is_file() or not path.parent.is_dir():
+        return
+    found = {int(f.name.rsplit("-of-", 1)[1]) for f in path.parent.glob(f"{path.name}.rank*-of-*")
+             if f.name.rsplit("-of-", 1)[1].isdigit()}
+    if world > 1 and path.is_file():
+        found.add(1)
+    found.discard(world)
+    if found:
+        counts = " or ".join(str(n) for n in sorted(found))
+        how = "without torchrun" if found == {1} else f"with torchrun --nproc_per_node={max(found)}"
+        raise ValueError(f"checkpoint {path} was written by {counts} process(es); resume it with as many (now "
+                         f"{world}): launch it {how}")
 
 
 def previous_path(path: str | os.PathLike) -> Path:

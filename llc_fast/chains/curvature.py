@@ -35,6 +35,7 @@ import torch
 from ..state.flat import FlatLayout, isolated_buffers, swapped_parameters
 from .data import STREAM_CURVATURE, BatchStream, derived_seed, move_to_device
 from .engines import checked_finite, checked_loss
+from .settings import CurvatureSpec
 
 PRECONDITIONERS = ("curvature",)
 DEFAULT_SAMPLES = 32  # Hessian-vector products (one probe, one batch each)
@@ -113,9 +114,9 @@ def top_eigenvalue(probe: HessianProbe, batches: list, gains: torch.Tensor | Non
     1) by ``chains.hessian.power_iteration`` from a Rademacher start (a Rayleigh quotient: from below; rtol=0 runs
     all max_iters steps). The preconditioned chain is stable on a quadratic iff about
     lr·(nβ·this + γ·max G) < 4."""
-    from .hessian import _MeanHVP, power_iteration  # chains.hessian builds on this module
+    from .hessian import MeanHVP, power_iteration  # chains.hessian builds on this module
 
-    mean_hvp = _MeanHVP(probe, batches, None)
+    mean_hvp = MeanHVP(probe, batches, None)
     root = None if gains is None else gains.to(device=probe.device, dtype=torch.float64).sqrt()
     op = mean_hvp if root is None else (lambda v: root * mean_hvp(root * v))
     start = rademacher(probe.layout.numel, seed, 2**32 + 1).to(probe.device)
@@ -164,30 +165,29 @@ def sampled_elements(layout: FlatLayout, restrictions: list, device) -> torch.Te
     return out
 
 
-def gains_of(model, layout: FlatLayout, data, loss_fn: Callable, config,
-             device: torch.device) -> tuple[torch.Tensor, HessianProbe]:
-    """(G [N] float64, the probe that measured it) of ``config``'s curvature preconditioner (an ``LLCConfig`` with
-    nbeta resolved and ``preconditioner="curvature"``): the curvature at w* (``hutchinson_diagonal``) and the
-    gains (``curvature_gains``), over the elements the run samples."""
+def gains_for(model, layout: FlatLayout, data, loss_fn: Callable, spec: CurvatureSpec,
+              device: torch.device) -> tuple[torch.Tensor, HessianProbe]:
+    """(G [N] float64, the probe that measured it) of the curvature preconditioner ``spec``
+    (``settings.CurvatureSpec``): the curvature at w* (``hutchinson_diagonal``) and the gains
+    (``curvature_gains``), over the elements the run samples."""
     probe = HessianProbe(model, layout, loss_fn, device)
-    curvature = hutchinson_diagonal(probe, data, seed=config.seed, num_samples=config.preconditioner_samples)
-    restrictions = [r for _, r in config.components] if config.components is not None else [config.mask]
-    gains = curvature_gains(curvature, nbeta=config.nbeta, gamma=config.gamma, max_gain=config.preconditioner_max_gain,
-                            sampled=sampled_elements(layout, restrictions, device))
+    curvature = hutchinson_diagonal(probe, data, seed=spec.seed, num_samples=spec.samples)
+    gains = curvature_gains(curvature, nbeta=spec.nbeta, gamma=spec.gamma, max_gain=spec.max_gain,
+                            sampled=sampled_elements(layout, list(spec.restrictions), device))
     return gains, probe
 
 
-def curvature_preconditioner(model, layout: FlatLayout, data, loss_fn: Callable, config,
+def curvature_preconditioner(model, layout: FlatLayout, data, loss_fn: Callable, spec: CurvatureSpec,
                              device: torch.device) -> tuple[torch.Tensor, dict]:
-    """(V [N] the frozen statistic, facts) of ``config``'s curvature preconditioner: the statistic that gives
-    ``gains_of``'s gains. facts: what ``result.config`` records of it."""
+    """(V [N] the frozen statistic, facts) of the curvature preconditioner ``spec`` (``settings.CurvatureSpec``):
+    the statistic that gives ``gains_for``'s gains. facts: what ``result.config`` records of it."""
     import time
 
     t0 = time.perf_counter()
-    gains, probe = gains_of(model, layout, data, loss_fn, config, device)
+    gains, probe = gains_for(model, layout, data, loss_fn, spec, device)
     facts = dict(curvature_hvps=probe.products, curvature_grad_evals=HVP_GRAD_EVALS * probe.products,
                  curvature_gain_min=float(gains.min()), curvature_gain_median=float(gains.median()),
                  curvature_gain_max=float(gains.max()),
-                 curvature_gains_capped=int((gains >= config.preconditioner_max_gain).sum()),
+                 curvature_gains_capped=int((gains >= spec.max_gain).sum()),
                  curvature_s=time.perf_counter() - t0)
-    return frozen_statistic(gains, statistic_eps(config.preconditioner_max_gain)), facts
+    return frozen_statistic(gains, statistic_eps(spec.max_gain)), facts

@@ -123,3 +123,10 @@ class BatchStream:
 
 
 _END = object()
+
+
+def batch_streams(data, seed: int, chain_ids, shared: bool) -> list[BatchStream]:
+    """One stream per chain (keyed by its index), or one stream read by every chain."""
+    if shared:
+        return [BatchStream(data, seed=seed, stream=STREAM_CHAIN, index=0)] * len(chain_ids)
+    return [BatchStream(data, seed=seed, stream=STREAM_CHAIN, index=int(c)) for c in chain_ids]

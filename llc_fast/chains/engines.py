@@ -1,11 +1,11 @@
-"""Forward/backward engines: the loss and its gradient for a group of chains.
+"""Forward/backward engines: the loss and its gradient for a row batch (B chain rows).
 
 An engine answers two questions for the sampling loop (``runner.run_chains``):
-``loss_and_grad(num_rows, batches)`` -> (losses [G], gradients [G, N] or None when they were left in
+``loss_and_grad(num_rows, batches)`` -> (losses [B], gradients [B, N] or None when they were left in
 the state's own gradient storage), and ``loss_at_w_star(batch)`` -> L(w*) of one batch (a float).
 
 ``SequentialEngine`` runs each chain on the real module, one after another, with gradients landing
-in the flat gradient buffer. ``VmapEngine`` runs all chains of a group in one forward and backward
+in the flat gradient buffer. ``VmapEngine`` runs all rows of a row batch in one forward and backward
 pass over the stacked flat weights (torch.func ``vmap`` of ``grad_and_value``), keeping the
 ``loss_fn(model, batch)`` contract: inside, the module's parameters are the chain's slices of the
 flat vector, so tied weights stay tied. The FSDP engine (sharded models) is in
@@ -19,6 +19,8 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from ..state.flat import FlatState, swapped_parameters
+
+CHAIN_BATCHING = ("auto", "vmap", "sequential")  # local_engine's chain_batching
 
 
 def checked_loss(loss, where: str) -> torch.Tensor:
@@ -70,8 +72,8 @@ class SequentialEngine:
             check_differentiable(checked_loss(self.loss_fn(self.model, batch), "at w*"), "at w*")
 
     def evaluate(self, num_rows: int, batch, observable: Callable | None = None) -> torch.Tensor:
-        """``observable(model, batch)`` (default: loss_fn's scalar loss) at rows 0..G-1 on one shared batch,
-        without gradients: [G, *its shape]."""
+        """``observable(model, batch)`` (default: loss_fn's scalar loss) at rows 0..B-1 on one shared batch,
+        without gradients: [B, *its shape]."""
         fn = observable or self.loss_fn
         with torch.no_grad():
             out = []
@@ -81,7 +83,7 @@ class SequentialEngine:
         return torch.stack(out)
 
     def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, None]:
-        """Losses [G] of rows 0..G-1; their gradients are left in ``state.grad[:G]``."""
+        """Losses [B] of rows 0..B-1; their gradients are left in ``state.grad[:B]``."""
         grad = self.state.grad[:num_rows]
         grad.zero_()
         losses = []
@@ -155,7 +157,7 @@ def _tensor_dims(batch, dim):
 
 
 class VmapEngine(SequentialEngine):
-    """All rows of a group in one vmapped forward and backward pass.
+    """All rows of a row batch in one vmapped forward and backward pass.
 
     compile: run the vmapped forward and backward through ``torch.compile`` (one graph per batch layout,
     compiled at its first use: seconds on a CPU), the parameters bound by torch's reparametrisation instead
@@ -186,8 +188,8 @@ class VmapEngine(SequentialEngine):
                 return loss_fn(model, batch).reshape(())
 
         self.compiled = compile
-        self.rows_per_pass: int | None = None  # None: a group's rows in one pass; set when a pass ran out of memory
-        self.memory_note = ""  # why passes are smaller than groups ("" while they are not)
+        self.rows_per_pass: int | None = None  # None: a row batch's rows in one pass; set when a pass ran out of memory
+        self.memory_note = ""  # why passes are smaller than row batches ("" while they are not)
         self._flat_loss = flat_loss
         self._grad_and_value = grad_and_value(reparametrised_loss if compile else flat_loss)
         self._graphs: dict = {}
@@ -206,8 +208,8 @@ class VmapEngine(SequentialEngine):
         return loss.detach(), grad.detach()
 
     def evaluate(self, num_rows: int, batch, observable: Callable | None = None) -> torch.Tensor:
-        """``observable(model, batch)`` (default: the loss) at rows 0..G-1 on one shared batch, in one vmapped
-        forward pass without gradients: [G, *its shape]."""
+        """``observable(model, batch)`` (default: the loss) at rows 0..B-1 on one shared batch, in one vmapped
+        forward pass without gradients: [B, *its shape]."""
         if observable is None:
             return self.losses(num_rows, batch)
         layout, model = self.state.layout, self.model
@@ -222,13 +224,13 @@ class VmapEngine(SequentialEngine):
             return vmap(flat_observable, in_dims=(0, None), randomness="different")(self.state.w[:num_rows], batch)
 
     def losses(self, num_rows: int, batch) -> torch.Tensor:
-        """Losses [G] of rows 0..G-1 on one shared batch, without gradients (one vmapped forward pass)."""
+        """Losses [B] of rows 0..B-1 on one shared batch, without gradients (one vmapped forward pass)."""
         with torch.no_grad():
             return vmap(self._flat_loss, in_dims=(0, None), randomness="different")(self.state.w[:num_rows], batch)
 
     def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Losses [G] and gradients of rows 0..G-1: [G, N] from one pass, or, once a pass of this many rows ran
-        out of memory, passes of ``rows_per_pass`` rows with the gradients left in ``state.grad[:G]`` (None).
+        """Losses [B] and gradients of rows 0..B-1: [B, N] from one pass, or, once a pass of this many rows ran
+        out of memory, passes of ``rows_per_pass`` rows with the gradients left in ``state.grad[:B]`` (None).
 
         A pass that runs out of memory (``is_out_of_memory``) is retried in passes of half as many rows, with a
         ``BatchMemoryWarning`` at once; later steps start there. Each chain's loss and gradient do not depend
@@ -281,11 +283,11 @@ class VmapEngine(SequentialEngine):
 def local_engine(model, state: FlatState, loss_fn: Callable, chain_batching: str, probe_batches,
                  compile: bool = False) -> tuple:
     """(engine, fallback reason) for one process: vmap when asked or when it works ("auto": one trial
-    forward/backward on ``probe_batches()``, the group's first batches), else sequential. Running out of
+    forward/backward on ``probe_batches()``, the row batch's first batches), else sequential. Running out of
     memory is no reason to give up batching: the trial is split into smaller passes like any batched pass
     (``VmapEngine.loss_and_grad``); only a model that cannot be batched at all runs one chain at a time.
     compile: the batched engine's pass through torch.compile (``VmapEngine``)."""
-    if chain_batching == "sequential" or state.num_chains == 1:
+    if chain_batching == "sequential" or state.num_rows == 1:
         return SequentialEngine(model, state, loss_fn), ""
     engine = VmapEngine(model, state, loss_fn, compile=compile)
     if chain_batching == "vmap":

@@ -119,7 +119,7 @@ def power_iteration(op: Callable, v: torch.Tensor, max_iters: int, rtol: float) 
     return previous, max_iters, False
 
 
-class _MeanHVP:
+class MeanHVP:
     """v [N] float64 -> H·v [N] float64, H the Hessian of the mean loss over fixed batches (masked coordinates 0)."""
 
     def __init__(self, probe: HessianProbe, batches: list, mask: torch.Tensor | None):
@@ -136,7 +136,7 @@ class _MeanHVP:
         return self.where(out)
 
 
-def _hessian_operator(model, data, loss_fn, num_batches, seed, mask, device) -> tuple[_MeanHVP, HessianProbe]:
+def _hessian_operator(model, data, loss_fn, num_batches, seed, mask, device) -> tuple[MeanHVP, HessianProbe]:
     """(the mean Hessian-vector product of the first ``num_batches`` curvature batches, its probe)."""
     if not callable(loss_fn):
         raise TypeError("loss_fn must be a callable loss_fn(model, batch) -> scalar mean loss")
@@ -153,4 +153,4 @@ def _hessian_operator(model, data, loss_fn, num_batches, seed, mask, device) -> 
     with torch.enable_grad():  # a loss that does not reach the weights has no Hessian: say so before any product
         check_differentiable(checked_loss(loss_fn(model, batches[0]), "at w*"), "at w* (curvature batch 0)")
     where = None if mask is None else layout.flat_mask(layout.checked_mask(mask), device, dtype=torch.float64)
-    return _MeanHVP(probe, batches, where), probe
+    return MeanHVP(probe, batches, where), probe

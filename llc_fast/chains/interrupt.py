@@ -52,3 +52,20 @@ class StopRequest:
             signal.signal(s, h)
         self._previous = {}
         return False
+
+
+def interruption(signum: int | None, fresh: str | None, written: str | None, save_error: str | None, step: int,
+                 first_row: int, trace, init_loss: float) -> SamplingInterrupted:
+    """The error that ends a run stopped by ``signum`` (None: a signal to another rank) after ``step`` of the row
+    batch starting at ``first_row``. fresh: the checkpoint just written (None: the write failed, ``save_error``);
+    written: the checkpoint to resume from (fresh, else the last one written, else None); trace: the partial trace."""
+    name = signal.Signals(signum).name if signum else "a signal to another rank"
+    saved = f"the run is saved in {fresh}" if fresh else \
+        f"{save_error}, so the run is saved only as far as its last checkpoint, {written}" if written else \
+        f"{save_error}: there is no checkpoint to resume"
+    resume = f": resume it with the same call plus resume={written!r} (llc-fast estimate: --resume {written})" \
+        if written else ""
+    return SamplingInterrupted(
+        f"sampling stopped by {name} after step {step} of the group starting at chain {first_row}; "
+        f"{saved}{resume}. The partial result is in this exception's .result.",
+        written, trace, init_loss, signum)

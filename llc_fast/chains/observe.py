@@ -2,9 +2,9 @@
 
 The chains are driven by the gradient of the sampling data's loss; at each draw the loop also
 evaluates, without gradients, an observable on each evaluation set at the chain's current weights:
-by default the loss_fn averaged over the set's batches ([G] per draw, the data-refined LLC), or an
+by default the loss_fn averaged over the set's batches ([B] per draw, the data-refined LLC), or an
 ``observable(model, batch) -> [T]`` tensor (e.g. per-token losses), concatenated over the set's
-batches ([G, T] per draw, for susceptibilities). Each set is a fixed list of batches (the first
+batches ([B, T] per draw, for susceptibilities). Each set is a fixed list of batches (the first
 ``num_batches`` of its loader, taken once), so every draw of every chain sees the same data and
 L_set(w*) is computed exactly on it.
 """
@@ -75,8 +75,8 @@ class Observers:
         return dict(sets=sets, observable=observable, primary=self.primary)
 
     def measure(self, engine, num_rows: int) -> dict[str, torch.Tensor]:
-        """Each set's observable for rows 0..G-1 of the engine's state: [G] (scalar observable, the mean over
-        the set's batches) or [G, T_total] (concatenated over the batches)."""
+        """Each set's observable for rows 0..B-1 of the engine's state: [B] (scalar observable, the mean over
+        the set's batches) or [B, T_total] (concatenated over the batches)."""
         out = {}
         for name, batches in self.batches.items():
             parts = [engine.evaluate(num_rows, batch, self.observable) for batch in batches]

@@ -69,9 +69,9 @@ class Schedule:
 
 @dataclass(frozen=True)
 class ChainHyper:
-    """Per-chain hyperparameters, each a [C] float64 tensor, and the chains' global indices [C].
+    """Per-row hyperparameters, each an [R] float64 tensor, and the rows' global chain indices [R].
 
-    component: int64 [C], each row's index into the run's components (``FlatState.components``: the
+    component: int64 [R], each row's index into the run's components (``FlatState.components``: the
     row samples only that component's weights), or None when every row samples the whole layout. Rows
     of different components may share a chain index: they then read the same batches and noise.
     """
@@ -83,10 +83,11 @@ class ChainHyper:
     component: torch.Tensor | None = None
 
     @property
-    def num_chains(self) -> int:
+    def num_rows(self) -> int:
+        """R, the rows (chains, times the components when rows sample components)."""
         return self.chain_ids.numel()
 
     def rows(self, index) -> "ChainHyper":
-        """The chains at ``index`` (a slice or a list of positions)."""
+        """The rows at ``index`` (a slice or a list of positions)."""
         return ChainHyper(self.lr[index], self.nbeta[index], self.gamma[index], self.chain_ids[index],
                           None if self.component is None else self.component[index])

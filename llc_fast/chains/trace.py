@@ -57,14 +57,14 @@ class ChainTrace:
     observed: dict = field(default_factory=dict)  # evaluation set -> [C, D, ...] observable (``chains.observe``)
 
     @classmethod
-    def empty(cls, num_chains: int, schedule: Schedule) -> "ChainTrace":
-        return cls(loss_trace=np.full((num_chains, schedule.num_draws), np.nan),
-                   burnin_loss_trace=np.full((num_chains, schedule.num_burnin_steps), np.nan),
-                   mala_acceptance=np.full((num_chains, schedule.num_mala), np.nan))
+    def empty(cls, num_rows: int, schedule: Schedule) -> "ChainTrace":
+        return cls(loss_trace=np.full((num_rows, schedule.num_draws), np.nan),
+                   burnin_loss_trace=np.full((num_rows, schedule.num_burnin_steps), np.nan),
+                   mala_acceptance=np.full((num_rows, schedule.num_mala), np.nan))
 
     def record(self, first: int, step_losses: np.ndarray, mala: np.ndarray, schedule: Schedule,
                init_loss: float) -> None:
-        """Store a group's per-step losses [G, T] (NaN where a step did not run) as rows first.. of the trace."""
+        """Store a row batch's per-step losses [B, T] (NaN where a step did not run) as rows first.. of the trace."""
         rows = range(first, first + step_losses.shape[0])
         self.burnin_loss_trace[rows.start:rows.stop] = step_losses[:, :schedule.num_burnin_steps]
         draws = step_losses[:, schedule.draw_steps]
@@ -87,7 +87,8 @@ class ChainTrace:
 
     @classmethod
     def gather(cls, parts: list[tuple[list[int], "ChainTrace"]], num_chains: int, schedule: Schedule) -> "ChainTrace":
-        """One trace of ``num_chains`` chains from (global chain indices, trace of those chains) parts."""
+        """One trace of ``num_chains`` chains (or rows) from (global positions, trace of those rows) parts, their
+        observed evaluation-set values too."""
         out = cls.empty(num_chains, schedule)
         for chains, part in parts:
             for k, c in enumerate(chains):
@@ -97,6 +98,12 @@ class ChainTrace:
             out.unmoved += [chains[k] for k in part.unmoved]
         out.diverged_at = dict(sorted(out.diverged_at.items()))
         out.unmoved.sort()
+        for name in dict.fromkeys(n for _, p in parts for n in p.observed):  # evaluation sets, [rows, draws, ...]
+            shape = next(p.observed[name].shape[1:] for _, p in parts if name in p.observed)
+            out.observed[name] = np.full((num_chains, *shape), np.nan, dtype=np.float32)
+            for chains, part in parts:
+                if chains and name in part.observed:
+                    out.observed[name][chains] = part.observed[name]
         ran = [p for chains, p in parts if chains]
         out.engine = ran[0].engine if ran else "none"
         out.fallback_reason = next((p.fallback_reason for _, p in parts if p.fallback_reason), "")

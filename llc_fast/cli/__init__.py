@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "calibrate", "estimate", "checkpoints", "restricted")
+COMMANDS = ("demo", "calibrate", "estimate", "checkpoints", "restricted", "bif")
 
 
 def build_parser() -> argparse.ArgumentParser:

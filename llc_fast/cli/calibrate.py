@@ -11,7 +11,21 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from .options import add_llc_options, llc_options
+
 REQUIRED_NAMES = ("model", "data", "loss_fn")
+#: estimate_llc's options that calibrate takes as its own (with its defaults: ``calibrate_defaults``)
+CALIBRATE_OPTIONS = ("sampler", "num_draws", "num_burnin_steps", "mala_every", "seed", "progress")
+
+
+def calibrate_defaults() -> dict:
+    """calibrate's defaults of CALIBRATE_OPTIONS (e.g. mala_every=10), from its signature."""
+    import inspect
+
+    from ..studies.calibrate import calibrate
+
+    params = inspect.signature(calibrate).parameters
+    return {name: params[name].default for name in CALIBRATE_OPTIONS}
 
 
 def load_script(path: str | Path) -> ModuleType:
@@ -50,10 +64,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             [script.nbeta] if getattr(script, "nbeta", None) is not None else None)
         calibration = calibrate(
             script.model, script.data, script.loss_fn, lrs=args.lrs, gammas=args.gammas, nbetas=nbetas,
-            chains_per_setting=args.chains_per_setting, sampler=args.sampler, num_draws=args.num_draws,
-            num_burnin_steps=args.num_burnin_steps, mala_every=args.mala_every, seed=args.seed,
-            progress=not args.no_progress,
-        )
+            chains_per_setting=args.chains_per_setting, **llc_options(args))
     except (FileNotFoundError, ValueError) as e:
         print(f"llc-fast calibrate: error: {e}", file=sys.stderr)
         return 2
@@ -78,13 +89,8 @@ def add_parser(sub) -> None:
     p.add_argument("--nbetas", type=float, nargs="+",
                    help="nbeta values (default: the script's nbeta, else n/log n of the data)")
     p.add_argument("--chains-per-setting", type=int, default=2)
-    p.add_argument("--num-draws", type=int, default=200)
-    p.add_argument("--num-burnin-steps", type=int, default=0)
-    p.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
-    p.add_argument("--mala-every", type=int, default=10, help="record MALA acceptance every that many steps")
-    p.add_argument("--seed", type=int, default=0)
+    add_llc_options(p, CALIBRATE_OPTIONS, defaults=calibrate_defaults())
     p.add_argument("--plot", help="write the per-setting running-LLC panels to this PNG")
     p.add_argument("--table", help="write the table as CSV to this file")
     p.add_argument("--output", help="write the full CalibrationResult as JSON to this file")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_calibrate)

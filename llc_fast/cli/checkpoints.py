@@ -15,6 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+#: One file per run: a sweep writes each checkpoint's estimate to --save-dir instead (a rerun skips those)
+RUN_FILE_OPTIONS = ("checkpoint", "checkpoint_every", "resume")
+
 
 def _checkpoints(args: argparse.Namespace) -> int:
     try:
@@ -28,7 +31,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..api import refuse_under_torchrun
     from ..integrations import hf
     from ..studies.checkpoints import checkpoint_list, estimate_over_checkpoints
-    from .estimate import chain_options, check_output
+    from .estimate import check_output
+    from .options import llc_options
 
     refuse_under_torchrun("llc-fast checkpoints", "run the same command without torchrun; llc-fast estimate "
                                                   "--model CHECKPOINT runs one checkpoint's LLC under torchrun")
@@ -57,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{len(rows)} rows x {rows.seq_len} tokens", flush=True)
     result = estimate_over_checkpoints(
         args.models, loader, hf.causal_lm_loss, dtype=dtype,
-        components=components, save_dir=args.save_dir, **chain_options(args))
+        components=components, save_dir=args.save_dir, **llc_options(args))
     print(result.table(), flush=True)
     if args.output:
         (result.to_csv if args.output.endswith(".csv") else result.save)(args.output)
@@ -69,13 +73,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    from .estimate import COMPONENT_SETS, add_chain_options, add_input_options
+    from .estimate import COMPONENT_SETS, add_input_options
+    from .options import add_llc_options
 
     p = sub.add_parser("checkpoints", help="the LLC of every HuggingFace checkpoint in a directory (resumable)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True, help="directory of save_pretrained checkpoints named with their step")
     add_input_options(p, model=False)
-    add_chain_options(p)
+    add_llc_options(p, exclude=RUN_FILE_OPTIONS)
     p.add_argument("--component", action="append", help="NAME=GLOB[,GLOB...]: a restricted LLC (repeatable)")
     p.add_argument("--components", choices=COMPONENT_SETS, default=None,
                    help="restricted LLCs of every layer, attention head, attention/MLP part or embedding (and full)")

@@ -5,8 +5,13 @@ import argparse
 import math
 import time
 
+from .options import add_llc_options, llc_options
+
 DEMO_WIDTHS = (4, 3, 4)
 DEMO_RANK = 1
+#: estimate_llc's options the demo takes, and its own defaults of them (settings that estimate this model well)
+DEMO_OPTIONS = ("sampler", "lr", "gamma", "num_chains", "num_draws", "num_burnin_steps", "seed", "backend", "progress")
+DEMO_DEFAULTS = dict(lr=1e-4, num_draws=5000, num_burnin_steps=5000)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,10 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{sum(p.numel() for p in model.parameters())} parameters, n = {n}, nbeta = n/log n = {n / math.log(n):.1f}")
     print(f"exact learning coefficient (Aoyagi 2024): {exact:g}")
     t0 = time.perf_counter()
-    result = estimate_llc(model, data, mse_loss, sampler=args.sampler, lr=args.lr, gamma=args.gamma,
-                          num_chains=args.num_chains, num_draws=args.num_draws,
-                          num_burnin_steps=args.num_burnin_steps, seed=args.seed, progress=not args.no_progress,
-                          backend=args.backend)
+    result = estimate_llc(model, data, mse_loss, **llc_options(args))
     seconds = time.perf_counter() - t0
     err = (result.llc_mean - exact) / exact
     print(f"estimate: {result.llc_mean:.3f} ± {result.llc_std:.3f} (std over {args.num_chains} chains, "
@@ -57,16 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     demo = sub.add_parser("demo", help="estimate the LLC of a small deep linear network and compare with the exact value")
-    demo.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
-    demo.add_argument("--lr", type=float, default=1e-4)
-    demo.add_argument("--gamma", type=float, default=1.0)
-    demo.add_argument("--num-chains", type=int, default=4)
-    demo.add_argument("--num-draws", type=int, default=5000)
-    demo.add_argument("--num-burnin-steps", type=int, default=5000)
+    add_llc_options(demo, DEMO_OPTIONS, defaults=DEMO_DEFAULTS)
     demo.add_argument("--num-samples", type=int, default=10_000)
     demo.add_argument("--batch-size", type=int, default=500)
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", help="write the LLCResult as JSON to this file")
-    demo.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
-    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)

@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from .options import add_llc_options, llc_options
+
 PLAN_REFUSED_EXIT_CODE = 2
 BAD_INPUT_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
@@ -89,8 +91,11 @@ def _main(args: argparse.Namespace) -> int:
 def _checked_inputs(args: argparse.Namespace):
     """The token rows, after every input has been checked (output path, model directory, token file and dtype,
     ids against the vocabulary, rows against the positions): nothing is loaded onto a device before."""
+    from ..config import LLCConfig
+
     check_output(args.output, force=args.force, model_dir=args.model)
     check_run_files(args)
+    LLCConfig(**llc_options(args))  # the checks across options, before the model is loaded
     return checked_rows(args)
 
 
@@ -159,13 +164,13 @@ def _run(args: argparse.Namespace, launch, rows):
         plan.check()
 
     # --- sampling ------------------------------------------------------------------------------------
-    kwargs = sampler_options(args, progress=rank0 and not args.no_progress, device=device,
-                             chain_batching="sequential" if batched == 1 else args.chain_batching,
-                             max_batched_chains=batched, target_stderr=args.target_stderr, max_draws=args.max_draws)
+    kwargs = llc_options(args, progress=rank0 and args.progress, device=device,
+                         chain_batching="sequential" if batched == 1 else args.chain_batching, max_batched_chains=batched)
+    layout = {name: kwargs.pop(name) for name in ("shard_group_size", "batch_split", "failure_grace_s")}
     t1 = time.perf_counter()
     if world > 1:
-        result = estimate_llc_sharded(model, loader, hf.causal_lm_loss, shard_group_size=shard,
-                                      batch_split=args.batch_split, **kwargs)
+        result = estimate_llc_sharded(model, loader, hf.causal_lm_loss, **dict(layout, shard_group_size=shard),
+                                      **kwargs)
     else:
         result = estimate_llc(model.to(device), loader, hf.causal_lm_loss, **kwargs)
     result.config.update(provenance(args, rows, "llc-fast estimate"),
@@ -177,21 +182,6 @@ def _run(args: argparse.Namespace, launch, rows):
         result.save(args.output)
         say(f"result written to {args.output}")
     return result
-
-
-def chain_options(args: argparse.Namespace, **more) -> dict:
-    """estimate_llc's options from the arguments of ``add_chain_options`` (and ``more``)."""
-    return dict(dict(sampler=args.sampler, lr=args.lr, nbeta=args.nbeta, gamma=args.gamma, num_chains=args.num_chains,
-                     num_draws=args.num_draws, num_burnin_steps=args.num_burnin_steps,
-                     num_steps_bw_draws=args.num_steps_bw_draws, seed=args.seed, progress=not args.no_progress,
-                     backend=args.backend, num_init_loss_batches=args.num_init_loss_batches, device=args.device,
-                     chain_batching=args.chain_batching, max_batched_chains=args.max_batched_chains), **more)
-
-
-def sampler_options(args: argparse.Namespace, **more) -> dict:
-    """estimate_llc's options from the arguments of ``add_sampler_options`` (and ``more``)."""
-    return chain_options(args, **dict(dict(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                                           resume=args.resume), **more))
 
 
 def provenance(args: argparse.Namespace, rows, cli: str) -> dict:
@@ -252,18 +242,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")  # = distributed.hf's; here so that --help imports no torch
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")  # = integrations.hf's (hf.TOKEN_DTYPES)
 PARAM_DTYPES = ("bfloat16", "float32", "float64")
 COMPONENT_SETS = ("layers", "heads", "attn-mlp", "embeddings")  # = integrations.components.STANDARD's
 
 
-def add_input_options(p: argparse.ArgumentParser, model: bool = True) -> None:
-    """--model (unless ``model`` is False), --data and how they are read (--seq-len, --token-dtype, --column,
-    --batch-size, --dtype)."""
+def add_input_options(p: argparse.ArgumentParser, model: bool = True, data_help: str | None = None) -> None:
+    """--model (unless ``model`` is False), --data (optional when ``data_help`` says what it defaults to) and how
+    they are read (--seq-len, --token-dtype, --column, --batch-size, --dtype)."""
     if model:
         p.add_argument("--model", required=True, help="directory of a HuggingFace causal LM (save_pretrained); local only")
-    p.add_argument("--data", required=True,
-                   help="token ids: a saved datasets directory (column --column), a .npy [rows, tokens] or a .bin")
+    p.add_argument("--data", required=data_help is None,
+                   help="token ids: a saved datasets directory (column --column), a .npy [rows, tokens] or a .bin"
+                        + (f"; {data_help}" if data_help else ""))
     p.add_argument("--seq-len", type=positive_int,
                    help="tokens per row: cuts 1-D .npy/.bin data into rows, truncates longer rows")
     p.add_argument("--token-dtype", default="uint16", choices=TOKEN_DTYPES, help="integer type of a .bin file")
@@ -274,38 +265,6 @@ def add_input_options(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help="parameter dtype; bfloat16 is updated in float32 and stored by stochastic rounding")
 
 
-def add_chain_options(p: argparse.ArgumentParser) -> None:
-    """The options of the chains (``chain_options`` turns them into estimate_llc's)."""
-    p.add_argument("--sampler", default="sgld", choices=["sgld", "rmsprop_sgld", "rmsprop_sgld_bc"])
-    p.add_argument("--lr", type=float, required=True, help="SGLD step size epsilon (e.g. 1e-5 at 1B parameters)")
-    p.add_argument("--nbeta", type=float, default=None,
-                   help="n*beta (default n/log n, n = number of rows; language-model studies use 10-30)")
-    p.add_argument("--gamma", type=float, default=1.0, help="localization strength")
-    p.add_argument("--num-chains", type=positive_int, default=4)
-    p.add_argument("--num-draws", type=positive_int, default=100)
-    p.add_argument("--num-burnin-steps", type=int, default=0)
-    p.add_argument("--num-steps-bw-draws", type=positive_int, default=1)
-    p.add_argument("--num-init-loss-batches", type=positive_int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chain-batching", default="auto", choices=["auto", "vmap", "sequential"],
-                   help="single-model runs (shard group of 1): batch a process's chains in one vmapped pass")
-    p.add_argument("--max-batched-chains", type=int, default=None,
-                   help="single-model runs: at most this many chains in one pass (memory)")
-    p.add_argument("--backend", default="auto", help="update backend (see llc_fast.backends())")
-    p.add_argument("--device", default=None,
-                   help="cpu or cuda (default: cuda if available; GPU LOCAL_RANK per process)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def add_sampler_options(p: argparse.ArgumentParser) -> None:
-    """The chains' options and the run's checkpoints (``sampler_options`` turns them into estimate_llc's)."""
-    add_chain_options(p)
-    p.add_argument("--checkpoint", help="write the run here (every --checkpoint-every steps, and on Ctrl-C/SIGTERM); "
-                                        "under torchrun each rank writes FILE.rank<r>-of-<W>")
-    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="steps between checkpoints")
-    p.add_argument("--resume", help="continue the run saved in this checkpoint (same settings), bit for bit")
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "estimate", help="estimate the LLC of a HuggingFace causal LM on token data (also under torchrun)",
@@ -313,14 +272,9 @@ def add_parser(sub) -> None:
                     "local token data. Runs unchanged under torchrun --nproc_per_node=K -m llc_fast estimate ... "
                     "(FSDP2 shard groups, chain groups in parallel).")
     add_input_options(p)
-    add_sampler_options(p)
+    add_llc_options(p, scopes=("estimate", "torchrun"))
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory, ~1/3 more compute)")
-    p.add_argument("--shard-group-size", type=int, default=None,
-                   help="ranks per chain group (divides the number of processes; default all): "
-                        "processes / this many chains run at once")
-    p.add_argument("--batch-split", default="auto", choices=["auto", "split", "replicate"],
-                   help="split a chain's batch over its shard group, or give every rank the whole batch")
     p.add_argument("--memory-limit-gib", type=float, default=None,
                    help="memory per rank the plan must fit in (default: the GPU's free memory, or on CPU the "
                         "available memory shared by this machine's processes)")
@@ -332,7 +286,4 @@ def add_parser(sub) -> None:
     p.add_argument("--output", help="write the LLCResult as JSON here (rank 0, atomically, after all chains); "
                                     "checked before any work")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file")
-    p.add_argument("--target-stderr", type=float, default=None,
-                   help="draw until the MCSE of the estimate is at most this (--num-draws at least, --max-draws at most)")
-    p.add_argument("--max-draws", type=positive_int, default=None, help="with --target-stderr: the most draws")
     p.set_defaults(func=_estimate)

@@ -14,53 +14,26 @@ that matches no parameter is named), before sampling. It runs in one process: un
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from .estimate import BAD_INPUT_EXIT_CODE, INTERRUPTED_EXIT_CODE
+from .study import run_study, study_outputs, write_plot
 
 PROG = "llc-fast restricted"
 
 
 def _restricted(args: argparse.Namespace) -> int:
-    from ..api import refuse_under_torchrun
-    from ..chains.interrupt import SamplingInterrupted
+    def checked():
+        outputs = study_outputs(args, (".json", ".csv", ".png"))
+        file_components = read_components_file(args.components_file) if args.components_file else None
+        return (*_checked_inputs(args, file_components), outputs)
 
-    try:
-        refuse_under_torchrun(PROG, "run the same command without torchrun (the components share one batched run "
-                                    "in one process); llc-fast estimate runs the whole model's LLC under torchrun")
-        outputs = _checked_outputs(args)
-        file_components = _read_components_file(args.components_file) if args.components_file else None
-        model, rows, components = _checked_inputs(args, file_components)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
-        return BAD_INPUT_EXIT_CODE
-    try:
-        _run(args, model, rows, components, outputs)
-    except SamplingInterrupted as e:
-        from .estimate import report_interrupt
-
-        report_interrupt(args, e, prog=PROG)
-        return INTERRUPTED_EXIT_CODE
-    return 0
+    return run_study(args, PROG, "run the same command without torchrun (the components share one batched run in one "
+                                 "process); llc-fast estimate runs the whole model's LLC under torchrun", checked,
+                     lambda model, rows, components, outputs: _run(args, model, rows, components, outputs))
 
 
-def _checked_outputs(args: argparse.Namespace) -> dict[str, Path]:
-    """{".json", ".csv", ".png": path}: --output and the two files beside it, each writable and new (or --force)."""
-    from .estimate import check_output
-
-    out = Path(args.output).expanduser()
-    if out.suffix != ".json":
-        raise ValueError(f"--output {args.output}: name a .json file (the .csv and .png of the same stem are "
-                         "written beside it)")
-    outputs = {suffix: out.with_suffix(suffix) for suffix in (".json", ".csv", ".png")}
-    for path in outputs.values():
-        check_output(str(path), force=args.force, model_dir=args.model)
-    return outputs
-
-
-def _read_components_file(path: str) -> dict:
+def read_components_file(path: str) -> dict:
     """{name: [parameter-name patterns]} from a JSON file (a pattern may stand alone; null: the whole model)."""
     import json
 
@@ -91,11 +64,12 @@ def _checked_inputs(args: argparse.Namespace, file_components: dict | None):
     from ..api import options_config
     from ..estimators.restricted import resolve_components
     from ..integrations import hf
-    from .estimate import check_run_files, checked_rows, sampler_options
+    from .estimate import check_run_files, checked_rows
+    from .options import llc_options
 
     rows = checked_rows(args)
     check_run_files(args)
-    options_config(PROG, sampler_options(args))  # every sampler option, before the model is loaded
+    options_config(PROG, llc_options(args))  # every sampler option, before the model is loaded
     model = hf.load_causal_lm(args.model, hf.PARAM_DTYPES[args.dtype])
     spec = args.components or file_components
     return model, rows, resolve_components(model, spec, include_full=args.include_full)
@@ -105,7 +79,8 @@ def _run(args: argparse.Namespace, model, rows, components: dict, outputs: dict[
     from .. import estimate_restricted_llcs
     from ..distributed.mesh import init_from_env
     from ..integrations import hf
-    from .estimate import provenance, sampler_options
+    from .estimate import provenance
+    from .options import llc_options
 
     device = init_from_env(device=args.device).device
     print(f"model {args.model}: {type(model).__name__}; data {args.data}: {len(rows)} rows x {rows.seq_len} tokens; "
@@ -113,7 +88,7 @@ def _run(args: argparse.Namespace, model, rows, components: dict, outputs: dict[
           f"{device.type}", flush=True)
     t0 = time.perf_counter()
     result = estimate_restricted_llcs(model.to(device), hf.token_loader(rows, args.batch_size), hf.causal_lm_loss,
-                                      components, **sampler_options(args, device=device))
+                                      components, **llc_options(args, device=device))
     for r in result.results.values():
         r.config.update(provenance(args, rows, PROG), component_set=args.components or str(args.components_file))
     print(result.table(), flush=True)
@@ -121,20 +96,13 @@ def _run(args: argparse.Namespace, model, rows, components: dict, outputs: dict[
     result.save(outputs[".json"])
     result.to_csv(outputs[".csv"])
     written = [outputs[".json"], outputs[".csv"]]
-    try:
-        fig = result.plot(outputs[".png"])
-    except ImportError as e:
-        print(f"{PROG}: {e}; {outputs['.png']} not written", file=sys.stderr, flush=True)
-    else:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        written.append(outputs[".png"])
+    write_plot(result, outputs[".png"], PROG, written)
     print(f"written: {', '.join(map(str, written))}", flush=True)
 
 
 def add_parser(sub) -> None:
-    from .estimate import COMPONENT_SETS, add_input_options, add_sampler_options
+    from .estimate import COMPONENT_SETS, add_input_options
+    from .options import add_llc_options
 
     p = sub.add_parser("restricted", help="restricted LLCs of every head, layer, ... of a HuggingFace causal LM, "
                                           "in one batched run",
@@ -148,7 +116,7 @@ def add_parser(sub) -> None:
     which.add_argument("--components-file", metavar="FILE.json",
                        help="custom components: a JSON object {name: [parameter-name patterns (names or globs)]}")
     p.add_argument("--include-full", action="store_true", help="also the unrestricted LLC, as component 'full'")
-    add_sampler_options(p)
+    add_llc_options(p)
     p.add_argument("--output", required=True, metavar="OUT.json",
                    help="the result (JSON); OUT.csv (the table) and OUT.png (bar chart) are written beside it")
     p.add_argument("--force", action="store_true", help="overwrite existing OUT.json, OUT.csv, OUT.png")

@@ -4,7 +4,8 @@
 
 ``estimate_llc`` switches to ``estimate_llc_sharded`` when a process group of several ranks is
 initialised. ``mesh`` lays the processes out as chain groups x shard group, ``sharded`` runs the
-chains with ``engine``'s FSDP engine and the one sampling loop, ``planner`` estimates per-rank memory
+chains with ``engine``'s FSDP engine and the one sampling loop, ``rows`` splits the chain rows of restricted,
+refined and susceptibility runs over the ranks (whole models), ``planner`` estimates per-rank memory
 before anything is allocated, ``failure`` makes a failing or unanswering rank stop all ranks.
 """
 from .failure import PeerFailedError, failure_guard

@@ -1,8 +1,8 @@
 """The FSDP engine: one chain's loss and gradient on a shard group of an FSDP2-sharded model.
 
-Every rank of the group reads the chain's batch from the same stream and takes its part
-(``mesh.batch_part``); FSDP averages the gradient over the group, and the loss is averaged over
-the group by an all-reduce, so every rank records the same loss. Gradients stay in FSDP's local
+Every rank of the shard group reads the chain's batch from the same stream and takes its part
+(``mesh.batch_part``); FSDP averages the gradient over the shard group, and the loss is averaged over
+the shard group by an all-reduce, so every rank records the same loss. Gradients stay in FSDP's local
 shards, where ``ShardedChainState.segments`` finds them.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class FSDPEngine:
         return batch_part(batch, self.mesh.shard_rank, self.mesh.shard_group_size, self.batch_split)
 
     def _group_mean(self, loss: torch.Tensor) -> torch.Tensor:
-        """[1] float64 mean of the group's losses (every rank gets it)."""
+        """[1] float64 mean of the shard group's losses (every rank gets it)."""
         value = loss.detach().to(torch.float64).reshape(1)
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh.shard_group)
         return value / self.mesh.shard_group_size
@@ -46,7 +46,7 @@ class FSDPEngine:
             return float(self._group_mean(loss)[0])
 
     def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, None]:
-        """The group-mean loss [1] of the chain's batch; the gradients are left in FSDP's local shards."""
+        """The shard-group mean loss [1] of the chain's batch; the gradients are left in FSDP's local shards."""
         self.state.zero_grad()
         loss = checked_loss(self.loss_fn(self.model, self._part(batches[0])), "while sampling")
         check_differentiable(loss, "while sampling")

@@ -25,6 +25,9 @@ S > 1 (FSDP2)                                   S = 1 (each rank a whole model, 
               b*heads*T^2*e_a per layer, 2x without checkpointing)
   overhead    10 % of the above (allocator fragmentation) + 1 GiB (CUDA context, communicator buffers)
 
+A restricted run (``plan_memory(components=...)``: components x chains rows on one process) is planned by
+``restricted_plan``: sparse rows, each holding only its component's coordinates, beside full rows.
+
 This is an estimate meant to refuse configurations that cannot fit and to say what to change; a
 configuration it accepts may still need a smaller batch on an unusual model.
 """
@@ -32,12 +35,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..state.memory import available_bytes, bytes_per, row_bytes
 from .units import transformer_blocks, unit_param_counts
+
+if TYPE_CHECKING:
+    from .restricted_plan import RestrictedMemoryPlan
 
 GiB = 1 << 30
 FIXED_OVERHEAD = 1 * GiB
@@ -226,8 +233,24 @@ def plan_memory(
     batched_chains: int = 1,
     capacity: int | None = None,
     split_batch: bool = True,
-) -> MemoryPlan:
-    """Per-rank memory for sampling ``spec`` (see module docstring for the terms)."""
+    components: list | None = None,
+    chains: int = 1,
+) -> MemoryPlan | RestrictedMemoryPlan:
+    """Per-rank memory for sampling ``spec`` (see module docstring for the terms).
+
+    components: a restricted run (``estimate_restricted_llcs``) of these components x ``chains`` rows on one
+    process: a list of ``restricted_plan.ComponentSize`` (``component_sizes(model, "heads")``) or of each
+    component's coordinate count; returns a ``RestrictedMemoryPlan``: sparse rows (each row only its
+    component's coordinates, w* once) and how many go per call, beside today's full rows
+    (``llc_fast.distributed.restricted_plan``)."""
+    if components is not None:
+        from .restricted_plan import plan_restricted
+
+        if world_size != 1 or (shard_group_size or 1) != 1:
+            raise ValueError("a restricted run is planned on one process (world_size=1)")
+        return plan_restricted(spec, components, chains=chains, param_dtype=param_dtype, sampler=sampler,
+                               batch_size=batch_size, seq_len=seq_len, capacity=capacity,
+                               activation_checkpointing=activation_checkpointing)
     s = world_size if shard_group_size is None else shard_group_size
     if world_size % s:
         raise ValueError(f"shard_group_size {s} does not divide world_size {world_size}")
@@ -256,21 +279,25 @@ def plan_memory(
         parts["gradients"] = rows * row["gradients"]
         parts["FSDP"] = 0
     micro = -(-batch_size // s) if (s > 1 and split_batch) else batch_size
-    parts["activations"] = rows * _activation_bytes(spec, micro, seq_len, e, activation_checkpointing, plan.notes)
+    parts["activations"] = rows * activation_bytes(spec, micro, seq_len, e, activation_checkpointing, plan.notes)
     parts["overhead"] = int(FRAGMENTATION * sum(parts.values())) + FIXED_OVERHEAD
     return plan
 
 
-def _activation_bytes(spec: ModelSpec, micro: int, seq_len: int, e: int, checkpointing: bool, notes: list) -> int:
+def activation_bytes(spec: ModelSpec, micro: int, seq_len: int, e: int, checkpointing: bool, notes: list,
+                     layers: int | None = None) -> int:
+    """Activations of one forward/backward of ``micro`` sequences (module docstring) through the top ``layers``
+    blocks (None: all) and the logits."""
     if not (spec.num_layers and spec.hidden_size):
         notes.append("activations not estimated (no transformer blocks recognised); leave room for them")
         return 0
     tokens = micro * seq_len
-    h, inter, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    h, inter = spec.hidden_size, spec.intermediate_size
+    L = spec.num_layers if layers is None else min(layers, spec.num_layers)
     per_layer = tokens * (8 * h + 3 * inter) * e
-    layers = L * tokens * h * e + per_layer if checkpointing else L * per_layer
+    blocks = (L * tokens * h * e + per_layer if L else 0) if checkpointing else L * per_layer
     logits = tokens * spec.vocab_size * (2 * e + 8)
-    return layers + logits
+    return blocks + logits
 
 
 def device_capacity(device: torch.device, local_world_size: int = 1) -> int | None:

@@ -2,25 +2,26 @@
 
 ``estimate_llc`` calls ``estimate_llc_sharded`` when torch.distributed is initialised with more than
 one process (torchrun). The W processes form G = W/S chain groups of S shard ranks (``mesh.py``);
-each group runs its chains (c = g, g+G, ...) one after another, and the results are gathered into one
+each chain group runs its chains (c = g, g+G, ...) one after another, and the results are gathered into one
 LLCResult that **every rank** returns: the same traces and estimates everywhere (``timing`` holds the
 rank's own clocks); rank 0 writes files, the other ranks may ignore it.
 
 S = 1 (chains in parallel, nothing sharded)
-    Each process runs its chains with the single-process sampler (``chains.runner.sample_local``:
-    batched chains, one fused update per step over the flat vector).
+    Each process runs its chains with the single-process sampler (``estimators.sampling.sample_local``:
+    row batches, one fused update per step over the flat vector).
 
 S > 1 (FSDP2)
     The model is sharded with ``fully_shard`` on the 1-D "shard" sub-mesh: each recognisable
     transformer block is a unit, then the root (``units.py``). A model the caller already sharded
-    with ``fully_shard`` (1-D mesh, ``Shard(0)``) is used as it is. Every rank of the group reads the
+    with ``fully_shard`` (1-D mesh, ``Shard(0)``) is used as it is. Every rank of the shard group reads the
     chain's batch from the same stream and takes its rows (``batch_split``, ``mesh.batch_part``); FSDP
-    averages the gradient over the group; the loss is averaged over the group by an all-reduce.
+    averages the gradient over the shard group; the loss is averaged over it by an all-reduce.
 
     The chain's state on each rank is its local shards (``state.sharded.ShardedChainState``: the
     weights are FSDP's local shards, w*, the statistic and the mask flat local buffers, each element
     keyed by its global index), the engine ``engine.FSDPEngine``, and the loop the single-process one
-    (``chains.runner.run_chains``), one chain at a time. A 2-process run equals the 1-process run to
+    (``chains.runner.run_chains``, set up by ``chains.setup.run_on_state`` like the single-process run), one
+    chain at a time. A 2-process run equals the 1-process run to
     float tolerance.
 
     Launches: a rank's shards are contiguous per parameter but not across parameters, so the update
@@ -29,7 +30,7 @@ S > 1 (FSDP2)
     (one OpenMP region on the CPU, one Triton or CUDA launch on a GPU), writing FSDP's shards in place.
 
 Not supported with S > 1: ``mala_every`` (use S = 1). ``chain_batching``, ``max_batched_chains`` and
-``batch_memory_bytes`` apply to S = 1 only (with S > 1 a group's chains run one after another).
+``batch_memory_bytes`` apply to S = 1 only (with S > 1 a chain group's chains run one after another).
 Randomness inside the model (dropout) differs from the single-process run.
 """
 from __future__ import annotations
@@ -40,10 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..chains.runner import ChainRun, control_for, initial_loss, model_facts, run_chains, sample_local
+from ..chains.setup import ChainRun, model_facts, run_on_state
 from ..chains.trace import ChainTrace
 from ..config import LLCConfig
 from ..estimators.llc import estimate
+from ..estimators.sampling import control_for, sample_local, setup_settings
 from ..kernels.dispatch import select_backend
 from ..state.flat import FlatLayout
 from ..state.sharded import ShardedChainState, is_dtensor
@@ -59,7 +61,7 @@ def estimate_llc_sharded(model: nn.Module, data, loss_fn, *, shard_group_size: i
 
     options: ``estimate_llc``'s keyword arguments. Besides them:
     shard_group_size: S, ranks per chain group (a divisor of the world size W; default W). W/S
-        chains run at once; S = 1 runs whole models, one group per process, without FSDP.
+        chains run at once; S = 1 runs whole models, one chain group per process, without FSDP.
     batch_split: how a shard group shares a chain's batch: "split" (each rank takes batch/S rows;
         FSDP's gradient average is then the whole batch's gradient), "replicate" (every rank runs
         the whole batch: exact for any loss_fn, S times the compute), or "auto" (split when every
@@ -84,7 +86,7 @@ def estimate_llc_sharded(model: nn.Module, data, loss_fn, *, shard_group_size: i
 
 
 def sample_sharded(model: nn.Module, data, loss_fn, config) -> ChainRun:
-    """The chains of ``config`` (an ``LLCConfig``) on every process of the group; the same ChainRun on every
+    """The chains of ``config`` (an ``LLCConfig``) on every process of the process group; the same ChainRun on every
     rank (rank 0 reports)."""
     with failure_guard(grace_s=config.failure_grace_s) as guard:
         return _sample(model, data, loss_fn, config, guard)
@@ -92,7 +94,7 @@ def sample_sharded(model: nn.Module, data, loss_fn, config) -> ChainRun:
 
 def _sample(model, data, loss_fn, config, guard) -> ChainRun:
     layout = FlatLayout.for_sampling(model)
-    device = _resolve_device(config.device, layout)
+    device = resolve_device(config.device, layout)
     sharded_params = [p for p in layout.params if is_dtensor(p)]
     if sharded_params and len(sharded_params) != len(layout.params):
         raise ValueError("some sampled parameters are sharded (DTensor) and some are not: shard the whole model with "
@@ -115,19 +117,26 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
                                   f"{cm.shard_group_size} ranks yet (its Hessian-vector products at w* need the whole "
                                   "model on one rank): pass the model unsharded with shard_group_size=1 (chains in "
                                   "parallel), or leave preconditioner out")
+    if sharded and config.sampler == "sgnht":
+        raise NotImplementedError(f"sampler='sgnht' is not supported on a model sharded over {cm.shard_group_size} "
+                                  "ranks: its thermostat sums the kinetic energy over every element of a chain, which "
+                                  "spans the shards. Pass the model unsharded with shard_group_size=1 (chains in "
+                                  "parallel), or use sampler='sgld'")
     if config.mask:
         layout.checked_mask(config.mask)  # before the model is sharded in place
-    backend = select_backend(config.backend, device)
+    backend = select_backend(config.backend, device, config.sampler)
     mine = cm.chains(config.num_chains)
     show = config.progress and cm.rank == 0
     control = control_for(config, rank=cm.rank, world=cm.world_size,
-                          agree=_common_generation(cm) if sharded else None)
+                          agree=common_generation(cm) if sharded else None)
 
     t0 = time.perf_counter()
     if sharded:
         if not sharded_params:
             shard_model(model, cm.shard_mesh())
-        run = _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard, control)
+        settings = setup_settings(config).for_rows(mine).replace(progress=show)
+        run = sample_fsdp(model, layout, data, loss_fn, settings, cm, config.batch_split, backend=backend,
+                          device=device, on_step=guard.check, control=control)
     else:
         run = sample_local(model, data, loss_fn, config.replace(device=device), chains=mine, on_step=guard.check,
                            progress=show, control=control)
@@ -138,7 +147,7 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
 
     leaders = [p for p in payloads if p is not None]
     trace = ChainTrace.gather([(chains, part) for chains, part, _ in leaders], config.num_chains, config.schedule)
-    init_loss = leaders[0][2]  # rank 0's; every group computes the same
+    init_loss = leaders[0][2]  # rank 0's; every chain group computes the same
     init_s = run.timing["init_loss_s"]
     timing = dict(init_loss_s=init_s, sampling_s=t_end - t0 - init_s, rank_sampling_s=t_sampled - t0 - init_s)
     facts = dict(run.facts, engine=trace.engine, world_size=cm.world_size, shard_group_size=cm.shard_group_size,
@@ -147,7 +156,7 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
     return ChainRun(init_loss, trace, timing, facts, report=cm.rank == 0)
 
 
-def _common_generation(cm):
+def common_generation(cm):
     """The newest checkpoint generation every rank of this shard group has (see ``control_for``)."""
     def agree(mine: list[int]) -> int | None:
         everyone: list = [None] * cm.shard_group_size
@@ -158,32 +167,23 @@ def _common_generation(cm):
     return agree
 
 
-def _sample_fsdp(model, layout, data, loss_fn, config, cm, mine, backend, device, show, guard, control) -> ChainRun:
-    settings = config.settings
-    state = ShardedChainState(model, layout, device=device, preconditioned=settings.preconditioned,
-                              initial_statistic=settings.initial_statistic, mask=config.mask,
-                              group=cm.shard_group)
-    engine = FSDPEngine(model, state, loss_fn, cm, config.batch_split)
-    t0 = time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
-            if control.resume is None:
-                init_loss = initial_loss(engine, data, seed=config.seed, num_batches=config.num_init_loss_batches,
-                                         device=device)
-            else:
-                init_loss = control.resume["init_loss"]
-            t_init = time.perf_counter()
-            trace = run_chains(engine, state, data, config.hyper.rows(mine), settings=settings,
-                               schedule=config.schedule, seed=config.seed, backend=backend, device=device,
-                               init_loss=init_loss, shared_batches=config.shared_batches, progress=show,
-                               on_step=guard.check, control=control)
-    finally:
-        state.restore()  # the model's parameters hold w* again, bitwise
-    facts = dict(device=str(device), backend=backend.name, engine="fsdp", **model_facts(model, layout))
-    return ChainRun(init_loss, trace, dict(init_loss_s=t_init - t0, sampling_s=time.perf_counter() - t_init), facts)
+def sample_fsdp(model, layout: FlatLayout, data, loss_fn, settings, cm, batch_split: str, *, backend, device,
+                on_step, control) -> ChainRun:
+    """``settings``' rows (``chains.settings.SetupSettings``) one chain at a time on this rank's shards of the
+    model, sharded over the shard group of ``cm``: the FSDP state and engine, then ``chains.setup.run_on_state``."""
+    update = settings.loop.update
+    state = ShardedChainState(model, layout, device=device, preconditioned=update.preconditioned,
+                              initial_statistic=update.initial_statistic, mask=settings.mask,
+                              shard_group=cm.shard_group)
+    engine = FSDPEngine(model, state, loss_fn, cm, batch_split)
+    run, _ = run_on_state(state, engine, data, settings, backend=backend, device=device, control=control,
+                          on_step=on_step)
+    run.facts = dict(device=str(device), backend=backend.name, engine="fsdp", **model_facts(model, layout))
+    return run
 
 
-def _resolve_device(device, layout: FlatLayout) -> torch.device:
+def resolve_device(device, layout: FlatLayout) -> torch.device:
+    """This rank's device: ``device``, else the model's (with an nccl process group: the current CUDA device)."""
     if device is not None:
         return torch.device(device)
     d = layout.device

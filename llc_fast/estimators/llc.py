@@ -3,7 +3,7 @@
 E_w[L] is the mean over draws (burn-in excluded) of the minibatch loss along each chain; L(w*) is
 averaged over several batches. Per-chain estimates, then mean and std over the chains that did not
 diverge (``chains.trace`` states the divergence rule). ``estimate`` turns the ``ChainRun`` of a
-sampler (one process: ``chains.runner.sample_local``; torchrun: ``llc_fast.distributed``) into an
+sampler (one process: ``estimators.sampling.sample_local``; torchrun: ``llc_fast.distributed``) into an
 ``LLCResult``; ``llc_fast.estimate_llc`` (``api.py``) chooses the sampler.
 """
 from __future__ import annotations
@@ -15,9 +15,14 @@ from ..chains.interrupt import SamplingInterrupted
 import numpy as np
 
 from ..chains.identity import callable_name, data_identity, weights_digest
-from ..chains.runner import ChainRun, sample_local
+from ..chains.setup import ChainRun
+from .sampling import sample_local
 from ..chains.trace import DIVERGENCE_FACTOR
 from ..kernels.update_spec import STABILITY_LIMIT
+
+#: The localization step alone multiplies w - w* by 1 - lr·gamma/2 each step: from lr·gamma = OVERSHOOT_LIMIT it
+#: flips the sign (overshoots w*), from STABILITY_LIMIT (4) the size grows each step and the chain diverges.
+OVERSHOOT_LIMIT = STABILITY_LIMIT / 2
 from .result import LLCResult
 
 
@@ -194,7 +199,7 @@ def warn_unmoved(chains: list[int], config, where: str = "") -> None:
 
 
 def warn_unstable(config) -> None:
-    """Before sampling: chains whose localization step alone overshoots (lr*gamma >= 4, where the pull
+    """Before sampling: chains whose localization step alone diverges (lr*gamma >= STABILITY_LIMIT, where the pull
     -(lr/2)*gamma*(w - w*) flips w - w* with a larger size every step) will diverge; say which and what works."""
     bad = [c for c, (lr, g) in enumerate(zip(config.lr, config.gamma)) if lr * g >= STABILITY_LIMIT]
     if bad:
@@ -207,10 +212,12 @@ def warn_unstable(config) -> None:
 
 
 def divergence_advice(lr: float, nbeta: float, gamma: float) -> str:
-    """What to change when a chain with these hyperparameters diverged."""
-    if lr * gamma >= 1.0:  # the pull toward w* alone overshoots: -(lr/2)*gamma*(w - w*) flips the sign at 2
-        return (f"lr*gamma = {lr * gamma:.3g} is too large (the localization step overshoots at lr*gamma >= 2): "
-                f"use a smaller step size, lr < {1.0 / gamma:.3g}, or a smaller gamma")
+    """What to change when a chain with these hyperparameters diverged: the localization, when its step alone
+    overshoots w* (lr*gamma >= OVERSHOOT_LIMIT), else the step size against the drift."""
+    if lr * gamma >= OVERSHOOT_LIMIT:
+        return (f"lr*gamma = {lr * gamma:.3g} is too large (the localization step alone overshoots w* from lr*gamma = "
+                f"{OVERSHOOT_LIMIT:g} and diverges from {STABILITY_LIMIT:g}): use a smaller step size, lr < "
+                f"{OVERSHOOT_LIMIT / gamma:.3g}, or a smaller gamma")
     return (f"try a smaller step size than lr={lr:g} (the drift is lr/2*nbeta*grad with nbeta={nbeta:g}), or a "
             "larger gamma to hold the chain nearer w*")
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..files import SavedAsJson, write_atomically
-from .result import LLCResult, pyplot
+from .output import json_values_only, pyplot
+from .result import LLCResult
 
 FULL = "full"
 
@@ -153,7 +154,7 @@ class RestrictedLLCResult(SavedAsJson):
 
     def to_dict(self) -> dict:
         return dict(results={n: r.to_dict() for n, r in self.results.items()}, timing=self.timing,
-                    facts=_jsonable(self.facts))
+                    facts=json_values_only(self.facts))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RestrictedLLCResult":
@@ -202,7 +203,3 @@ def _diagnostics(result: LLCResult) -> dict:
     except ImportError:
         return dict(mcse=math.nan, rhat=math.nan, ok=None, verdict="")
     return dict(mcse=float(d["mcse"]), rhat=float(d["rhat"]), ok=bool(d["ok"]), verdict=d["verdict"])
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}

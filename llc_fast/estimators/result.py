@@ -1,16 +1,14 @@
 """LLCResult: an LLC estimate with its traces, diagnostics and the configuration that made it."""
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..files import SavedAsJson, write_atomically  # noqa: F401 - write_atomically re-exported for the studies
+from ..files import SavedAsJson
+from .output import nan_to_none, none_to_nan, pyplot
 
 LLC_STD_DDOF = 1
 
@@ -156,22 +154,22 @@ class LLCResult(SavedAsJson):
     def to_dict(self) -> dict:
         d = asdict(dict_factory_skip(self, "refined"))
         d["refined"] = {name: r.to_dict() for name, r in self.refined.items()}
-        d["llc_per_chain"] = _nan_to_none(self.llc_per_chain.tolist())
+        d["llc_per_chain"] = nan_to_none(self.llc_per_chain.tolist())
         for k in ("loss_trace", "burnin_loss_trace", "mala_acceptance"):
-            d[k] = _nan_to_none(getattr(self, k).tolist())
+            d[k] = nan_to_none(getattr(self, k).tolist())
         d["diverged_at_step"] = {str(k): v for k, v in self.diverged_at_step.items()}
         for k in ("llc_mean", "llc_std", "llc_stderr"):
-            d[k] = _nan_to_none(d[k])
+            d[k] = nan_to_none(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLCResult":
         d = dict(d)
-        d["llc_per_chain"] = np.array(_none_to_nan(d["llc_per_chain"]), dtype=np.float64)
+        d["llc_per_chain"] = np.array(none_to_nan(d["llc_per_chain"]), dtype=np.float64)
         num_chains = len(d["llc_per_chain"])
         for k in ("loss_trace", "burnin_loss_trace", "mala_acceptance"):
             if k in d:
-                d[k] = np.array(_none_to_nan(d[k]), dtype=np.float64).reshape(num_chains, -1)
+                d[k] = np.array(none_to_nan(d[k]), dtype=np.float64).reshape(num_chains, -1)
         d["diverged_at_step"] = {int(k): v for k, v in d["diverged_at_step"].items()}
         for k in ("llc_mean", "llc_std", "llc_stderr"):
             d[k] = math.nan if d[k] is None else d[k]
@@ -209,39 +207,3 @@ def dict_factory_skip(result, *skip: str):
     from dataclasses import replace
 
     return replace(result, **{k: {} for k in skip})
-
-
-def pyplot(headless: bool):
-    """matplotlib.pyplot (with the Agg backend when writing files only); a clear error if missing."""
-    try:
-        import matplotlib
-        if headless:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
-    return plt
-
-
-def thinned_ticks(ax, axis: str, labels: list[str], most: int = 16, fontsize: int = 7) -> None:
-    """Label at most ``most`` of the positions 0..n-1 of ``axis`` ("x" or "y") with ``labels`` (every k-th, the first
-    included), x labels rotated when there are more than 8, so that tick labels never overlap."""
-    every = max(1, math.ceil(len(labels) / most))
-    shown = list(range(0, len(labels), every))
-    if axis == "x":
-        tilt = dict(rotation=45, ha="right") if len(shown) > 8 else {}
-        ax.set_xticks(shown, [labels[i] for i in shown], fontsize=fontsize, **tilt)
-    else:
-        ax.set_yticks(shown, [labels[i] for i in shown], fontsize=fontsize)
-
-
-def _nan_to_none(x):
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
-def _none_to_nan(x):
-    if isinstance(x, list):
-        return [_none_to_nan(v) for v in x]
-    return math.nan if x is None else x

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..files import SavedAsJson, check_free_space, reserve
 from .restricted import RestrictedLLCResult
-from .result import pyplot, thinned_ticks
+from .output import pyplot, thinned_ticks
 
 REFERENCE = "sampling"  # the reference set: batches of the sampling data
 LARGE_BYTES = 256 * 2**20  # token losses above this are announced with their size before sampling
@@ -180,11 +180,14 @@ class SusceptibilityResult(SavedAsJson):
                    token_losses_path=d.get("token_losses_path"))
 
 
-def check_token_losses(model, loss_fn: Callable, per_token_fn: Callable, sets: Mapping, seed: int = 0) -> None:
+def check_token_losses(model, loss_fn: Callable, per_token_fn: Callable, sets: Mapping, seed: int = 0,
+                       name: str = "per_token_fn", why: str = "the susceptibilities would compare two different losses"
+                       ) -> None:
     """Before sampling, at w* (the model as given): on the first batch of each of ``sets`` ({name: loader}), the
     mean of ``per_token_fn``'s values must be ``loss_fn``'s loss to float tolerance (rtol and atol 1e-4 and 1e-6,
     or twice the resolution of a coarser dtype). Both are called under the same RNG state (dropout) and with
-    private buffers (BatchNorm); the caller's RNG is left as it was. Raises ValueError naming both numbers."""
+    private buffers (BatchNorm); the caller's RNG is left as it was. Raises ValueError naming both numbers (and
+    ``name``, the caller's name of per_token_fn, and ``why`` it matters)."""
     import torch
 
     from ..chains.engines import checked_loss, checked_observable
@@ -197,15 +200,15 @@ def check_token_losses(model, loss_fn: Callable, per_token_fn: Callable, sets: M
             isolated_buffers(model, None):
         observers = Observers(sets, num_batches=1)
         observers.take_batches(device)
-        for name, (batch,) in observers.batches.items():
+        for set_name, (batch,) in observers.batches.items():
             torch.manual_seed(seed)
-            loss = checked_loss(loss_fn(model, batch), f"on the first batch of {name}")
+            loss = checked_loss(loss_fn(model, batch), f"on the first batch of {set_name}")
             torch.manual_seed(seed)
             tokens = checked_observable(per_token_fn(model, batch), False)
-            _check_reduces(name, loss, tokens)
+            _check_reduces(set_name, loss, tokens, name, why)
 
 
-def _check_reduces(name: str, loss, tokens) -> None:
+def _check_reduces(name: str, loss, tokens, fn: str, why: str) -> None:
     """Refuse when the mean of ``tokens`` is not ``loss`` (``check_token_losses``)."""
     import torch
 
@@ -215,10 +218,10 @@ def _check_reduces(name: str, loss, tokens) -> None:
     if math.isfinite(want) and math.isfinite(got) and abs(got - want) <= atol + rtol * abs(want):
         return
     raise ValueError(
-        f"per_token_fn does not reduce to loss_fn at w*: on the first batch of {name} the mean of its "
+        f"{fn} does not reduce to loss_fn at w*: on the first batch of {name} the mean of its "
         f"{tokens.numel()} values (shape {tuple(tokens.shape)}) is {got:.7g}, loss_fn's loss is {want:.7g} "
-        f"(ratio {got / want if want else math.inf:.4g}), so the susceptibilities would compare two different losses. "
-        "Likely causes: per_token_fn sums where loss_fn averages (the ratio is then about the number of tokens), it "
+        f"(ratio {got / want if want else math.inf:.4g}), so {why}. "
+        f"Likely causes: {fn} sums where loss_fn averages (the ratio is then about the number of tokens), it "
         "leaves out the label shift loss_fn makes (one more value per row: token t scored against itself instead of "
         "token t+1), or the two weight or mask tokens differently. Return the unreduced per-token (or per-sample) "
         "losses whose mean is loss_fn's loss, e.g. llc_fast.integrations.hf.causal_lm_token_losses with "

@@ -208,7 +208,7 @@ def _run_compiler(cmd: list[str], what: str) -> None:
 # --- the C++ update ------------------------------------------------------------------------------
 
 
-def _target_macros(cxx: str, flags: list[str]) -> str | None:
+def target_macros(cxx: str, flags: list[str]) -> str | None:
     """The compiler's predefined macros under ``flags`` (what ``-march=...`` resolves to: the ISA
     extensions, the CPU name, the compiler version), or None if the compiler rejects the flags."""
     try:
@@ -241,13 +241,13 @@ def cpu_build_config(cxx: str | None = None) -> tuple[str, list[str]]:
     flags, macros = list(CPU_CFLAGS), None
     if march.lower() != "none":
         arch_flags = flags + [f"-march={march}"]
-        macros = _target_macros(cxx, arch_flags)
+        macros = target_macros(cxx, arch_flags)
         if macros is not None:
             flags = arch_flags
         elif "LLC_FAST_MARCH" in os.environ:
             warnings.warn(f"{cxx} rejects -march={march} ($LLC_FAST_MARCH); building for its default target")
     if macros is None:
-        macros = _target_macros(cxx, flags) or ""
+        macros = target_macros(cxx, flags) or ""
     abi = f"{sys.implementation.cache_tag}{sysconfig.get_config_var('EXT_SUFFIX')}"
     key = _source_digest(csrc_dir(), CPU_SOURCE, "\0".join([cxx, *flags, *CPU_LDFLAGS, macros, abi]))[:12]
     return f"{EXTENSION_NAME}_{key}", flags
@@ -293,8 +293,8 @@ def _build_cpu_extension() -> ModuleType:
 
 
 def cpu_extension() -> ModuleType:
-    """The compiled module (built on first use, then cached on disk and in this process): ``sgld_update``,
-    ``sgld_update_segments``, ``philox_debug``, ``philox4x32``, ``normals_debug`` and
+    """The compiled module (built on first use, then cached on disk and in this process): ``sgld_update``
+    (of a ``native.UpdateArgs``), ``philox_debug``, ``philox4x32``, ``normals_debug`` and
     ``stochastic_round_debug``. A failed build is retried at the next call."""
     global _CPU_MODULE
     with _LOCK:

@@ -1,7 +1,7 @@
 """The registry of the update's backends, what each can run on here, and the choice among them.
 
-Every backend is a ``backend.Backend`` object (``update`` and ``update_segments`` with the
-reference's math). ``backends()`` lists them with the reason a backend cannot run here;
+Every backend is a ``backend.Backend`` object (``prepare`` and ``update``, with the reference's
+math), in the module named after it. ``backends()`` lists them with the reason a backend cannot run here;
 ``select_backend`` picks one.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from .backend import Backend
-from .cpp_update import cpu_update
+from .cpu_update import cpu_update
 from .cuda_update import cuda_update
-from .reference import reference_update
+from .torch_update import torch_update
 from .triton_update import triton_update
 
 
@@ -26,7 +26,7 @@ class BackendInfo:
 
 
 #: "auto" takes the first backend in this order that runs on the device.
-_REGISTRY: tuple[Backend, ...] = (cuda_update, triton_update, cpu_update, reference_update)
+_REGISTRY: tuple[Backend, ...] = (cuda_update, triton_update, cpu_update, torch_update)
 _LOAD_ERRORS: dict[str, Exception | None] = {}  # name -> why load() failed (None: it loaded)
 
 
@@ -53,8 +53,8 @@ def backend_names() -> tuple[str, ...]:
     return ("auto",) + tuple(b.name for b in _REGISTRY)
 
 
-def select_backend(name: str, device: torch.device) -> Backend:
-    """The backend for ``name`` ("auto": the first in the registry that runs on ``device``)."""
+def select_backend(name: str, device: torch.device, sampler: str = "sgld") -> Backend:
+    """The backend for ``name`` ("auto": the first in the registry that runs ``sampler`` on ``device``)."""
     if name not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
     candidates = [b for b in _REGISTRY if name in ("auto", b.name)]
@@ -62,6 +62,9 @@ def select_backend(name: str, device: torch.device) -> Backend:
         candidates = [b for b in candidates if b.name != "triton"]
     reasons = []
     for b in candidates:
+        if sampler not in b.samplers:
+            reasons.append(f"{b.name}: does not run sampler={sampler!r}")
+            continue
         if device.type not in b.devices:
             reasons.append(f"{b.name}: does not run on {device.type}")
             continue

@@ -80,7 +80,8 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
-def _check_counters(chain_ids: torch.Tensor, step: int, start: int) -> None:
+def check_counters(chain_ids: torch.Tensor, step: int, start: int) -> None:
+    """ValueError unless the chain indices, the step and the first global element index are in range."""
     if chain_ids.numel() and not (0 <= int(chain_ids.min()) and int(chain_ids.max()) <= MAX_CHAIN):
         raise ValueError(f"chain indices must lie in [0, 2**31), got {chain_ids.tolist()}")
     if not 0 <= step <= MAX_STEP:
@@ -89,79 +90,79 @@ def _check_counters(chain_ids: torch.Tensor, step: int, start: int) -> None:
         raise ValueError(f"global element index must be >= 0, got {start}")
 
 
-class GroupCounters(NamedTuple):
-    """The counters of the groups of four covering elements [start, start + count) of each chain,
-    but the step (word c2): what ``words_at`` and ``normals_at`` take, built once by ``group_counters``."""
+class QuadCounters(NamedTuple):
+    """The counters of the quads covering elements [start, start + count) of each chain (a quad: the
+    four elements 4q .. 4q+3 that one Philox call serves), but the step (word c2): what ``words_at`` and ``normals_at`` take, built once by ``quad_counters``."""
 
-    c0: torch.Tensor  # [1, G] group index mod 2**32
-    c1: torch.Tensor  # [1, G] group index // 2**32
+    c0: torch.Tensor  # [1, Q] quad index mod 2**32
+    c1: torch.Tensor  # [1, Q] quad index // 2**32
     c3: torch.Tensor  # [C, 1] chain + stream * 2**31
-    first: int  # element index of lane 0 of the first group
+    first: int  # element index of lane 0 of the first quad
     start: int
     count: int
 
 
-def group_counters(chain_ids: torch.Tensor, start: int, count: int, stream: int) -> GroupCounters:
-    """The ``GroupCounters`` of elements [start, start + count) of the chains ``chain_ids`` (unchecked:
-    ``_check_counters`` is the caller's)."""
+def quad_counters(chain_ids: torch.Tensor, start: int, count: int, stream: int) -> QuadCounters:
+    """The ``QuadCounters`` of elements [start, start + count) of the chains ``chain_ids`` (unchecked:
+    ``check_counters`` is the caller's)."""
     device = chain_ids.device
     g0 = start // 4
     g1 = (start + count - 1) // 4 + 1 if count > 0 else g0
-    groups = torch.arange(g0, g1, dtype=torch.int64, device=device)[None, :]
+    quads = torch.arange(g0, g1, dtype=torch.int64, device=device)[None, :]
     c3 = (chain_ids.to(torch.int64) | (stream << 31))[:, None]
-    return GroupCounters(groups & MASK32, groups >> 32, c3, g0 * 4, start, count)
+    return QuadCounters(quads & MASK32, quads >> 32, c3, g0 * 4, start, count)
 
 
-def _counter_words(counters: GroupCounters, seed: int, step: int) -> torch.Tensor:
-    """Philox words [C, G, 4] of the groups of ``counters`` at ``step``."""
+def counter_words(counters: QuadCounters, seed: int, step: int) -> torch.Tensor:
+    """Philox words [C, Q, 4] of the quads of ``counters`` at ``step``."""
     return torch.stack(philox4x32(counters.c0, counters.c1, step, counters.c3, seed), dim=-1)
 
 
-def _group_words(
+def quad_words(
     seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int, stream: int
 ) -> tuple[torch.Tensor, int]:
-    """Philox words for the groups of four covering elements [start, start + count).
+    """Philox words for the quads (four elements, one Philox call) covering elements [start, start + count).
 
-    Returns (words [C, G, 4] int64, first element index of group 0).
+    Returns (words [C, Q, 4] int64, first element index of quad 0).
     """
-    _check_counters(chain_ids, step, start)
-    counters = group_counters(chain_ids, start, count, stream)
-    return _counter_words(counters, seed, step), counters.first
+    check_counters(chain_ids, step, start)
+    counters = quad_counters(chain_ids, start, count, stream)
+    return counter_words(counters, seed, step), counters.first
 
 
-def _per_element(values: torch.Tensor, first: int, start: int, count: int) -> torch.Tensor:
-    """[C, G, 4] per-group values -> [C, count] values of elements [start, start + count)."""
+def per_element(values: torch.Tensor, first: int, start: int, count: int) -> torch.Tensor:
+    """[C, Q, 4] per-quad values -> [C, count] values of elements [start, start + count)."""
     flat = values.reshape(values.shape[0], -1)
     return flat[:, start - first : start - first + count]
 
 
-def normals_at(counters: GroupCounters, seed: int, step: int) -> torch.Tensor:
+def normals_at(counters: QuadCounters, seed: int, step: int) -> torch.Tensor:
     """``gaussian_noise`` of the elements and chains of ``counters`` (stream 0) at ``step``: float32 [C, count]."""
-    u = uniform_from_word(_counter_words(counters, seed, step))
+    u = uniform_from_word(counter_words(counters, seed, step))
     n0, n1 = box_muller(u[..., 0], u[..., 1])
     n2, n3 = box_muller(u[..., 2], u[..., 3])
-    return _per_element(torch.stack((n0, n1, n2, n3), dim=-1), counters.first, counters.start, counters.count)
+    return per_element(torch.stack((n0, n1, n2, n3), dim=-1), counters.first, counters.start, counters.count)
 
 
-def words_at(counters: GroupCounters, seed: int, step: int) -> torch.Tensor:
+def words_at(counters: QuadCounters, seed: int, step: int) -> torch.Tensor:
     """``rounding_words`` of the elements and chains of ``counters`` (stream 1) at ``step``: int64 [C, count]."""
-    return _per_element(_counter_words(counters, seed, step), counters.first, counters.start, counters.count)
+    return per_element(counter_words(counters, seed, step), counters.first, counters.start, counters.count)
 
 
 def gaussian_noise(seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int) -> torch.Tensor:
     """Standard normals of elements [start, start + count) of each chain: float32 [C, count].
 
-    Group g's words (w0, w1, w2, w3) give (n0, n1) = BoxMuller(u(w0), u(w1)) and
-    (n2, n3) = BoxMuller(u(w2), u(w3)); element 4g + j takes n_j.
+    Quad q's words (w0, w1, w2, w3) give (n0, n1) = BoxMuller(u(w0), u(w1)) and
+    (n2, n3) = BoxMuller(u(w2), u(w3)); element 4q + j takes n_j.
     """
-    _check_counters(chain_ids, step, start)
-    return normals_at(group_counters(chain_ids, start, count, STREAM_GAUSSIAN), seed, step)
+    check_counters(chain_ids, step, start)
+    return normals_at(quad_counters(chain_ids, start, count, STREAM_GAUSSIAN), seed, step)
 
 
 def rounding_words(seed: int, chain_ids: torch.Tensor, step: int, start: int, count: int) -> torch.Tensor:
     """Random 32-bit words (int64 [C, count]) that drive stochastic rounding of elements."""
-    _check_counters(chain_ids, step, start)
-    return words_at(group_counters(chain_ids, start, count, STREAM_ROUNDING), seed, step)
+    check_counters(chain_ids, step, start)
+    return words_at(quad_counters(chain_ids, start, count, STREAM_ROUNDING), seed, step)
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:

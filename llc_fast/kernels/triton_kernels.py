@@ -5,13 +5,13 @@ The noise is drawn in the kernel with ``tl.philox`` on the counters of ``docs/no
 equals the reference's noise: random words and uniforms bit for bit, normals to about 1e-6.
 
 Layout. The grid is flat: program ``pid`` updates chain ``pid % C`` (neighbouring programs
-share the same block of w* and of the mask, which then comes from L2) on a tile of GROUPS
-groups of four elements. A tile is [GROUPS, 4]: row r holds the four elements of global
-group g = index_offset // 4 + block * GROUPS + r, so one Philox call per row serves its
-four lanes, and lane j takes word/normal j. The [GROUPS, 4] noise tile is built with
-``tl.join`` (not ``tl.where`` on the lane index): that keeps a group's four lanes in one
+share the same block of w* and of the mask, which then comes from L2) on a tile of QUADS
+quads (four elements each). A tile is [QUADS, 4]: row r holds the four elements of global
+quad g = index_offset // 4 + block * QUADS + r, so one Philox call per row serves its
+four lanes, and lane j takes word/normal j. The [QUADS, 4] noise tile is built with
+``tl.join`` (not ``tl.where`` on the lane index): that keeps a quad's four lanes in one
 thread, so on a GPU each Philox call runs once even when unaligned loads get a layout that
-spreads a row over four threads. Elements outside the buffer (the partial first group when
+spreads a row over four threads. Elements outside the buffer (the partial first quad when
 index_offset is not a multiple of four, the tail) are masked. All offsets are int64: element
 counts and global indices past 2**31 work.
 
@@ -24,7 +24,7 @@ compiles for sm_80/sm_90. The preconditioner's square root and division use the 
 forms (``sqrt_rn``, ``div_rn``), not Triton's approximate float32 defaults.
 
 Arguments. The mask is a shared [N_local] one (HAS_MASK) or per-row (ROW_MASK: a RowMasks's
-buffer and each row's (lo, hi, offset), see ``_update_tile``). Per-chain values come as scalars or a [3, C] table (HP_PTR), the settings as
+buffer and each row's (lo, hi, offset), see ``update_tile``). Per-chain values come as scalars or a [3, C] table (HP_PTR), the settings as
 float32 scalars or a float64 [7] table (SP_PTR, float64 weights), the chain indices as a
 base or an int64 [C] table (CHAIN_PTR); ``triton_update.py`` chooses.
 
@@ -35,19 +35,19 @@ import triton.language as tl
 
 
 # --------------------------------------------------------------------------------------------
-# Noise: Philox4x32-10 on the counters of docs/noise.md, one call per group of four elements.
+# Noise: Philox4x32-10 on the counters of docs/noise.md, one call per quad (four elements).
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _philox_words(seed, groups, step, chain, STREAM: tl.constexpr):
-    """The four Philox words (uint32) of the global groups ``groups`` (an int64 block) of one chain.
+def philox_words(seed, quads, step, chain, STREAM: tl.constexpr):
+    """The four Philox words (uint32) of the global quads ``quads`` (an int64 block) of one chain.
 
     c0 = g mod 2**32, c1 = g // 2**32, c2 = step, c3 = chain + STREAM * 2**31.
     """
-    zero = groups * 0
-    c0 = groups.to(tl.uint32)
-    c1 = (groups >> 32).to(tl.uint32)
+    zero = quads * 0
+    c0 = quads.to(tl.uint32)
+    c1 = (quads >> 32).to(tl.uint32)
     c2 = (zero + step).to(tl.uint32)
     c3 = (zero + chain).to(tl.uint32)
     if STREAM == 1:
@@ -56,30 +56,30 @@ def _philox_words(seed, groups, step, chain, STREAM: tl.constexpr):
 
 
 @triton.jit
-def _interleave(v0, v1, v2, v3):
-    """Four [GROUPS] blocks -> the [GROUPS, 4] tile whose element (r, j) is v_j[r].
+def interleave(v0, v1, v2, v3):
+    """Four [QUADS] blocks -> the [QUADS, 4] tile whose element (r, j) is v_j[r].
 
-    join(join(v0, v2), join(v1, v3)) is [GROUPS, 2, 2] with element (r, a, b) = v_(2a + b)[r].
-    Joining (not selecting with tl.where on the lane) keeps the four lanes of a group in one
-    thread, so each group's Philox call runs once on a GPU whatever layout the loads get.
+    join(join(v0, v2), join(v1, v3)) is [QUADS, 2, 2] with element (r, a, b) = v_(2a + b)[r].
+    Joining (not selecting with tl.where on the lane) keeps the four lanes of a quad in one
+    thread, so each quad's Philox call runs once on a GPU whatever layout the loads get.
     """
     return tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (v0.shape[0], 4))
 
 
 @triton.jit
-def _noise_tile(seed, groups, step, chain):
-    """Standard normals (float32 [GROUPS, 4]) of the four elements of each group: Triton's randn4x."""
-    w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 0)
+def noise_tile(seed, quads, step, chain):
+    """Standard normals (float32 [QUADS, 4]) of the four elements of each quad: Triton's randn4x."""
+    w0, w1, w2, w3 = philox_words(seed, quads, step, chain, 0)
     n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w0), tl.uint_to_uniform_float(w1))
     n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(w2), tl.uint_to_uniform_float(w3))
-    return _interleave(n0, n1, n2, n3)
+    return interleave(n0, n1, n2, n3)
 
 
 @triton.jit
-def _rounding_tile(seed, groups, step, chain):
-    """Stochastic-rounding words (uint32 [GROUPS, 4]) of the four elements of each group (stream 1)."""
-    w0, w1, w2, w3 = _philox_words(seed, groups, step, chain, 1)
-    return _interleave(w0, w1, w2, w3)
+def rounding_tile(seed, quads, step, chain):
+    """Stochastic-rounding words (uint32 [QUADS, 4]) of the four elements of each quad (stream 1)."""
+    w0, w1, w2, w3 = philox_words(seed, quads, step, chain, 1)
+    return interleave(w0, w1, w2, w3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,13 +88,13 @@ def _rounding_tile(seed, groups, step, chain):
 
 
 @triton.jit
-def _bf16_bits_to_f32(h):
+def bf16_bits_to_f32(h):
     """int16 bit patterns of bfloat16 values -> the float32 values (exact)."""
     return (h.to(tl.int32) << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _stochastic_round_bf16_bits(x, words):
+def stochastic_round_bf16_bits(x, words):
     """float32 -> int16 bit pattern of bfloat16: (bits(x) + (word mod 2**16)) >> 16.
 
     Infinities round to themselves (adding < 2**16 to their pattern keeps the upper half), so
@@ -114,13 +114,13 @@ def _stochastic_round_bf16_bits(x, words):
 
 
 @triton.jit
-def _load_hyper(hp_ptr, sp_ptr, c, num_chains, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box,
+def load_hyper(hp_ptr, sp_ptr, c, num_rows, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box,
                 noise_level, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr):
     """Chain c's (lr, nbeta, gamma) and the shared settings, from the scalar arguments or the tables."""
     if HP_PTR:  # per-chain values, [3, C] in the compute dtype
         lr_c = tl.load(hp_ptr + c)
-        nbeta_c = tl.load(hp_ptr + num_chains + c)
-        gamma_c = tl.load(hp_ptr + 2 * num_chains + c)
+        nbeta_c = tl.load(hp_ptr + num_rows + c)
+        gamma_c = tl.load(hp_ptr + 2 * num_rows + c)
     else:
         lr_c = lr
         nbeta_c = nbeta
@@ -137,39 +137,39 @@ def _load_hyper(hp_ptr, sp_ptr, c, num_chains, lr, nbeta, gamma, alpha, one_minu
 
 
 @triton.jit
-def _tile(block, first_group, lead, n, GROUPS: tl.constexpr):
-    """Tile ``block`` of a buffer of n elements whose element 0 is lane ``lead`` of global group
-    ``first_group``: (its global groups [GROUPS], local element indices [GROUPS, 4] = 4 * local
-    group + lane - lead, which of them lie in [0, n))."""
+def tile(block, first_quad, lead, n, QUADS: tl.constexpr):
+    """Tile ``block`` of a buffer of n elements whose element 0 is lane ``lead`` of global quad
+    ``first_quad``: (its global quads [QUADS], local element indices [QUADS, 4] = 4 * local
+    quad + lane - lead, which of them lie in [0, n))."""
     lane = tl.arange(0, 4)[None, :]
-    local_group = block * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
-    idx = local_group[:, None] * 4 + lane - lead
-    return first_group + local_group, idx, (idx >= 0) & (idx < n)
+    local_quad = block * QUADS + tl.arange(0, QUADS).to(tl.int64)
+    idx = local_quad[:, None] * 4 + lane - lead
+    return first_quad + local_quad, idx, (idx >= 0) & (idx < n)
 
 
 @triton.jit
-def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, groups, c, num_chains, chain_ptr,
+def update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, quads, c, num_rows, chain_ptr,
                  chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box,
                  noise_level, seed, step, PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr,
                  HAS_BOX: tl.constexpr, HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr,
                  SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr):
-    """One [GROUPS, 4] tile of chain row c: the pointers address the tile's elements (``valid`` marks the
-    real ones), ``groups`` are the tile's global groups of four, ``m_idx`` their local flat indices.
+    """One [QUADS, 4] tile of chain row c: the pointers address the tile's elements (``valid`` marks the
+    real ones), ``quads`` are the tile's global quads, ``m_idx`` their local flat indices.
     The mask: the shared one at ``m_ptr + m_idx`` (HAS_MASK), or row c's of a RowMasks (ROW_MASK:
     ``rw_ptr`` is int64 [C, 3] of each row's (lo, hi, offset), offset < 0 for all ones; element i is
     ``m_ptr[offset + i - lo]`` inside [lo, hi), 0 outside). The chain index comes from
-    ``chain_ptr`` (CHAIN_PTR) or is chain_base + c; the settings as in ``_load_hyper``."""
+    ``chain_ptr`` (CHAIN_PTR) or is chain_base + c; the settings as in ``load_hyper``."""
     if CHAIN_PTR:
         chain = tl.load(chain_ptr + c).to(tl.int64)
     else:
         chain = chain_base + c
-    lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level = _load_hyper(
-        hp_ptr, sp_ptr, c, num_chains, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
+    lr_c, nbeta_c, gamma_c, alpha, one_minus_alpha, scale, eps, wd, box, noise_level = load_hyper(
+        hp_ptr, sp_ptr, c, num_rows, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
         HP_PTR, SP_PTR)
     if IS_BF16:
-        wc = _bf16_bits_to_f32(tl.load(w_ptrs, mask=valid, other=0))
-        g = _bf16_bits_to_f32(tl.load(g_ptrs, mask=valid, other=0))
-        ws = _bf16_bits_to_f32(tl.load(ws_ptrs, mask=valid, other=0))
+        wc = bf16_bits_to_f32(tl.load(w_ptrs, mask=valid, other=0))
+        g = bf16_bits_to_f32(tl.load(g_ptrs, mask=valid, other=0))
+        ws = bf16_bits_to_f32(tl.load(ws_ptrs, mask=valid, other=0))
     else:
         wc = tl.load(w_ptrs, mask=valid, other=0.0)
         g = tl.load(g_ptrs, mask=valid, other=0.0)
@@ -200,7 +200,7 @@ def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, g
     drift = nbeta_c * g + gamma_c * (wc - ws)
     if HAS_WD:
         drift = drift + wd * wc
-    xi = _noise_tile(seed, groups, step, chain)
+    xi = noise_tile(seed, quads, step, chain)
     if IS_F64:
         xi = xi.to(tl.float64)
     delta = drift_coef * drift + noise_coef * xi
@@ -220,28 +220,28 @@ def _update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, g
         new = tl.minimum(new, ws + box, propagate_nan=tl.PropagateNan.ALL)
 
     if IS_BF16:
-        words = _rounding_tile(seed, groups, step, chain)
-        tl.store(w_ptrs, _stochastic_round_bf16_bits(new, words), mask=valid)
+        words = rounding_tile(seed, quads, step, chain)
+        tl.store(w_ptrs, stochastic_round_bf16_bits(new, words), mask=valid)
     else:
         tl.store(w_ptrs, new, mask=valid)
 
 
 @triton.jit(do_not_specialize=["seed", "step", "n", "g_first", "chain_base"])
-def _sgld_update_kernel(
+def sgld_update_kernel(
     w_ptr, g_ptr, ws_ptr, v_ptr, m_ptr, rw_ptr, hp_ptr, sp_ptr, chain_ptr,
     lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
-    seed, step, n, g_first, chain_base, num_chains,
-    GROUPS: tl.constexpr, LEAD: tl.constexpr,
+    seed, step, n, g_first, chain_base, num_rows,
+    QUADS: tl.constexpr, LEAD: tl.constexpr,
     PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
     HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr,
     CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    c = (pid % num_chains).to(tl.int64)
-    groups, idx, valid = _tile((pid // num_chains).to(tl.int64), g_first, LEAD, n, GROUPS)
+    c = (pid % num_rows).to(tl.int64)
+    quads, idx, valid = tile((pid // num_rows).to(tl.int64), g_first, LEAD, n, QUADS)
     offs = c * n + idx
-    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + idx, v_ptr + offs, m_ptr, idx, rw_ptr, valid, groups, c,
-                 num_chains, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale,
+    update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + idx, v_ptr + offs, m_ptr, idx, rw_ptr, valid, quads, c,
+                 num_rows, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale,
                  eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, ROW_MASK, HP_PTR,
                  SP_PTR, CHAIN_PTR, IS_BF16, IS_F64)
 
@@ -252,11 +252,11 @@ SEG_COLS = tl.constexpr(6)
 
 
 @triton.jit(do_not_specialize=["seed", "step", "n_local", "chain_base"])
-def _sgld_update_segments_kernel(
+def sgld_update_segments_kernel(
     seg_ptr, ws_ptr, v_ptr, m_ptr, rw_ptr, hp_ptr, sp_ptr, chain_ptr,
     lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box, noise_level,
-    seed, step, n_local, chain_base, num_chains,
-    GROUPS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    seed, step, n_local, chain_base, num_rows,
+    QUADS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
     HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr,
     CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
@@ -265,8 +265,8 @@ def _sgld_update_segments_kernel(
     block pid // C of the blocks of all segments, numbered segment after segment; its segment is
     found by a binary search over the table's first-block column (SEARCH_STEPS = log2 of its rows)."""
     pid = tl.program_id(0)
-    c = (pid % num_chains).to(tl.int64)
-    blk = (pid // num_chains).to(tl.int64)
+    c = (pid % num_rows).to(tl.int64)
+    blk = (pid // num_rows).to(tl.int64)
     s = blk * 0  # the last segment whose first block is <= blk (row 0 starts at block 0)
     for i in tl.static_range(SEARCH_STEPS):
         cand = s + (1 << (SEARCH_STEPS - 1 - i))
@@ -288,10 +288,10 @@ def _sgld_update_segments_kernel(
         w_ptr = w_addr.to(tl.pointer_type(tl.float32))
         g_ptr = g_addr.to(tl.pointer_type(tl.float32))
 
-    groups, idx, valid = _tile(blk - tl.load(row + 5), offset // 4, offset % 4, n, GROUPS)
+    quads, idx, valid = tile(blk - tl.load(row + 5), offset // 4, offset % 4, n, QUADS)
     offs = c * n + idx
     flat = local_start + idx
-    _update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + flat, v_ptr + (c * n_local + flat), m_ptr, flat, rw_ptr, valid,
-                 groups, c, num_chains, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha,
+    update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + flat, v_ptr + (c * n_local + flat), m_ptr, flat, rw_ptr, valid,
+                 quads, c, num_rows, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha,
                  one_minus_alpha, scale, eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX,
                  HAS_MASK, ROW_MASK, HP_PTR, SP_PTR, CHAIN_PTR, IS_BF16, IS_F64)

@@ -12,7 +12,7 @@ per step); per-chain tensors as a [3, C] device tensor. For float64 weights ever
 through a float64 device tensor, since Triton passes Python floats as float32. Chain indices
 given on the host as a contiguous range go as their first index (no tensor).
 
-A prepared update (``_TritonPrepared``) builds all of that once; a launch adds the step, the seed
+A prepared update (``TritonPrepared``) builds all of that once; a launch adds the step, the seed
 and the statistic's scale (for float64 weights a new settings table only when the scale changes).
 
 This module imports without triton; ``load()`` and the first launch import the kernels.
@@ -24,14 +24,15 @@ import os
 import torch
 
 from . import native
-from .backend import Backend, PreparedUpdate, UpdateCall
+from .backend import Backend, PreparedUpdate
+from .update_call import UpdateCall
 from .update_spec import RowMasks, StepCounters
 
-# Groups of four elements per program: 256 groups = 1024 elements with 8 warps on a GPU; the
-# interpreter pays per program, so it takes up to 16384 groups = 65536 elements at once.
-GPU_GROUPS = 256
+# Quads (four elements each) per program: 256 quads = 1024 elements with 8 warps on a GPU; the
+# interpreter pays per program, so it takes up to 16384 quads = 65536 elements at once.
+GPU_QUADS = 256
 GPU_NUM_WARPS = 8
-INTERPRETER_GROUPS = 16384
+INTERPRETER_QUADS = 16384
 MAX_PROGRAMS = 2**31 - 1
 #: Global element indices stay below this (the segment table's padding rows start at block 2**62).
 MAX_GLOBAL_INDEX = 2**62
@@ -47,13 +48,13 @@ def _f32(value: float) -> float:
 
 
 def _tiling(call: UpdateCall) -> tuple[int, list[int]]:
-    """(groups of four per program, programs per chain of each segment)."""
-    seg_groups = [(s.global_offset % 4 + s.n + 3) // 4 for s in call.segments]
+    """(quads per program, programs per chain of each segment)."""
+    seg_quads = [(s.global_offset % 4 + s.n + 3) // 4 for s in call.segments]
     if _interpreting():
-        groups = min(INTERPRETER_GROUPS, max(16, 1 << (max(seg_groups, default=1) - 1).bit_length()))
+        quads = min(INTERPRETER_QUADS, max(16, 1 << (max(seg_quads, default=1) - 1).bit_length()))
     else:
-        groups = GPU_GROUPS
-    return groups, [-(-ng // groups) for ng in seg_groups]
+        quads = GPU_QUADS
+    return quads, [-(-ng // quads) for ng in seg_quads]
 
 
 def _chain_args(call: UpdateCall) -> tuple[torch.Tensor | None, int]:
@@ -61,7 +62,7 @@ def _chain_args(call: UpdateCall) -> tuple[torch.Tensor | None, int]:
     ids = call.chain_ids
     if ids.device.type == "cpu":
         base = int(ids[0])
-        if torch.equal(ids, base + torch.arange(call.num_chains, dtype=torch.int64)):
+        if torch.equal(ids, base + torch.arange(call.num_rows, dtype=torch.int64)):
             return None, base
     return ids.to(call.device).contiguous(), 0
 
@@ -73,7 +74,7 @@ def _hyper_args(call: UpdateCall) -> tuple[torch.Tensor | None, list[float], lis
     if not is_f64 and all(isinstance(v, (int, float)) for v in (call.lr, call.nbeta, call.gamma)):
         hp, scalars = None, [_f32(v) for v in (call.lr, call.nbeta, call.gamma)]
     else:
-        hp, scalars = torch.stack(call.per_chain_values()), [0.0] * 3
+        hp, scalars = torch.stack(call.per_row_values()), [0.0] * 3
     s = call.settings
     values = [s.rmsprop_alpha, 1.0 - s.rmsprop_alpha, 1.0, s.rmsprop_eps, s.weight_decay,
               s.box if s.box is not None else 0.0, s.noise_level]
@@ -114,7 +115,7 @@ def _mask_arg(call: UpdateCall) -> torch.Tensor | None:
     return mask
 
 
-class _TritonPrepared(PreparedUpdate):
+class TritonPrepared(PreparedUpdate):
     """The launch arguments, built once: tiling, chain indices, per-chain values, mask, flags, the segment
     table (on the device for CUDA, copied again only when a gradient pointer changes); a launch adds the
     step's settings scalars (the statistic's scale, cached per value), seed and step."""
@@ -123,10 +124,10 @@ class _TritonPrepared(PreparedUpdate):
         super().__init__(backend, call)
         from . import triton_kernels as kernels
 
-        s, num_chains = call.settings, call.num_chains
+        s, num_rows = call.settings, call.num_rows
         is_bf16 = call.dtype == torch.bfloat16
         self.is_f64 = call.dtype == torch.float64
-        groups, blocks = _tiling(call)
+        quads, blocks = _tiling(call)
         chain_tensor, chain_base = _chain_args(call)
         hp, hyper, self.values = _hyper_args(call)
         mask, row_masks = _mask_arg(call), _row_mask_args(call)
@@ -143,10 +144,10 @@ class _TritonPrepared(PreparedUpdate):
         self.flags = {update: dict(flags, UPDATE_V=s.preconditioned and update) for update in (False, True)}
         if call.single:
             (seg,) = call.segments
-            self.kernel = kernels._sgld_update_kernel[(blocks[0] * num_chains,)]
+            self.kernel = kernels.sgld_update_kernel[(blocks[0] * num_rows,)]
             self.w, self.table = bits(seg.w), None
-            self.tail = [seg.n, seg.global_offset // 4, chain_base, num_chains]
-            self.consts = dict(GROUPS=groups, LEAD=seg.global_offset % 4)
+            self.tail = [seg.n, seg.global_offset // 4, chain_base, num_rows]
+            self.consts = dict(QUADS=quads, LEAD=seg.global_offset % 4)
             return
         rows, first = [], 0
         for seg, b in zip(call.segments, blocks):
@@ -157,9 +158,9 @@ class _TritonPrepared(PreparedUpdate):
         self.host_table = torch.tensor(rows, dtype=torch.int64)
         self.pointers = native.GradPointers(self.host_table)
         self.table = self._device_table()
-        self.kernel = kernels._sgld_update_segments_kernel[(first * num_chains,)]
-        self.tail = [call.n_local, chain_base, num_chains]
-        self.consts = dict(GROUPS=groups, SEARCH_STEPS=search_steps)
+        self.kernel = kernels.sgld_update_segments_kernel[(first * num_rows,)]
+        self.tail = [call.n_local, chain_base, num_rows]
+        self.consts = dict(QUADS=quads, SEARCH_STEPS=search_steps)
 
     def _device_table(self) -> torch.Tensor:
         """The segment table where the kernel reads it (a new device copy on CUDA: the last may still be read)."""
@@ -176,7 +177,7 @@ class _TritonPrepared(PreparedUpdate):
             self.sp_cache = (scale, cached)
         return cached
 
-    def _launch(self, counters: StepCounters, step: int) -> None:
+    def launch_step(self, counters: StepCounters, step: int) -> None:
         sp, values = self._settings(counters)
         shared = [*self.head, sp if sp is not None else self.dummy, *self.chain, *values, self.seed, step]
         flags = self.flags[bool(counters.update_statistic)]
@@ -189,7 +190,7 @@ class _TritonPrepared(PreparedUpdate):
 
 
 class TritonBackend(Backend):
-    """The Triton kernels (see the module docstring; ``_TritonPrepared`` holds the launch arguments)."""
+    """The Triton kernels (see the module docstring; ``TritonPrepared`` holds the launch arguments)."""
 
     name = "triton"
 
@@ -206,13 +207,13 @@ class TritonBackend(Backend):
             if s.global_offset + s.n > MAX_GLOBAL_INDEX:
                 reasons.append(f"global element indices must stay below 2**62, got segment {k} at offset "
                                f"{s.global_offset} with {s.n} elements")
-        if call.segments and sum(_tiling(call)[1]) * call.num_chains > MAX_PROGRAMS:
-            reasons.append(f"{call.num_chains} chains x {sum(s.n for s in call.segments)} elements exceed one "
+        if call.segments and sum(_tiling(call)[1]) * call.num_rows > MAX_PROGRAMS:
+            reasons.append(f"{call.num_rows} chains x {sum(s.n for s in call.segments)} elements exceed one "
                            f"launch ({MAX_PROGRAMS} programs)")
         return reasons
 
     def prepare_call(self, call: UpdateCall) -> PreparedUpdate:
-        return _TritonPrepared(self, call)
+        return TritonPrepared(self, call)
 
 
 triton_update = TritonBackend()

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc")
+SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc", "sgnht")
+#: The samplers every backend runs (the fused kernels); "sgnht" runs on the reference "torch" backend only.
+KERNEL_SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc")
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 #: The update is stable only while lr·G·(nbeta·h + gamma) < STABILITY_LIMIT along every Hessian eigenvector (h its
 #: eigenvalue): on a quadratic, w - w* is multiplied each step by 1 - (lr/2)·G·(nbeta·h + gamma), whose size passes 1
@@ -26,11 +28,12 @@ class SamplerSettings:
 
     sampler: "sgld" (G = 1), "rmsprop_sgld" (devinterp's RMSProp preconditioner: V starts at
         0, no bias correction) or "rmsprop_sgld_bc" (Hitchcock & Hoogland: V starts at 1,
-        bias-corrected).
+        bias-corrected), or "sgnht" (Ding et al.'s thermostat with momentum; ``reference.sgnht_step``).
     rmsprop_alpha, rmsprop_eps: V <- alpha*V + (1-alpha)*g^2 and G = 1/(sqrt(V_hat) + eps).
     weight_decay: adds weight_decay * w to the drift.
     box: if set, each weight is clamped to [w* - box, w* + box] after the step.
     noise_level: multiplies the injected noise (1 is the correct posterior; devinterp's knob).
+    sgnht_diffusion: "sgnht": the diffusion factor A (devinterp's diffusion_factor), the thermostat's start value.
     """
 
     sampler: str = "sgld"
@@ -39,6 +42,7 @@ class SamplerSettings:
     weight_decay: float = 0.0
     box: float | None = None
     noise_level: float = 1.0
+    sgnht_diffusion: float = 0.01
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -53,9 +57,23 @@ class SamplerSettings:
             raise ValueError(f"box (the clamp half-width around w*) must be > 0 or None, got {self.box}")
         if not (math.isfinite(self.noise_level) and self.noise_level >= 0.0):
             raise ValueError(f"noise_level must be finite and >= 0, got {self.noise_level}")
+        if not (math.isfinite(self.sgnht_diffusion) and self.sgnht_diffusion >= 0.0):
+            raise ValueError(f"sgnht_diffusion (the thermostat's diffusion factor A) must be finite and >= 0, got "
+                             f"{self.sgnht_diffusion}")
 
     @property
     def preconditioned(self) -> bool:
+        """An RMSProp sampler (G from the statistic V)."""
+        return self.sampler in ("rmsprop_sgld", "rmsprop_sgld_bc")
+
+    @property
+    def thermostat(self) -> bool:
+        """"sgnht": a momentum per element (in the statistic's buffer) and a thermostat per chain row."""
+        return self.sampler == "sgnht"
+
+    @property
+    def has_statistic(self) -> bool:
+        """Whether the update keeps a second [C, N] buffer: V (RMSProp) or the momentum (SGNHT)."""
         return self.sampler != "sgld"
 
     @property
@@ -64,7 +82,7 @@ class SamplerSettings:
 
     @property
     def initial_statistic(self) -> float:
-        """The starting value of the RMSProp statistic V."""
+        """The starting value of the RMSProp statistic V (of the SGNHT momentum: 0)."""
         return 1.0 if self.bias_corrected else 0.0
 
     def statistic_scale(self, stat_step: int) -> float:
@@ -88,13 +106,13 @@ class StepCounters:
     stat_step: int = 0
 
 
-def per_chain(value: float | torch.Tensor, num_chains: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def per_chain(value: float | torch.Tensor, num_rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A scalar or a [C] vector of a per-chain hyperparameter, as a [C] tensor."""
     t = torch.as_tensor(value, dtype=dtype, device=device)
     if t.ndim == 0:
-        return t.expand(num_chains)
-    if t.shape != (num_chains,):
-        raise ValueError(f"per-chain hyperparameter must be a scalar or have shape ({num_chains},), got {tuple(t.shape)}")
+        return t.expand(num_rows)
+    if t.shape != (num_rows,):
+        raise ValueError(f"per-chain hyperparameter must be a scalar or have shape ({num_rows},), got {tuple(t.shape)}")
     return t
 
 

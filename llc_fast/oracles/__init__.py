@@ -39,6 +39,7 @@ from llc_fast.oracles.potentials import (
     quadratic_posterior_expectation,
     quadratic_sgld_expectation,
     quadratic_sgld_transient_expectation,
+    quadratic_sgnht_expectation,
     sum_of_powers_expectation,
 )
 
@@ -50,6 +51,7 @@ __all__ = [
     "quadratic_posterior_expectation",
     "quadratic_sgld_expectation",
     "quadratic_sgld_transient_expectation",
+    "quadratic_sgnht_expectation",
     "sum_of_powers_expectation",
     "one_variable_expectation",
     "product_expectation",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from llc_fast.oracles.dln import _check_widths_and_rank
+from llc_fast.oracles.dln import check_widths_and_rank
 
 
 def _linear_stack(weights: Sequence[torch.Tensor]) -> nn.Sequential:
@@ -42,7 +42,7 @@ def make_dln(widths: Sequence[int], rank: int, *, seed: int = 0, scale: float = 
         seed: seed of the local generator; the same seed gives the same weights.
         scale: entry standard deviation, > 0.
     """
-    widths, rank = _check_widths_and_rank(widths, rank)
+    widths, rank = check_widths_and_rank(widths, rank)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -71,7 +71,7 @@ def make_random_rank_dln(widths: Sequence[int], *, seed: int = 0,
         The float64 rank is reliable for moderate depth; very deep products of near-square layers become
         ill-conditioned and the numerical rank can fall below the generic rank min_j rank(W_j).
     """
-    widths, _ = _check_widths_and_rank(widths, 0)
+    widths, _ = check_widths_and_rank(widths, 0)
     if not 0.0 <= reduce_prob <= 1.0:
         raise ValueError(f"reduce_prob must be a probability in [0, 1], got {reduce_prob!r}")
     gen = torch.Generator().manual_seed(seed)

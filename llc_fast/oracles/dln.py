@@ -23,7 +23,7 @@ class DLNCoefficient(NamedTuple):
     multiplicity: int
 
 
-def _as_int(value: object, what: str) -> int:
+def as_int(value: object, what: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{what} must be an integer, got the bool {value!r}; pass an int")
     try:
@@ -33,9 +33,9 @@ def _as_int(value: object, what: str) -> int:
                          "pass an int") from None
 
 
-def _check_widths_and_rank(widths: Sequence[int], rank: int) -> tuple[list[int], int]:
+def check_widths_and_rank(widths: Sequence[int], rank: int) -> tuple[list[int], int]:
     try:
-        widths = [_as_int(h, f"widths[{i}]") for i, h in enumerate(widths)]
+        widths = [as_int(h, f"widths[{i}]") for i, h in enumerate(widths)]
     except TypeError:
         raise ValueError(f"widths must be a sequence of ints (input, hidden..., output), "
                          f"got {widths!r}") from None
@@ -43,7 +43,7 @@ def _check_widths_and_rank(widths: Sequence[int], rank: int) -> tuple[list[int],
         raise ValueError(f"widths needs at least 2 entries (input and output width), got {widths!r}")
     if any(h < 1 for h in widths):
         raise ValueError(f"every width must be a positive int, got {widths!r}")
-    rank = _as_int(rank, "rank")
+    rank = as_int(rank, "rank")
     if not 0 <= rank <= min(widths):
         raise ValueError(f"rank must satisfy 0 <= rank <= min(widths) = {min(widths)}, got rank={rank}; "
                          "pass the rank of the teacher's end-to-end product matrix")
@@ -81,7 +81,7 @@ def dln_learning_coefficient(widths: Sequence[int], rank: int) -> DLNCoefficient
         DLNCoefficient(llc=λ as a Fraction, multiplicity=m). This is the coefficient of the whole set of
         true parameters; the *local* coefficient at a teacher equals it when every layer has rank exactly r.
     """
-    widths, r = _check_widths_and_rank(widths, rank)
+    widths, r = check_widths_and_rank(widths, rank)
     sigma = _find_sigma([h - r for h in widths])
     ell = len(sigma) - 1
     s = sum(sigma)
@@ -102,7 +102,7 @@ def reduced_rank_regression_coefficient(M: int, H: int, N: int, r: int) -> Fract
     Returns:
         λ as a Fraction; it equals `dln_learning_coefficient((M, H, N), r).llc`.
     """
-    (M, H, N), r = _check_widths_and_rank((M, H, N), r)
+    (M, H, N), r = check_widths_and_rank((M, H, N), r)
     if M + H < N + r:
         return Fraction(H * M - H * r + N * r, 2)
     if N + H < M + r:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from llc_fast.oracles.dln import _as_int
+from llc_fast.oracles.dln import as_int
 
 # Relative mass neglected at each end of a quadrature range: exp(-40) ≈ 4e-18.
 _TAIL_LOG = 40.0
@@ -83,6 +83,39 @@ def quadratic_sgld_transient_expectation(h: ArrayLike, nbeta: float, gamma: floa
         relaxed = -np.expm1(t[None, :] * np.log1p(rho2_minus_1)[:, None])
     relaxed = np.where(t[None, :] == 0, 0.0, relaxed).mean(axis=1)
     return float(np.sum(nbeta * h * relaxed / (2.0 * a * (1.0 - eps_a / 4.0))))
+
+
+def quadratic_sgnht_expectation(h: ArrayLike, nbeta: float, gamma: float, lr: float,
+                                diffusion: float) -> tuple[float, float]:
+    """(E[nβ·K], the thermostat z*) under the stationary law of the discretised SGNHT chain on K = ½·Σ_j h_j·w_j²
+    (``llc_fast.kernels.reference.sgnht_step`` with exact gradients, every coordinate j one element of a row).
+
+    With the thermostat held at z, coordinate j is the linear chain p ← (1−z)(p − lr·a_j·w) + √(2·A·lr)·ξ,
+    w ← w + p (a_j = nβ·h_j + γ), whose stationary covariance solves a 2×2 Lyapunov equation; the thermostat
+    settles where the mean kinetic energy over the coordinates is lr (its update z ← z + mean p² − lr has zero
+    mean), found by bisection. Its fluctuation about z* is O(1/√count) and neglected. The positions run hotter
+    than the momenta by about 1/(1 − z*/2): an O(A) bias that does not vanish as lr → 0 at fixed A.
+    """
+    h, a = _quadratic_terms(h, nbeta, gamma)
+    if not (lr > 0 and diffusion > 0):
+        raise ValueError(f"need lr > 0 and diffusion > 0, got lr={lr!r}, diffusion={diffusion!r}")
+
+    def moments(z: float) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        for theta in lr * a:
+            m = np.array([[1 - (1 - z) * theta, 1 - z], [-(1 - z) * theta, 1 - z]])
+            if np.max(np.abs(np.linalg.eigvals(m))) >= 1:
+                return np.full_like(a, np.inf), np.full_like(a, np.inf)
+            q = 2 * diffusion * lr * np.ones(4)
+            out.append(np.linalg.solve(np.eye(4) - np.kron(m, m), q).reshape(2, 2))
+        return np.array([s[0, 0] for s in out]), np.array([s[1, 1] for s in out])
+
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        z = 0.5 * (lo + hi)
+        lo, hi = (z, hi) if np.mean(moments(z)[1]) > lr else (lo, z)
+    z = 0.5 * (lo + hi)
+    return float(np.sum(nbeta * h * moments(z)[0] / 2)), z
 
 
 def _sgld_terms(h: ArrayLike, nbeta: float, gamma: float, lr: float,
@@ -192,8 +225,8 @@ def normal_crossing_coefficient(k: Sequence[int], h: Sequence[int] | None = None
         k: powers, non-negative ints, at least one > 0 (k_j = 0 means w_j does not appear in K).
         h: prior exponents, non-negative ints, same length as k; None means all 0 (a smooth positive prior).
     """
-    k = [_as_int(x, f"k[{j}]") for j, x in enumerate(k)]
-    h = [0] * len(k) if h is None else [_as_int(x, f"h[{j}]") for j, x in enumerate(h)]
+    k = [as_int(x, f"k[{j}]") for j, x in enumerate(k)]
+    h = [0] * len(k) if h is None else [as_int(x, f"h[{j}]") for j, x in enumerate(h)]
     if len(h) != len(k):
         raise ValueError(f"k and h must have the same length, got {len(k)} and {len(h)}")
     if any(x < 0 for x in k) or not any(x > 0 for x in k) or any(x < 0 for x in h):

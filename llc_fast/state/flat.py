@@ -6,7 +6,8 @@
     w      [C, N]  current weights of each chain (param dtype)
     grad   [C, N]  gradient of the mean minibatch loss (param dtype)
     w_star [N]     the trained weights, shared by all chains
-    stat   [C, N]  RMSProp statistic (float32; float64 for float64 weights), or None
+    stat   [C, N]  RMSProp statistic or SGNHT momentum (float32; float64 for float64 weights), or None
+    thermostat [C] SGNHT's thermostat per row (the compute dtype), or None
 
 ``install`` swaps the module's parameters for leaf tensors that are views into one chain's
 row of ``w``, with ``.grad`` set to views into the same row of ``grad``: autograd then
@@ -195,7 +196,7 @@ def unpacked_mask(record: dict) -> np.ndarray:
 
 
 class FlatState:
-    """The flat buffers of ``num_chains`` chain rows, all starting at w* (see module docstring); the
+    """The flat buffers of ``num_rows`` chain rows, all starting at w* (see module docstring); the
     single-process implementation of ``state.protocol.ChainState``.
 
     mask: {param name: 0/1 tensor} or None; masked weights never move (``flat_mask`` [N] float or None).
@@ -206,11 +207,13 @@ class FlatState:
 
     supports_mala = True
 
-    def __init__(self, layout: FlatLayout, num_chains: int, *, device: torch.device, preconditioned: bool,
+    def __init__(self, layout: FlatLayout, num_rows: int, *, device: torch.device, preconditioned: bool,
                  initial_statistic: float | torch.Tensor = 0.0, mask: dict | None = None,
-                 components: list | None = None):
+                 components: list | None = None, thermostat: float | None = None):
         """initial_statistic: V's start value, a number or an [N] tensor (the same for every row; e.g. the
-        curvature preconditioner's fixed statistic, ``chains.curvature``)."""
+        curvature preconditioner's fixed statistic, ``chains.curvature``). preconditioned: keep ``stat`` (V, or
+        SGNHT's momentum). thermostat: SGNHT's thermostat start value A: ``thermostat`` [R] of the compute dtype,
+        one per row (None: no thermostat)."""
         if layout.dtype not in SUPPORTED_PARAM_DTYPES:
             raise ValueError(f"sampled parameters are {layout.dtype}; cast the model to float32, float64 or bfloat16")
         if mask and components:
@@ -224,13 +227,18 @@ class FlatState:
         self.flat_mask = layout.flat_mask(mask, device) if mask else None
         self.components = components_as_row_masks(layout, components, device) if components else None
         self.w_star = layout.flatten().to(device)
-        self.w = self.w_star.expand(num_chains, -1).clone()
+        self.w = self.w_star.expand(num_rows, -1).clone()
         self._grad = None
         self.stat = torch.empty(self.w.shape, dtype=compute_dtype(layout.dtype), device=device) \
             if preconditioned else None
+        self.initial_thermostat = thermostat
+        self.thermostat = None if thermostat is None else torch.empty(num_rows, dtype=compute_dtype(layout.dtype),
+                                                                      device=device)
         self._reset_statistic()
 
     def _reset_statistic(self) -> None:
+        if self.thermostat is not None:
+            self.thermostat.fill_(self.initial_thermostat)
         if self.stat is None:
             return
         if isinstance(self.initial_statistic, torch.Tensor):
@@ -239,7 +247,8 @@ class FlatState:
             self.stat.fill_(self.initial_statistic)
 
     @property
-    def num_chains(self) -> int:
+    def num_rows(self) -> int:
+        """R, the chain rows held ([R, N] weights)."""
         return self.w.shape[0]
 
     @property
@@ -269,16 +278,24 @@ class FlatState:
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return None if self.stat is None else self.stat[:num_rows]
 
+    def thermostat_rows(self, num_rows: int) -> torch.Tensor | None:
+        return None if self.thermostat is None else self.thermostat[:num_rows]
+
     def save_rows(self, num_rows: int) -> dict:
-        """A copy (on the CPU) of rows 0..G-1: weights and statistic."""
-        return dict(w=self.w[:num_rows].cpu().clone(),
+        """A copy (on the CPU) of rows 0..G-1: weights and statistic (and SGNHT's thermostats)."""
+        rows = dict(w=self.w[:num_rows].cpu().clone(),
                     stat=None if self.stat is None else self.stat[:num_rows].cpu().clone())
+        if self.thermostat is not None:
+            rows["thermostat"] = self.thermostat[:num_rows].cpu().clone()
+        return rows
 
     def load_rows(self, num_rows: int, rows: dict) -> None:
         """Rows 0..G-1 as ``save_rows`` saved them."""
         self.w[:num_rows].copy_(rows["w"])
         if self.stat is not None:
             self.stat[:num_rows].copy_(rows["stat"])
+        if self.thermostat is not None:
+            self.thermostat[:num_rows].copy_(rows["thermostat"])
 
     def unmoved_rows(self, num_rows: int) -> list[int]:
         """Rows whose weights are still bitwise w*."""

@@ -1,8 +1,8 @@
 """The memory model of the sampler state: bytes per chain row, and how many rows fit a budget.
 
 One chain row holds its weights, its gradient and (RMSProp samplers) its statistic V, which is
-float32 (float64 for float64 weights). ``rows_within`` and ``plan_rows`` size the single-process batched
-groups (``plan_rows`` from the free memory of the device, CPU or GPU, unless a budget is given);
+float32 (float64 for float64 weights). ``rows_within`` and ``plan_rows`` size the single-process row
+batches (``plan_rows`` from the free memory of the device, CPU or GPU, unless a budget is given);
 ``llc_fast.distributed.planner`` builds its per-rank plan on the same ``row_bytes``.
 """
 from __future__ import annotations
@@ -24,6 +24,14 @@ def row_bytes(numel: int, dtype: torch.dtype, preconditioned: bool) -> dict[str,
     e = bytes_per(dtype)
     return {"weights": numel * e, "gradients": numel * e,
             "statistic": numel * statistic_bytes_per(dtype) if preconditioned else 0}
+
+
+def sparse_rows_bytes(numels, full_numel: int, dtype: torch.dtype, preconditioned: bool) -> dict[str, int]:
+    """Bytes of sparse rows: row i holds only its component's ``numels[i]`` coordinates (weights, gradients,
+    statistic), and w* of all ``full_numel`` elements is stored once for every row."""
+    out = row_bytes(sum(int(n) for n in numels), dtype, preconditioned)
+    out["w*"] = full_numel * bytes_per(dtype)
+    return out
 
 
 def rows_within(budget: int | None, numel: int, dtype: torch.dtype, preconditioned: bool, wanted: int) -> int:
@@ -84,7 +92,7 @@ def _size(n: float) -> str:
 
 def plan_rows(wanted: int, numel: int, dtype: torch.dtype, preconditioned: bool, device: torch.device,
               budget: int | None = None) -> tuple[int, str]:
-    """(chain rows per batched group, why): at most ``wanted`` rows whose buffers (``row_bytes``) fit ``budget``
+    """(chain rows per row batch, why): at most ``wanted`` rows whose buffers (``row_bytes``) fit ``budget``
     bytes (``batch_memory_bytes``), else ``AVAILABLE_FRACTION`` of the device's free memory (``available_bytes``),
     on the CPU as on a GPU. Activations come on top: a batched pass that runs out of memory anyway is split
     (``chains.engines.VmapEngine``)."""

@@ -88,13 +88,13 @@ def local_segments(model: nn.Module, layout: FlatLayout) -> list[ShardSegment]:
 class ShardedChainState:
     """This rank's part of one chain (see module docstring); ``state.protocol.ChainState`` for one row."""
 
-    num_chains = 1
+    num_rows = 1
     supports_mala = False
 
     def __init__(self, model: nn.Module, layout: FlatLayout, *, device: torch.device, preconditioned: bool,
-                 initial_statistic: float = 0.0, mask: dict | None = None, group=None):
-        """group: the shard group's process group (None: this process alone)."""
-        self.model, self.initial_statistic, self.group = model, initial_statistic, group
+                 initial_statistic: float = 0.0, mask: dict | None = None, shard_group=None):
+        """shard_group: the shard group's process group (None: this process alone)."""
+        self.model, self.initial_statistic, self.shard_group = model, initial_statistic, shard_group
         self.segments_ = local_segments(model, layout)
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(s.numel for s in self.segments_)
@@ -145,6 +145,10 @@ class ShardedChainState:
             out.append((seg.weights(), g, seg.local_offset, seg.global_offset))
         return out
 
+    def row_masks(self, component: torch.Tensor | None) -> torch.Tensor | None:
+        """The update's mask: ``flat_mask`` (a sharded run samples no components)."""
+        return self.flat_mask
+
     def stat_rows(self, num_rows: int) -> torch.Tensor | None:
         return self.stat
 
@@ -164,8 +168,8 @@ class ShardedChainState:
         """[0] if no local shard of any rank of the shard group moved from w*, else []."""
         moved = torch.tensor([float(any(bool((seg.weights()[0] != self._local(self.w_star, seg)).any())
                                         for seg in self.segments_))], device=self.w_star.device)
-        if self.group is not None:
-            torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        if self.shard_group is not None:
+            torch.distributed.all_reduce(moved, op=torch.distributed.ReduceOp.MAX, group=self.shard_group)
         return [] if moved.item() else [0]
 
     def isolation(self):

@@ -14,7 +14,6 @@ import csv
 import inspect
 import io
 import itertools
-import json
 import math
 import os
 import warnings
@@ -30,9 +29,10 @@ from ..api import (EVAL_OPTIONS, estimate_llc, llc_option_names, options_config,
 from ..diagnostics.convergence import FLAT_Z_MAX, RHAT_MAX
 from ..config import check_count, check_positive
 from ..estimators.llc import AllChainsDivergedError, LLCDivergenceWarning
-from ..estimators.result import LLCResult, _nan_to_none, _none_to_nan, pyplot, write_atomically
-from ..files import SavedAsJson
-from .recommend import ACCEPTANCE_TARGET, _recommend  # noqa: F401  (ACCEPTANCE_TARGET: the rule calibrate states)
+from ..estimators.output import nan_to_none, none_to_nan, pyplot
+from ..estimators.result import LLCResult
+from ..files import SavedAsJson, write_atomically
+from .recommend import ACCEPTANCE_TARGET, recommend  # noqa: F401  (ACCEPTANCE_TARGET: the rule calibrate states)
 from .stability import auto_choice, auto_grid, auto_nbeta, mark_limits, measure_curvature, run_steps
 
 # The fewest draws calibrate takes: a trend over fewer says nothing (convergence.shared_drift needs 8).
@@ -94,11 +94,11 @@ class CalibrationRow:
         return f"lr={self.lr:g}, gamma={self.gamma:g}, nbeta={self.nbeta:.4g}"
 
     def to_dict(self) -> dict:
-        return {name: _nan_to_none(value) for name, value in asdict(self).items()}
+        return {name: nan_to_none(value) for name, value in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationRow":
-        return cls(**{f.name: _none_to_nan(d[f.name]) for f in fields(cls) if f.name in d})
+        return cls(**{f.name: none_to_nan(d[f.name]) for f in fields(cls) if f.name in d})
 
 
 @dataclass
@@ -274,7 +274,7 @@ def calibrate(
         rows = [_row(result, s, list(range(s * chains_per_setting, (s + 1) * chains_per_setting)))
                 for s in range(len(settings))]
     mark_limits(rows, curvature)
-    recommended, reason = _recommend(rows, acceptance_recorded=result.mala_acceptance.shape[1] > 0)
+    recommended, reason = recommend(rows, acceptance_recorded=result.mala_acceptance.shape[1] > 0)
     choice, reason = auto_choice(rows, recommended, reason, curvature, run_steps(options)) if auto else (None, reason)
     return CalibrationResult(rows=rows, recommended=recommended, reason=reason, result=result,
                              chains_per_setting=chains_per_setting,

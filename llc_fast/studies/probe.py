@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import inspect
 import io
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,8 @@ import torch
 from ..chains.data import STREAM_PROBE, BatchStream, derived_seed, move_to_device
 from ..chains.engines import checked_loss, local_engine
 from ..config import check_count, check_positive
-from ..estimators.result import _nan_to_none, _none_to_nan, pyplot, write_atomically
+from ..estimators.output import nan_to_none, none_to_nan, pyplot
+from ..files import write_atomically
 from ..files import SavedAsJson
 from ..state.flat import FlatLayout, FlatState
 
@@ -78,16 +78,16 @@ class ProbeResult(SavedAsJson):
     def to_dict(self) -> dict:
         d = asdict(self)
         for k in ("radii", "delta_loss", "delta_loss_se", "samples"):
-            d[k] = _nan_to_none(getattr(self, k).tolist())
+            d[k] = nan_to_none(getattr(self, k).tolist())
         for k in ("exponent", "exponent_se"):
-            d[k] = _nan_to_none(d[k])
+            d[k] = nan_to_none(d[k])
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProbeResult":
         d = dict(d)
         for k in ("radii", "delta_loss", "delta_loss_se", "samples"):
-            d[k] = np.array(_none_to_nan(d[k]), dtype=np.float64)
+            d[k] = np.array(none_to_nan(d[k]), dtype=np.float64)
         for k in ("exponent", "exponent_se"):
             d[k] = math.nan if d[k] is None else d[k]
         return cls(**d)
@@ -148,7 +148,7 @@ def _directions(kind: str, num_samples: int, coords: torch.Tensor, n: int, seed:
 def _probe_engine(model, state: FlatState, loss_fn: Callable, batch):
     """The engine of the perturbations: batched (vmap) where the model allows, else one at a time with a warning
     saying why, as ``estimate_llc`` decides (``chains.engines.local_engine``; the same perturbations either way)."""
-    engine, reason = local_engine(model, state, loss_fn, "auto", lambda: [batch] * state.num_chains)
+    engine, reason = local_engine(model, state, loss_fn, "auto", lambda: [batch] * state.num_rows)
     if reason:
         import warnings
 

@@ -28,7 +28,7 @@ from .stability import gamma_ladder
 ACCEPTANCE_TARGET = 0.9
 
 
-def _recommend(rows: list, acceptance_recorded: bool) -> tuple[object | None, str]:
+def recommend(rows: list, acceptance_recorded: bool) -> tuple[object | None, str]:
     """The documented rule of ``calibrate``: (row or None, reason). Rows at or above the stability limit are left
     out; then the gamma ladder from the chosen row (``stability.gamma_ladder``)."""
     beyond = [r for r in rows if not r.within_limit]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..estimators.result import pyplot
+from ..estimators.output import pyplot
 from .calibrate import CalibrationResult, calibrate, calibration_run
 
 

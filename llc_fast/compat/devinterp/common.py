@@ -3,6 +3,8 @@ convention warnings, and the helpers that map devinterp's arguments onto ``llc_f
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
@@ -30,26 +32,26 @@ class ChainDivergedError(RuntimeError):
 
 _WARNED: set[str] = set()
 
-_V2_MESSAGE = (
+V2_MESSAGE = (
     "llc_fast.compat.devinterp follows devinterp 2.x's conventions so its numbers match devinterp's: each "
     "chain's mean loss includes the burn-in steps and the steps between draws, llc_std is the standard "
     "deviation with ddof=0, and a chain whose loss became NaN/Inf keeps the estimate of the steps it ran. "
     "The native llc_fast.estimate_llc averages only the draws after burn-in, uses ddof=1 and leaves diverged "
     "chains out (pass conventions='llc_fast' here for those rules). This warning is shown once.")
-_V1_MESSAGE = (
+V1_MESSAGE = (
     "llc_fast.compat.devinterp follows devinterp 1.x: optimizer_kwargs has no nbeta, so nbeta = B/log(B) with "
     "B the batch size (times grad_accum_steps), as devinterp's default_nbeta. Watanabe's choice, the default of "
     "the native llc_fast.estimate_llc, is n/log(n) with n the number of training samples; pass nbeta "
     "explicitly to choose. This warning is shown once.")
 
 
-def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+def warn_once(key: str, message: str, stacklevel: int = 3) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, DevinterpCompatWarning, stacklevel=stacklevel)
 
 
-def _reset_warnings() -> None:
+def reset_warnings() -> None:
     """Forget which once-per-process warnings were shown (for tests)."""
     _WARNED.clear()
 
@@ -58,7 +60,7 @@ def _reset_warnings() -> None:
 # shared helpers
 # ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _train_mode(model: torch.nn.Module):
+def train_mode(model: torch.nn.Module):
     """devinterp samples (and computes the initial loss) in train mode; restore every module's mode after."""
     modes = [(m, m.training) for m in model.modules()]
     model.train()
@@ -70,7 +72,7 @@ def _train_mode(model: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _only_sampled(model: torch.nn.Module, names: set[str] | None):
+def only_sampled(model: torch.nn.Module, names: set[str] | None):
     """Sample only the parameters named in ``names`` (devinterp: the others get requires_grad=False)."""
     if names is None:
         yield
@@ -85,7 +87,7 @@ def _only_sampled(model: torch.nn.Module, names: set[str] | None):
             p.requires_grad_(True)
 
 
-def _resolve_masks(model: torch.nn.Module, masks: Mapping | None, what: str, require_all: bool):
+def resolve_masks(model: torch.nn.Module, masks: Mapping | None, what: str, require_all: bool):
     """devinterp's per-parameter masks as (names to sample or None, estimate_llc mask dict or None)."""
     if masks is None:
         return None, None
@@ -102,8 +104,12 @@ def _resolve_masks(model: torch.nn.Module, masks: Mapping | None, what: str, req
         names.add(cname)
         if m is not None and every[name].requires_grad:  # devinterp skips parameters without gradients
             m = torch.as_tensor(m)
-            if m.shape != every[name].shape:
-                raise ValueError(f"{what}[{name!r}] has shape {tuple(m.shape)}, the parameter {tuple(every[name].shape)}")
+            if m.shape != every[name].shape:  # devinterp multiplies by the mask: (1,) switches the whole parameter
+                try:
+                    m = torch.broadcast_to(m, every[name].shape)
+                except RuntimeError:
+                    raise ValueError(f"{what}[{name!r}] has shape {tuple(m.shape)}, which does not broadcast to the "
+                                     f"parameter's {tuple(every[name].shape)}") from None
             flat[cname] = m.to(torch.bool) if cname not in flat else flat[cname] | m.to(torch.bool)
     if require_all:
         missing = [n for n in canonical.values() if n not in names]
@@ -114,7 +120,7 @@ def _resolve_masks(model: torch.nn.Module, masks: Mapping | None, what: str, req
 
 
 @contextlib.contextmanager
-def _divergence_handled():
+def divergence_handled():
     """Run estimate_llc, keeping its result when every chain diverged and dropping its divergence warnings
     (the caller reports divergence by devinterp's rules); other warnings are passed on."""
     holder: dict = {}
@@ -130,7 +136,48 @@ def _divergence_handled():
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _seed_from(seed) -> int:
+_INPLACE_MARKERS = ("modified inplace", "modified by an inplace operation", "inplace arithmetic",
+                    "in-place operation", "an inplace operation")
+
+
+def writes_weights_in_place(error: BaseException) -> bool:
+    """Whether ``error`` is torch's complaint about a tensor written in place where batched chains read it: what a
+    model that writes its own weights inside ``forward`` (``self.w.fill_(...)``, ``.data.clamp_(...)``) causes."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _INPLACE_MARKERS)
+
+
+def python_state_copy(model: torch.nn.Module):
+    """A copy of the model's modules and Python attributes (a forward counter, say) that shares its parameters
+    and buffers, taken before a run so that a retry starts where the first try started; None if not copyable."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:
+        return None
+
+
+def batched_or_sequential(model: torch.nn.Module, run):
+    """``run(model, chain_batching)`` with "auto"; if the batched chains fail because the model writes its own
+    weights in place inside ``forward`` (llc_fast's trial pass before sampling catches a model that always does;
+    one that starts later, as devinterp's DummyNaNModel, fails mid-run), warn and run again with the chains one
+    at a time ("sequential", as devinterp runs them) from a copy of the model's Python state taken before."""
+    snapshot = python_state_copy(model)
+    try:
+        return run(model, "auto")
+    except RuntimeError as e:
+        if not writes_weights_in_place(e):
+            raise
+        warnings.warn(
+            "the model writes its own weights in place inside forward (torch: "
+            f"{str(e).splitlines()[0][:160]!r}); llc_fast's batched chains keep every chain's weights in one stacked "
+            "tensor, which such a write cannot target, so the chains run again one at a time "
+            "(chain_batching='sequential', as devinterp runs them)" + (
+                "" if snapshot is not None else "; the model could not be copied, so its Python state (counters) "
+                "is the one the failed try left"), DevinterpCompatWarning, stacklevel=3)
+        return run(model if snapshot is None else snapshot, "sequential")
+
+
+def seed_from(seed) -> int:
     """devinterp's seed (None, an int, or one per chain) as llc_fast's single 63-bit noise key."""
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())

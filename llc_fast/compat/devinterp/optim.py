@@ -19,47 +19,38 @@ Differences from devinterp's classes: the noise comes from llc_fast's generator,
 RNG (``seed=None`` draws the key from torch's global RNG, or from ``noise_generator``, at the first
 step, so ``torch.manual_seed`` still makes runs reproducible); parameters without ``requires_grad`` are
 never moved; a parameter that received no gradient is moved with a zero gradient (prior and noise only);
-``bounding_box_size=0`` means no box; ``save_metrics`` / ``metrics`` / sketches are not supported.
+``bounding_box_size=0`` means no box; ``save_metrics`` (2.x) and sketches are not supported.
+
+Diagnostics (devinterp's ``metrics=[...]``: ``noise_norm``, ``grad_norm``, ``weight_norm``, ``distance``,
+``noise``, ``dws``, ``localization_loss``; 1.x ``SGLD``'s flags ``save_noise``, ``save_mala_vars``,
+``noise_norm``, ``grad_norm``, ``weight_norm``, ``distance``) are computed beside the fused update from the
+flat buffers (the pre-step weights, the gradient, the statistic the step used and the step's own
+counter-based noise, regenerated) and exposed as devinterp exposes them: ``group["metrics"]`` and
+``optimizer.<name>`` (``SGMCMC`` / factories), ``group[<name>]``, ``optimizer.noise[group]``,
+``optimizer.dws`` and ``optimizer.localization_loss`` (1.x ``SGLD``), with devinterp's meanings (see
+``_record_metrics``). devinterp's own ``sample()`` with a ``MalaAcceptanceRate`` callback therefore runs
+with these optimizers. Nothing is computed unless asked for.
+
+devinterp's other conventions kept: a mask of shape ``(1,)`` (or any shape that broadcasts) switches the
+whole parameter on or off; a param group with ``lr=0`` is frozen (its RMSProp statistic still takes the
+gradient, as devinterp's); ``alpha=1`` (RMSProp) keeps V at 0, i.e. SGLD with step lr/eps.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 
 from ...config import check_positive
 from ...kernels.dispatch import select_backend
-from ...kernels.reference import SUPPORTED_PARAM_DTYPES
 from ...kernels.update_spec import SamplerSettings, StepCounters
-from ...state.flat import FlatLayout, FlatState
+from .buckets import build_buckets
+from .metrics import DIAGNOSTIC_FLAGS, VALID_METRICS, MetricsMixin
+from .sgnht import sampling_kind, sgnht_factory
 
 __all__ = ["SGMCMC", "SGLD", "RMSpropSGLD"]
 
 # Keys of a param group that configure the update (devinterp's names).
 _HYPER = ("lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size", "alpha", "eps")
-_IGNORED_DIAGNOSTICS = ("save_noise", "save_mala_vars", "noise_norm", "grad_norm", "weight_norm", "distance")
-
-
-@dataclass
-class _Bucket:
-    """The sampled parameters of one (device, dtype) and their flat state (one chain row)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    base: int  # index of element 0 in the optimizer's flat order (keys the noise)
-    params: list = field(default_factory=list)
-    masks: list = field(default_factory=list)  # the mask of each param, or None
-    groups: list = field(default_factory=list)  # param-group index of each param
-    segments: list = field(default_factory=list)  # (group index, start, end), consecutive params of one group
-    state: FlatState | None = None
-    views: list = field(default_factory=list)  # (data view, grad view) of each param
-
-    @property
-    def offsets(self) -> list[int]:
-        return [slot.offset for slot in self.state.layout.slots]
-
-
-class SGMCMC(torch.optim.Optimizer):
+class SGMCMC(MetricsMixin, torch.optim.Optimizer):
     """devinterp's SGMCMC sampler (SGLD, optionally RMSProp-preconditioned) stepping with the fused update.
 
     Per step, for every sampled element (``docs/update.md``; devinterp's update):
@@ -73,15 +64,25 @@ class SGMCMC(torch.optim.Optimizer):
     the first step); ``backend`` picks the fused update (``llc_fast.backends()``).
     """
 
+    _metric_style = "sgmcmc"  # how metrics are exposed: devinterp's SGMCMC ("sgmcmc") or 1.x SGLD ("sgld")
+
     def __init__(self, params, *, lr: float = 0.01, noise_level: float = 1.0, nbeta: float = 1.0,
                  localization: float = 0.0, weight_decay: float = 0.0, bounding_box_size: float | None = None,
                  mask=None, optimize_over=None, preconditioner: str = "identity",
                  preconditioner_kwargs: dict | None = None, prior=None, temperature: float | None = None,
                  save_metrics: bool = False, metrics=None, sketch_dim: int | None = None, seed: int | None = None,
                  chain: int = 0, backend: str = "auto", **diagnostics):
-        unknown = set(diagnostics) - set(_IGNORED_DIAGNOSTICS)
+        unknown = set(diagnostics) - set(DIAGNOSTIC_FLAGS)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
+        metrics = list(metrics or [])
+        invalid = set(metrics) - set(VALID_METRICS)
+        if invalid:
+            raise ValueError(f"Invalid metrics: {invalid}. Valid metrics are: {set(VALID_METRICS)}")
+        for flag, names in DIAGNOSTIC_FLAGS.items():
+            if diagnostics.get(flag):
+                metrics += [n for n in names if n not in metrics]
+        self._mala_vars = bool({"dws", "localization_loss"} & set(metrics))
         if preconditioner in (None, "identity"):
             sampler = "sgld"
         elif preconditioner == "rmsprop":
@@ -99,10 +100,10 @@ class SGMCMC(torch.optim.Optimizer):
             raise NotImplementedError(
                 "custom priors are not supported by the fused update: pass localization= (Gaussian prior at the "
                 "initial weights) and weight_decay= (Gaussian prior at zero)")
-        if save_metrics or metrics or sketch_dim is not None:
+        if save_metrics or sketch_dim is not None:
             raise NotImplementedError(
-                "optimizer metrics/sketches are not recorded by the fused update; for MALA acceptance use "
-                "llc_fast.estimate_llc(..., mala_every=k)")
+                "save_metrics/sketches are not recorded by the fused update (metrics=[...] is); for MALA acceptance "
+                "of a whole run use llc_fast.estimate_llc(..., mala_every=k)")
         if temperature is not None:
             nbeta = temperature
         if optimize_over is not None and mask is not None:
@@ -115,7 +116,7 @@ class SGMCMC(torch.optim.Optimizer):
             params = [params]
         defaults = dict(lr=lr, noise_level=noise_level, nbeta=nbeta, localization=localization,
                         weight_decay=weight_decay, bounding_box_size=bounding_box_size,
-                        mask=mask if mask is not None else optimize_over, alpha=alpha, eps=eps)
+                        mask=mask if mask is not None else optimize_over, alpha=alpha, eps=eps, metrics=metrics)
         super().__init__(params, defaults)
         for group in self.param_groups:  # 1.x names the group mask optimize_over
             if group.get("optimize_over") is not None:
@@ -123,70 +124,21 @@ class SGMCMC(torch.optim.Optimizer):
                     raise ValueError("a param group has both mask and optimize_over; pass one")
                 group["mask"] = group["optimize_over"]
         self._sampler = sampler
+        self._prior_always = False  # devinterp's factories always build a prior (distance tracked even at gamma 0)
+        self._sgld_views: dict = {}
+        self._metric_dicts: list[dict] = [{} for _ in self.param_groups]  # per group; SGMCMC: group["metrics"]
+        for group in self.param_groups:
+            self._init_metrics(group)
         self._seed = seed
         self._chain = chain
         self._backend = backend
         self._step_count = 0
         self._settings: dict[tuple, SamplerSettings] = {}
-        self._buckets = self._build_buckets()
+        self._buckets = build_buckets(self.param_groups, self.state, preconditioned=self._sampler != "sgld")
         for group in self.param_groups:  # every setting checked now, not at the first step
             self._settings_for(self._group_key(group))
         self._chain_ids = {b.device: torch.tensor([chain], dtype=torch.int64, device=b.device) for b in self._buckets}
         self._update = {b.device: select_backend(backend, b.device).update for b in self._buckets}
-
-    # ----------------------------------------------------------------------------------------------
-    def _build_buckets(self) -> list[_Bucket]:
-        by_key: dict[tuple, _Bucket] = {}
-        for gi, group in enumerate(self.param_groups):
-            masks = group.get("mask")
-            plist = list(group["params"])
-            if masks is not None and isinstance(masks, torch.Tensor):
-                masks = [masks] * len(plist) if len(plist) == 1 else [masks]
-            if masks is not None and len(masks) != len(plist):
-                raise ValueError(f"param group {gi}: {len(masks)} masks for {len(plist)} parameters")
-            for k, p in enumerate(plist):
-                if not (p.requires_grad and p.is_floating_point()):
-                    continue
-                if p.dtype not in SUPPORTED_PARAM_DTYPES:
-                    raise ValueError(f"parameters must be float32, float64 or bfloat16, got {p.dtype}")
-                key = (p.device, p.dtype)
-                b = by_key.setdefault(key, _Bucket(device=p.device, dtype=p.dtype, base=0))
-                b.params.append((p, None if masks is None else masks[k]))
-                b.groups.append(gi)
-        base = 0
-        buckets = list(by_key.values())
-        for b in buckets:
-            b.base = base
-            layout = FlatLayout(None, [(str(k), p) for k, (p, _) in enumerate(b.params)])
-            masks = {str(k): self._checked_mask(m, p) for k, (p, m) in enumerate(b.params) if m is not None}
-            b.state = FlatState(layout, 1, device=b.device, preconditioned=self._sampler != "sgld", mask=masks)
-            base += layout.numel
-            plain = []
-            for (p, _), gi, slot, data, grad in zip(b.params, b.groups, layout.slots, layout.views(b.state.w[0]),
-                                                    layout.views(b.state.grad[0])):
-                if p.grad is not None:
-                    grad.copy_(p.grad)
-                p.data, p.grad = data, grad
-                b.views.append((data, grad))
-                start, end = slot.offset, slot.offset + slot.numel
-                if b.segments and b.segments[-1][0] == gi and b.segments[-1][2] == start:
-                    b.segments[-1] = (gi, b.segments[-1][1], end)
-                else:
-                    b.segments.append((gi, start, end))
-                plain.append(p)
-                # devinterp's state names, as views of the flat buffers
-                self.state[p]["initial_param"] = b.state.w_star[start:end].view_as(p)
-                if b.state.stat is not None:
-                    self.state[p]["square_avg"] = b.state.stat[0, start:end].view_as(p)
-            b.params = plain
-        return buckets
-
-    @staticmethod
-    def _checked_mask(mask, p) -> torch.Tensor:
-        mask = torch.as_tensor(mask)
-        if mask.shape != p.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match parameter shape {tuple(p.shape)}")
-        return mask
 
     def _resync(self) -> None:
         """Re-attach parameters whose .data or .grad was replaced (model.zero_grad(), model.to(...))."""
@@ -205,7 +157,8 @@ class SGMCMC(torch.optim.Optimizer):
 
     def _group_key(self, group: dict) -> tuple:
         """The update's hyperparameters of a param group, checked as ``estimate_llc`` checks them."""
-        check_positive("lr", group["lr"], hint="lr is the SGLD step size epsilon, e.g. 1e-4.")
+        check_positive("lr", group["lr"], allow_zero=True,
+                       hint="lr is the SGLD step size epsilon, e.g. 1e-4 (0 freezes the param group, as devinterp).")
         check_positive("nbeta", group["nbeta"], hint="nbeta is n*beta, e.g. n/log(n) for n training samples.")
         check_positive("localization", group["localization"], allow_zero=True,
                        hint="localization is the strength gamma of the pull toward the initial weights (0: off).")
@@ -214,10 +167,17 @@ class SGMCMC(torch.optim.Optimizer):
                 float(group["weight_decay"]), float(group["noise_level"]), float(box) if box else None,
                 float(group["alpha"]), float(group["eps"]))
 
+    def _stat_frozen(self, key: tuple) -> bool:
+        """RMSProp with alpha = 1: V stays at its start, 0, so G = 1/eps: SGLD with step lr/eps."""
+        return self._sampler != "sgld" and key[6] == 1.0
+
     def _settings_for(self, key: tuple) -> SamplerSettings:
         if key not in self._settings:
             _, _, _, wd, noise, box, alpha, eps = key
-            self._settings[key] = SamplerSettings(sampler=self._sampler, rmsprop_alpha=alpha, rmsprop_eps=eps,
+            sampler = "sgld" if self._stat_frozen(key) else self._sampler
+            if self._stat_frozen(key):
+                alpha = 0.99  # unused by SGLD; SamplerSettings checks alpha < 1
+            self._settings[key] = SamplerSettings(sampler=sampler, rmsprop_alpha=alpha, rmsprop_eps=eps,
                                                   weight_decay=wd, box=box, noise_level=noise)
         return self._settings[key]
 
@@ -243,6 +203,11 @@ class SGMCMC(torch.optim.Optimizer):
         self._resync()
         counters = StepCounters(step=self._step_count, update_statistic=True, stat_step=self._step_count)
         keys = [self._group_key(g) for g in self.param_groups]
+        if len(self._metric_dicts) != len(self.param_groups):  # add_param_group after construction
+            self._metric_dicts += [{} for _ in range(len(self.param_groups) - len(self._metric_dicts))]
+        wanted = set().union(*(d.keys() for d in self._metric_dicts))
+        pre = ({b.device: b.state.w[0].clone() for b in self._buckets}
+               if wanted & {"dws", "distance", "localization_loss"} else {})
         for b in self._buckets:
             runs: list[list] = []
             for gi, start, end in b.segments:
@@ -255,13 +220,24 @@ class SGMCMC(torch.optim.Optimizer):
                 lr, nbeta, gamma = key[0], key[1], key[2]
                 whole = start == 0 and end == st.w.shape[1]
                 sl = slice(start, end)
+                settings = self._settings_for(key)
+                if lr == 0.0:  # a frozen group (devinterp: lr=0 moves nothing); V still takes the gradient
+                    if settings.preconditioned:
+                        g = st.grad[:, sl].to(st.stat.dtype)
+                        st.stat[:, sl].mul_(settings.rmsprop_alpha).addcmul_(g, g, value=1 - settings.rmsprop_alpha)
+                    continue
+                if self._stat_frozen(key):
+                    lr = lr / key[7]
                 update(st.w if whole else st.w[:, sl], st.grad if whole else st.grad[:, sl],
                        st.w_star if whole else st.w_star[sl],
-                       None if st.stat is None else (st.stat if whole else st.stat[:, sl]),
-                       lr=lr, nbeta=nbeta, gamma=gamma, settings=self._settings_for(key), counters=counters,
+                       None if st.stat is None or not settings.preconditioned else (
+                           st.stat if whole else st.stat[:, sl]),
+                       lr=lr, nbeta=nbeta, gamma=gamma, settings=settings, counters=counters,
                        seed=seed, chain_ids=chain_ids,
                        mask=None if st.flat_mask is None else (st.flat_mask if whole else st.flat_mask[sl]),
                        index_offset=b.base + start)
+        if wanted:
+            self._record_metrics(keys, pre, seed, counters)
         self._step_count += 1
         return loss
 
@@ -272,6 +248,8 @@ class SGMCMC(torch.optim.Optimizer):
                 if p.grad is not grad:
                     p.grad = grad
             b.state.grad.zero_()
+        if self._metric_style == "sgmcmc":
+            self.reset_metrics()
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -309,23 +287,37 @@ class SGMCMC(torch.optim.Optimizer):
              bounding_box_size=None, mask=None, save_metrics: bool = False, sketch_dim=None, sketch_seed: int = 0,
              **kwargs):
         """devinterp's ``SGMCMC.sgld``: SGLD with localization (Lau et al. 2023)."""
-        return SGLD(params, lr=lr, noise_level=noise_level, weight_decay=weight_decay, localization=localization,
-                    nbeta=nbeta, bounding_box_size=bounding_box_size, mask=mask, save_metrics=save_metrics,
-                    sketch_dim=sketch_dim, **kwargs)
+        return cls._factory_made(SGLD(
+            params, lr=lr, noise_level=noise_level, weight_decay=weight_decay, localization=localization, nbeta=nbeta,
+            bounding_box_size=bounding_box_size, mask=mask, save_metrics=save_metrics, sketch_dim=sketch_dim, **kwargs))
 
     @classmethod
     def rmsprop_sgld(cls, params, lr=0.01, noise_level=1.0, weight_decay=0.0, localization=0.0, nbeta=1.0,
                      alpha=0.99, eps=0.1, add_grad_correction=False, bounding_box_size=None, mask=None,
                      save_metrics: bool = False, sketch_dim=None, sketch_seed: int = 0, **kwargs):
         """devinterp's ``SGMCMC.rmsprop_sgld``: RMSProp-preconditioned SGLD (V starts at 0, no bias correction)."""
-        return RMSpropSGLD(params, lr=lr, noise_level=noise_level, weight_decay=weight_decay,
-                           localization=localization, nbeta=nbeta, alpha=alpha, eps=eps,
-                           add_grad_correction=add_grad_correction, bounding_box_size=bounding_box_size, mask=mask,
-                           save_metrics=save_metrics, sketch_dim=sketch_dim, **kwargs)
+        return cls._factory_made(RMSpropSGLD(
+            params, lr=lr, noise_level=noise_level, weight_decay=weight_decay, localization=localization, nbeta=nbeta,
+            alpha=alpha, eps=eps, add_grad_correction=add_grad_correction, bounding_box_size=bounding_box_size,
+            mask=mask, save_metrics=save_metrics, sketch_dim=sketch_dim, **kwargs))
+
+    @staticmethod
+    def _factory_made(opt: "SGMCMC") -> "SGMCMC":
+        """Metrics as devinterp's factories expose them (SGMCMC's, with a prior: distance tracked at gamma 0)."""
+        opt._metric_style, opt._prior_always = "sgmcmc", True
+        for group in opt.param_groups:
+            for m in ("noise_norm", "grad_norm", "weight_norm", "distance"):
+                group.pop(m, None)
+            opt._init_metrics(group)
+        return opt
 
     @classmethod
-    def sgnht(cls, *args, **kwargs):
-        raise NotImplementedError("SGNHT is not implemented by llc_fast; use SGMCMC.sgld or SGMCMC.rmsprop_sgld")
+    def sgnht(cls, params, lr=0.01, diffusion_factor=0.01, nbeta=1.0, bounding_box_size=None, metrics=None,
+              **kwargs):
+        """devinterp 1.3.2's ``SGMCMC.sgnht`` as it computes: SGLD with noise_level sqrt(2*diffusion_factor), no
+        localization, and the box (its NHT momentum and thermostat are never applied; ``sgnht.py``)."""
+        return sgnht_factory(cls.sgld, params, lr=lr, diffusion_factor=diffusion_factor, nbeta=nbeta,
+                             bounding_box_size=bounding_box_size, metrics=metrics, **kwargs)
 
     @classmethod
     def get_method(cls, method: str):
@@ -337,7 +329,9 @@ class SGMCMC(torch.optim.Optimizer):
 
 class SGLD(SGMCMC):
     """devinterp's ``SGLD``: w <- w - lr/2*(nbeta*g + localization*(w - w0) + weight_decay*w) + sqrt(lr)*xi,
-    stepping with llc_fast's fused update (see ``SGMCMC``)."""
+    stepping with llc_fast's fused update (see ``SGMCMC``); its metrics are exposed as 1.x ``SGLD`` does."""
+
+    _metric_style = "sgld"
 
     def __init__(self, params, lr: float = 0.01, noise_level: float = 1.0, weight_decay: float = 0.0,
                  localization: float = 0.0, nbeta: float = 1.0, bounding_box_size: float | None = None,
@@ -386,8 +380,8 @@ def sampler_name(method) -> str:
         return "sgld"
     if name in ("RMSpropSGLD", "rmsprop_sgld"):
         return "rmsprop_sgld"
-    if name.lower() == "sgnht":
-        raise NotImplementedError("SGNHT is not implemented by llc_fast; use SGLD or SGMCMC.rmsprop_sgld")
+    if sampling_kind(method) is not None:  # SGNHT: sampler "sgnht"; SGMCMC.sgnht: SGLD (sgnht.sgnht_options)
+        return "sgnht" if sampling_kind(method) == "sgnht" else "sgld"
     raise ValueError(
         f"unsupported sampling_method {method!r}: pass SGLD, RMSpropSGLD, SGMCMC.sgld or SGMCMC.rmsprop_sgld "
         "(llc_fast.compat.devinterp's or devinterp's own)")

@@ -1,7 +1,7 @@
 """devinterp 2.0.1's ``susceptibilities`` and ``compute_susceptibilities`` on llc_fast's engine.
 
 devinterp runs one ``sample()`` per weight restriction; here every restriction, "full" included, is a
-component of ONE batched llc_fast run (``v2._sample_trees``): chain j of every restriction reads the same
+component of ONE batched llc_fast run (``runs.sample_trees``): chain j of every restriction reads the same
 batches and the same noise, so each restriction's chains are the ones ``sample(param_masks=...)`` would give
 with the same seed. The per-restriction sampling DataTrees have devinterp's layout, and
 ``compute_susceptibilities`` is devinterp's estimator (arXiv:2504.18274, appendix C.4) with its output
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .v2 import _cached, _plan, _restriction, _sample_trees, sample, to_obs_id
+from .runs import cached_output, make_plan, param_restriction, sample_trees, to_obs_id
+from .v2 import sample
 
 
 def susceptibilities(model, dataset, observables, weight_restrictions, *, sampling_task: str, lr: float,
@@ -50,19 +51,19 @@ def susceptibilities(model, dataset, observables, weight_restrictions, *, sampli
     args = inspect.signature(sample).bind(model, dataset, observables, lr=lr, n_beta=n_beta, loss_fn=loss_fn,
                                           **kwargs)
     args.apply_defaults()
-    plan = _plan(dict(args.arguments))
+    plan = make_plan(dict(args.arguments))
     trees, todo, paths = {}, {}, {}
     for name, masks in weight_restrictions.items():
         if base is not None:
             b = Path(str(base))
             paths[name] = b.parent / f"{b.stem}_{name}{b.suffix}"
-            cached = _cached(paths[name], plan.config)
+            cached = cached_output(paths[name], plan.config)
             if cached is not None:
                 trees[name] = cached
                 continue
-        todo[name] = _restriction(model, masks, f"weight_restrictions[{name!r}]")
+        todo[name] = param_restriction(model, masks, f"weight_restrictions[{name!r}]")
     if todo:
-        for name, tree in _sample_trees(model, plan, todo).items():
+        for name, tree in sample_trees(model, plan, todo).items():
             if name in paths:
                 tree.to_zarr(str(paths[name]), consolidated=False)
             trees[name] = tree

@@ -17,8 +17,9 @@ import torch
 
 from ...api import estimate_llc
 from .optim import SGMCMC, SGLD, sampler_name
-from .common import (_V1_MESSAGE, ChainDivergedError, _divergence_handled, _resolve_masks, _seed_from,
-                        _train_mode, _warn_once, default_nbeta)
+from .sgnht import sampling_kind, sgnht_options
+from .common import (V1_MESSAGE, ChainDivergedError, batched_or_sequential, divergence_handled, resolve_masks,
+                     seed_from, train_mode, warn_once, default_nbeta)
 
 # optimizer_kwargs devinterp's samplers accept that only switch diagnostics on (no effect on the estimate)
 _DIAGNOSTIC_KEYS = {"metrics", "save_noise", "save_mala_vars", "noise_norm", "grad_norm", "weight_norm", "distance",
@@ -101,17 +102,21 @@ def _sampler_settings(sampling_method, optimizer_kwargs: dict, loader, grad_accu
         kw["nbeta"] = kw.pop("temperature")
     if "nbeta" not in kw:
         kw["nbeta"] = default_nbeta(loader, grad_accum_steps)
-        _warn_once("v1", _V1_MESSAGE, stacklevel=4)
+        warn_once("v1", V1_MESSAGE, stacklevel=4)
     if kw.pop("optimize_over", None) is not None:
         raise NotImplementedError("optimizer_kwargs['optimize_over'] is not supported; pass "
                                   "optimize_over_per_model_param={name: bool mask} instead")
     if kw.pop("add_grad_correction", False):
         raise NotImplementedError("add_grad_correction=True is not implemented (devinterp raises too)")
-    metrics = kw.get("metrics")
-    if metrics:
-        raise NotImplementedError(f"optimizer metrics {metrics} are not recorded by llc_fast")
-    for key in _DIAGNOSTIC_KEYS:
+    if kw.get("save_metrics"):
+        raise NotImplementedError("save_metrics is not supported by llc_fast")
+    for key in _DIAGNOSTIC_KEYS:  # devinterp's metrics only reach callbacks, which 1.x here does not take
         kw.pop(key, None)
+    if sampling_kind(sampling_method) is not None:  # SGNHT (sampler "sgnht"), SGMCMC.sgnht (SGLD; sgnht.py)
+        out = sgnht_options(sampling_kind(sampling_method), kw)
+        if kw:
+            raise TypeError(f"optimizer_kwargs has keys {sampling_method.__name__} does not take: {sorted(kw)}")
+        return out
     box = kw.pop("bounding_box_size", None)
     out = dict(sampler=sampler, lr=kw.pop("lr", 0.01), nbeta=kw.pop("nbeta"), gamma=kw.pop("localization", 0.0),
                noise_level=kw.pop("noise_level", 1.0), weight_decay=kw.pop("weight_decay", 0.0),
@@ -163,23 +168,30 @@ def estimate_learning_coeff_with_summary(
             raise NotImplementedError("use_amp is not supported; cast the model to bfloat16 instead "
                                       "(llc_fast updates bf16 weights in fp32 with stochastic rounding)")
     settings = _sampler_settings(sampling_method, optimizer_kwargs, loader, grad_accum_steps)
-    names, mask = _resolve_masks(model, optimize_over_per_model_param, "optimize_over_per_model_param",
+    names, mask = resolve_masks(model, optimize_over_per_model_param, "optimize_over_per_model_param",
                                  require_all=True)
     data = loader if grad_accum_steps == 1 else _Grouped(loader, grad_accum_steps)
     given_init = bool(init_loss)  # devinterp: `if not init_loss` (0.0 counts as not given)
-    with _train_mode(model), _divergence_handled() as holder:
-        holder["result"] = estimate_llc(
-            model, data, _EvaluateLoss(evaluate, grad_accum_steps), **settings, num_chains=num_chains,
+    noise_seed = seed_from(seed)
+
+    def run(m, chain_batching):
+        return estimate_llc(
+            m, data, _EvaluateLoss(evaluate, grad_accum_steps), **settings, num_chains=num_chains,
             num_draws=num_draws, num_burnin_steps=num_burnin_steps + num_steps_bw_draws - 1,
-            num_steps_bw_draws=num_steps_bw_draws, seed=_seed_from(seed), device=device, progress=verbose,
-            mask=mask, num_init_loss_batches=1 if given_init else num_chains, backend=backend, shared_batches=False)
+            num_steps_bw_draws=num_steps_bw_draws, seed=noise_seed, device=device, progress=verbose,
+            mask=mask, num_init_loss_batches=1 if given_init else num_chains, backend=backend, shared_batches=False,
+            chain_batching=chain_batching)
+
+    with train_mode(model), divergence_handled() as holder:
+        holder["result"] = batched_or_sequential(model, run)
     result = holder["result"]
     if result.diverged_chains:
         c = result.diverged_chains[0]
         bad = np.flatnonzero(~np.isfinite(result.loss_trace[c]))
         where = f"draw {int(bad[0])}" if bad.size else f"step {result.diverged_at_step[c]}"
+        what = "NaN" if not bad.size or np.isnan(result.loss_trace[c][bad[0]]) else "Inf"
         raise ChainDivergedError(
-            f"NaN/Inf detected in loss at chain {c}, {where} (chains {result.diverged_chains} diverged; devinterp 1.x "
+            f"{what} detected in loss at chain {c}, {where} (chains {result.diverged_chains} diverged; devinterp 1.x "
             "stops with 'NaN detected in loss' too). Try a smaller lr or a larger localization; the native "
             "llc_fast.estimate_llc leaves diverged chains out of the mean. The traces are in this error's .result.",
             result)
