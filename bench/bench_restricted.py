@@ -305,7 +305,8 @@ def options(ap) -> None:
                     "vocab 512, 64 tokens, batches of 8; gpt2-small-shape: plan and start the all-heads study of a "
                     "GPT-2 small shape (vocab 2048) for --steps steps (options left at their defaults)")
     ap.add_argument("--steps", type=int, default=3, help="gpt2-small-shape: steps to run")
-    ap.add_argument("--memory-gib", type=float, default=24.0, help="gpt2-small-shape: the memory to plan for")
+    ap.add_argument("--memory-gib", type=float, default=12.0, help="gpt2-small-shape: the memory to plan for "
+                    "(default 12: half of a 24 GiB machine; the plan at 24 was killed for memory there)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     ap.add_argument("--draws", type=int, help="draws per chain, no burn-in (default 100; 4 with --quick)")
     for name, default, text in (("chains", 4, ""), ("layers", 2, ""), ("heads", 4, "attention heads per layer (K = "

@@ -31,7 +31,7 @@ from llc_fast.kernels import philox
 from llc_fast.kernels.torch_update import reference_update
 from llc_fast.kernels.triton_kernels import interleave, noise_tile, philox_words, rounding_tile
 from llc_fast.kernels.triton_update import triton_update
-from llc_fast.kernels.update_spec import SAMPLERS, SamplerSettings, StepCounters
+from llc_fast.kernels.update_spec import KERNEL_SAMPLERS as SAMPLERS, SamplerSettings, StepCounters
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"

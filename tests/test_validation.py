@@ -32,7 +32,7 @@ def call(model=None, data=DATA, loss_fn=mse, **kw):
     (dict(num_chains=0), r"num_chains must be an integer >= 1"),
     (dict(num_burnin_steps=-1), r"num_burnin_steps must be an integer >= 0"),
     (dict(num_steps_bw_draws=0), r"num_steps_bw_draws must be an integer >= 1"),
-    (dict(sampler="adam"), r"sampler must be one of \('sgld', 'rmsprop_sgld', 'rmsprop_sgld_bc'\)"),
+    (dict(sampler="adam"), r"sampler must be one of \('sgld', 'rmsprop_sgld', 'rmsprop_sgld_bc', 'sgnht'\)"),
     (dict(backend="fastest"), r"backend must be one of"),
     (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
     (dict(box=0.0), r"box .* must be > 0 or None"),
