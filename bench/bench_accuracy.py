@@ -4,12 +4,11 @@
 
 The panel (``PANEL``, built by ``build``), the exact answers (``exact_answers``, ``quadratic_targets``: λ, the
 Hessian at w*, q_post, q_stat, q_run), the methods (``METHODS``: defaults, calibrated, paper, curvature,
-sgld-rule, auto, each with 4 chains and seed 0) and how to read the table: bench/README.md, "bench_accuracy.py".
+sgld-rule, auto, lm, each with 4 chains and seed 0) and how to read the table: bench/README.md, "bench_accuracy.py".
 ``--quick`` runs two tiny networks with every step count divided by ``QUICK_DIVISOR`` (a smoke run).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -19,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness import add_common_options, checked_device, environment, print_environment, set_threads, transcript, \
-    write_results
+from harness import Table, begin, cli, finish, log, recorded_warnings
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.chains.schedule import Schedule  # noqa: E402
@@ -31,6 +29,9 @@ from llc_fast.oracles import (dln_dataset, dln_hessian_eigenvalues, dln_learning
 BATCH, CHAINS, OFF = 500, 4, 0.15
 QUICK_DIVISOR = 50
 NONZERO_RTOL = 1e-10  # eigenvalues below this fraction of h_max are rounding (the gap is ~1e-16 on the panel)
+RULE_FRACTION = 0.2  # lr·(largest eigenvalue of the (preconditioned) drift) of the rule's methods
+RULE_BATCHES, RULE_ITERS = 8, 20  # the power iteration's batches at w* and steps
+LM_FRACTION, LM_STEPS = 1.2, 40_000  # "lm": lr·a_max = 1.2 (0.3 of the stability limit 4); burn-in and draws each
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,7 @@ def run_defaults(model, loader, quick):
 
 def run_calibrated(model, loader, quick):
     lrs = [1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with recorded_warnings():
         calib = llc_fast.calibrate(model, loader, mse_loss, lrs=lrs, gammas=[1.0, 100.0], chains_per_setting=2,
                                    num_draws=steps(200, quick), mala_every=10, progress=False)
     cost = calib.result.grad_evals or 0.0
@@ -86,12 +86,10 @@ def run_paper(model, loader, quick):
                     num_burnin_steps=total - total // 10), 0.0, "Lau et al.: last 10 % of the steps"
 
 
-RULE_FRACTION = 0.2  # lr·(largest eigenvalue of the (preconditioned) drift) of the rule's methods
-RULE_BATCHES, RULE_ITERS = 8, 20  # the power iteration's batches at w* and steps
-
-
-def run_rule(model, loader, quick, preconditioned: bool):
-    """``curvature`` (preconditioned) or ``sgld-rule``: lr from the (preconditioned) top curvature at w*."""
+def run_rule(model, loader, quick, preconditioned: bool, fraction: float = RULE_FRACTION, run_steps: int = 6000,
+             **options):
+    """``curvature`` (preconditioned), ``sgld-rule`` or ``lm``: lr = fraction/(top (preconditioned) curvature of the
+    drift at w*), run_steps of burn-in and as many draws; options: more of estimate_llc's."""
     from llc_fast.chains.curvature import HVP_GRAD_EVALS, HessianProbe, curvature_batches, gains_for, top_eigenvalue
     from llc_fast.config import LLCConfig
     from llc_fast.estimators.sampling import curvature_spec
@@ -105,19 +103,19 @@ def run_rule(model, loader, quick, preconditioned: bool):
         (None, HessianProbe(model, layout, mse_loss, device))
     mu = top_eigenvalue(probe, curvature_batches(loader, seed=0, count=RULE_BATCHES, device=device), gains,
                         max_iters=RULE_ITERS, rtol=0.0)
-    lr = RULE_FRACTION / (config.nbeta[0] * mu + gamma * (1.0 if gains is None else float(gains.max())))
-    options = dict(preconditioner="curvature") if preconditioned else {}
-    result = estimate(model, loader, lr=lr, gamma=gamma, num_draws=steps(6000, quick),
-                      num_burnin_steps=steps(6000, quick), **options)
+    lr = fraction / (config.nbeta[0] * mu + gamma * (1.0 if gains is None else float(gains.max())))
+    if preconditioned:
+        options["preconditioner"] = "curvature"
+    result = estimate(model, loader, lr=lr, gamma=gamma, num_draws=steps(run_steps, quick),
+                      num_burnin_steps=steps(run_steps, quick), **options)
     rule_cost = HVP_GRAD_EVALS * probe.products - result.config.get("curvature_grad_evals", 0)  # the run counts its own
     what = "max G" if preconditioned else "1"
-    return result, rule_cost, f"lr = {RULE_FRACTION}/(nβ·{mu:.3g} + γ·{what})"
+    return result, rule_cost, f"lr = {fraction}/(nβ·{mu:.3g} + γ·{what})"
 
 
 def run_auto(model, loader, quick):
     """``auto``: estimate_llc_auto with the budget of ``calibrated``'s final run; its cost includes the calibration."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with recorded_warnings():
         try:
             result = llc_fast.estimate_llc_auto(model, loader, mse_loss, num_chains=CHAINS, seed=0, progress=False,
                                                 num_draws=steps(6000, quick), num_burnin_steps=steps(6000, quick))
@@ -132,7 +130,9 @@ def run_auto(model, loader, quick):
 METHODS = {"defaults": run_defaults, "calibrated": run_calibrated, "paper": run_paper,
            "curvature": lambda model, loader, quick: run_rule(model, loader, quick, True),
            "sgld-rule": lambda model, loader, quick: run_rule(model, loader, quick, False),
-           "auto": run_auto}
+           "auto": run_auto,
+           "lm": lambda model, loader, quick: run_rule(model, loader, quick, False, LM_FRACTION, LM_STEPS,
+                                                       noise_scheme="lm")}
 
 
 def estimate(model, loader, **options) -> llc_fast.LLCResult:
@@ -171,13 +171,16 @@ def exact_answers(net: Net, model, data) -> dict:
 
 
 def quadratic_targets(h: np.ndarray, nbeta: float, gamma: float, lr: float, schedule: Schedule,
-                      preconditioned: bool = False) -> dict:
+                      preconditioned: bool = False, lm: bool = False) -> dict:
     """q_post, q_stat and q_run of the module docstring; q_stat and q_run NaN where lr is past the stability
     limit (the quadratic chain diverges) or the run was preconditioned (G is diagonal in the weights, not in
-    the Hessian's eigenbasis: its lr_limit is NaN too)."""
+    the Hessian's eigenbasis: its lr_limit is NaN too). lm (noise_scheme="lm"): the stable chain's quadratic
+    draws have the posterior law, so q_stat = q_post (q_run, the transient of the Euler chain, is NaN)."""
     out = dict(q_post=quadratic_posterior_expectation(h, nbeta, gamma), q_stat=math.nan, q_run=math.nan,
                lr_limit=math.nan if preconditioned else 4 / (nbeta * h[-1] + gamma))
-    if lr < out["lr_limit"]:
+    if lm and lr < out["lr_limit"]:
+        out["q_stat"] = out["q_post"]
+    elif lr < out["lr_limit"]:
         out["q_stat"] = quadratic_sgld_expectation(h, nbeta, gamma, lr)
         out["q_run"] = quadratic_sgld_transient_expectation(h, nbeta, gamma, lr, list(schedule.draw_steps))
     return out
@@ -199,7 +202,8 @@ def run_row(net: Net, exact: dict, method: str, model, loader, quick: bool) -> d
     schedule = Schedule(num_draws=result.loss_trace.shape[1], num_burnin_steps=c["num_burnin_steps"],
                         num_steps_bw_draws=c["num_steps_bw_draws"])
     d = result.diagnostics()
-    targets = quadratic_targets(exact["h"], nbeta, gamma, lr, schedule, preconditioned=bool(c.get("preconditioner")))
+    targets = quadratic_targets(exact["h"], nbeta, gamma, lr, schedule, preconditioned=bool(c.get("preconditioner")),
+                                lm=c.get("noise_scheme") == "lm")
     return dict(row, lr=lr, gamma=gamma, nbeta=nbeta, num_burnin_steps=schedule.num_burnin_steps,
                 num_draws=schedule.num_draws, num_steps_bw_draws=schedule.num_steps_bw_draws,
                 llc_mean=result.llc_mean, llc_stderr=result.llc_stderr,
@@ -214,112 +218,77 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
     out = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-
-        def errors(key):
-            return [abs(r[key]) for r in mine if math.isfinite(r[key])]
-
-        entry = dict(method=m, runs=len(mine), estimates=len(errors("vs_llc")),
+        errors = {key: [abs(r[key]) for r in mine if math.isfinite(r[key])] for key in ("vs_llc", "vs_q_stat")}
+        entry = dict(method=m, runs=len(mine), estimates=len(errors["vs_llc"]),
                      trusted=sum(r["trusted"] for r in mine),
                      trusted_off_llc=sum(r["trusted"] and not abs(r["vs_llc"]) <= OFF for r in mine),
                      trusted_off_q=sum(r["trusted"] and not abs(r["vs_q_stat"]) <= OFF for r in mine),
                      grad_evals=float(sum(r["grad_evals"] for r in mine)))
-        for key in ("vs_llc", "vs_q_stat"):
-            e = errors(key)
+        for key, e in errors.items():
             entry[f"median_{key}"] = statistics.median(e) if e else math.nan
             entry[f"max_{key}"] = max(e) if e else math.nan
         out.append(entry)
     return out
 
 
-def print_nets(nets, answers, log) -> None:
-    log(f"{'net':<8} {'widths':<26} {'r':>3} {'d':>6} {'n':>7} {'λ':>7} {'m':>2} {'#h>0':>5} {'h_max':>8} "
-        f"{'cond':>8} {'lr<':>9} {'q_post γ=1':>10}")
-    for net in nets:
-        a = answers[net.name]
-        log(f"{net.name:<8} {str(net.widths):<26} {net.rank:>3} {net.num_params:>6} {net.n:>7} {a['llc']:>7.4g} "
-            f"{a['multiplicity']:>2} {a['nonzero_eigenvalues']:>5} {a['h_max']:>8.3g} {a['condition']:>8.2g} "
-            f"{a['lr_limit_gamma1']:>9.3g} {a['q_post_gamma1']:>10.4g}")
+NETS = Table(("name", 8, "<8", f"{'net':<8}"), ("widths", 26, lambda v: f"{str(v):<26}", f"{'widths':<26}"),
+             ("rank", 3, "d", "r"), ("num_params", 6, "d", "d"), ("n", 7, "d"), ("llc", 7, ".4g", "λ"),
+             ("multiplicity", 2, "d", "m"), ("nonzero_eigenvalues", 5, "d", "#h>0"), ("h_max", 8, ".3g"),
+             ("condition", 8, ".2g", "cond"), ("lr_limit_gamma1", 9, ".3g", "lr<"), ("q_post_gamma1", 10, ".4g",
+                                                                                      "q_post γ=1"))
+RUNS = Table(("net", 8, "<8", f"{'net':<8}"), ("method", 10, "<10", f"{'method':<10}"), ("lr", 8, ".2g"),
+             ("gamma", 4, "g", "γ"), ("llc_mean", 8, ".4g", "λ̂"), ("mcse", 7, ".2g", "±SE"), ("llc", 7, ".4g", "λ"),
+             ("vs_llc", 7, "+.1%", "vs λ"), ("q_stat", 8, ".4g"), ("vs_q_stat", 7, "+.1%", "vs q"),
+             ("q_run", 8, ".4g"), ("grad_evals", 11, ".3g", "grad evals"), ("said", 0, "s", " verdict"))
+SUMMARY = Table(("method", 10, "<10", f"{'method':<10}"), ("median_vs_llc", 8, ".1%", "λ median"),
+                ("max_vs_llc", 7, ".1%", "λ max"), ("median_vs_q_stat", 8, ".1%", "q median"),
+                ("max_vs_q_stat", 7, ".1%", "q max"), ("estimated", 9, "s", "estimates"), ("trusted", 5, "d", "trust"),
+                ("trusted_off_llc", 8, "d", "off vs λ"), ("trusted_off_q", 8, "d", "off vs q"),
+                ("grad_evals", 10, ".3g", "grad evals"))
 
 
-def print_rows(rows, log) -> None:
-    log(f"{'net':<8} {'method':<10} {'lr':>8} {'γ':>4} {'λ̂':>8} {'±SE':>7} {'λ':>7} {'vs λ':>7} {'q_stat':>8} "
-        f"{'vs q':>7} {'q_run':>8} {'grad evals':>11}  verdict")
-    for r in rows:
-        def g(k, width, spec):
-            v = r.get(k, math.nan)
-            sign, spec = ("+", spec[1:]) if spec.startswith("+") else ("", spec)
-            return format(v, f">{sign}{width}{spec}") if math.isfinite(v) else "—".rjust(width)
-
-        log(f"{r['net']:<8} {r['method']:<10} {g('lr', 8, '.2g')} {g('gamma', 4, 'g')} {g('llc_mean', 8, '.4g')} "
-            f"{g('mcse', 7, '.2g')} {r['llc']:>7.4g} {g('vs_llc', 7, '+.1%')} {g('q_stat', 8, '.4g')} "
-            f"{g('vs_q_stat', 7, '+.1%')} {g('q_run', 8, '.4g')} {r['grad_evals']:>11.3g}  "
-            f"{'trust' if r['trusted'] else 'do not trust'}: {r['verdict'][:90]}")
-
-
-def print_summary(summary, quick, log) -> None:
-    log(f"SUMMARY{' [quick: not a result]' if quick else ''}: |relative error| (median / max) against λ and against "
-        f"q_stat; 'trust' runs more than {OFF:.0%} off; gradient evaluations")
-    def pct(v):
-        return f"{v:6.1%}" if math.isfinite(v) else "     —"
-
-    for s in summary:
-        log(f"  {s['method']:<10} vs λ {pct(s['median_vs_llc'])} / {pct(s['max_vs_llc'])}   vs q_stat "
-            f"{pct(s['median_vs_q_stat'])} / {pct(s['max_vs_q_stat'])}   estimates {s['estimates']}/{s['runs']}, "
-            f"trust {s['trusted']} (off vs λ {s['trusted_off_llc']}, vs q_stat {s['trusted_off_q']})   "
-            f"{s['grad_evals']:.3g} grad evals")
+def bench(args, argv) -> int:
+    header = begin("bench_accuracy", args.device, argv, quick=args.quick, methods=args.methods,
+                   nets=[n.name for n in args.nets])
+    answers, rows = {}, []
+    for net in args.nets:
+        model, data, loader = build(net, args.device)
+        answers[net.name] = exact_answers(net, model, data)
+        for method in args.methods:
+            rows.append(run_row(net, answers[net.name], method, model, loader, args.quick))
+    nets = [dict(name=n.name, widths=n.widths, rank=n.rank, n=n.n, seed=n.seed, num_params=n.num_params,
+                 **{k: v for k, v in answers[n.name].items() if k != "h"}, eigenvalues=answers[n.name]["h"].tolist())
+            for n in args.nets]
+    log()
+    NETS.print(nets)
+    log()
+    RUNS.print([dict(r, said=f"{'trust' if r['trusted'] else 'do not trust'}: {r['verdict'][:90]}") for r in rows])
+    log()
+    summary = summarize(rows, args.methods)
+    log(f"SUMMARY{' [quick: not a result]' if args.quick else ''}: |relative error| (median / max) against λ (λ "
+        f"median, max) and against q_stat (q median, max); 'trust' runs more than {OFF:.0%} off; gradient evaluations")
+    SUMMARY.print([dict(s, estimated=f"{s['estimates']}/{s['runs']}") for s in summary])
+    return finish(args, header, [dict(nets=nets, runs=rows, summary=summary)], None)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="two tiny networks, step counts / 50: a smoke run")
-    ap.add_argument("--nets", help="comma-separated indices into the panel (default: all)")
+def options(ap) -> None:
+    ap.add_argument("--nets", help="comma-separated indices into the panel (default: all; --quick: two tiny networks, "
+                    "step counts / 50)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    add_common_options(ap, each="network", retry_busy=False)
-    args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+
+
+def check(args, ap) -> None:
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if bad := [m for m in args.methods if m not in METHODS]:
+        ap.error(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     panel = QUICK_PANEL if args.quick else PANEL
     try:
-        nets = [panel[int(i)] for i in args.nets.split(",")] if args.nets else list(panel)
+        args.nets = [panel[int(i)] for i in args.nets.split(",")] if args.nets else list(panel)
     except (ValueError, IndexError):
         ap.error(f"--nets takes comma-separated indices 0..{len(panel) - 1}, got {args.nets!r}")
-    device = checked_device(ap, args.device)
-    with transcript(args.log, argv):
-        return bench(args, argv, device, nets, methods)
 
 
-def bench(args, argv, device, nets, methods) -> int:
-    set_threads(args.threads)
-
-    def log(line=""):
-        print(line, flush=True)
-
-    header = environment(device, argv, quick=args.quick, methods=methods, nets=[n.name for n in nets])
-    print_environment("bench_accuracy", header, log=log)
-    answers, rows = {}, []
-    for net in nets:
-        model, data, loader = build(net, device)
-        answers[net.name] = exact_answers(net, model, data)
-        for method in methods:
-            rows.append(run_row(net, answers[net.name], method, model, loader, args.quick))
-    log()
-    print_nets(nets, answers, log)
-    log()
-    print_rows(rows, log)
-    log()
-    summary = summarize(rows, methods)
-    print_summary(summary, args.quick, log)
-    if args.output:
-        nets_out = [dict(name=n.name, widths=list(n.widths), rank=n.rank, n=n.n, seed=n.seed, num_params=n.num_params,
-                         **{k: v for k, v in answers[n.name].items() if k != "h"},
-                         eigenvalues=answers[n.name]["h"].tolist()) for n in nets]
-        write_results(args.output, dict(header, quick=args.quick), [dict(nets=nets_out, runs=rows, summary=summary)])
-    return 0
-
+main = cli(__doc__, options, bench, check=check, each="network", retry_busy=False)
 
 if __name__ == "__main__":
     raise SystemExit(main())

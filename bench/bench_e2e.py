@@ -2,46 +2,46 @@
 
     .venv/bin/python bench/bench_e2e.py [--device cpu|cuda] [--quick] [--cases dln,mlp,...|gpu] [...: --help]
 
-The grid: case x chains. On the CPU four models (regression, a deep linear network, a 1.07M-parameter MLP, a
-small GPT-2), each with its own chains and steps; ``--cases gpu`` (the default on CUDA: gpu_suite.sh's stage e)
-the MLP at ~1M and ~10M parameters x 16 and 64 chains, 10 burn-in + 40 draws. Each point runs
-``llc_fast.estimate_llc`` and devinterp 2.0.1's estimator (``models.run_devinterp``) on the same model, batches
-(checked against the batch ids devinterp records) and hyperparameters, and reports chains x steps per second of
-each whole call, their ratio, both λ̂ ± se, and the floors: the model's forward+backward rate alone (one chain)
-and the vmapped pass over all chains alone. Timing and the load guard: bench/README.md. ``--quick``: a smoke
-run. Exits 1 if devinterp is missing or a call failed.
+The grid: case (``CASES``; ``--cases gpu``, the default on CUDA: gpu_suite.sh's stage e, ``GPU``) x chains. Each
+point runs ``llc_fast.estimate_llc`` and devinterp's estimator (``models.run_devinterp``) on the same model, batches
+and hyperparameters, beside the floors (forward+backward alone): bench/README.md, "End to end against devinterp".
+Exits 1 if devinterp is missing or a call failed.
 """
 from __future__ import annotations
 
 import math
 import time
 import traceback
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from harness import (Table, begin, cli, guard_for, loadavg, log, run_grid, summary, synchronize, write_results)
+from harness import (Table, begin, cli, fill_defaults, finish, guard_for, log, recorded_warnings, synchronize,
+                     write_results)
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.oracles import (dln_dataset, dln_learning_coefficient, make_dln, make_regression_example,  # noqa: E402
                               mse_loss, quadratic_sgld_expectation)
-from models import (IdsDataset, FlatChains, ce_loss, ce_per_sample, devinterp_epoch, fmt_pm, fwd_bwd_loop,  # noqa
-                    gpt2, hf_dataset, import_devinterp, indexed, lm_loss, loader_seconds_per_batch, mean_se,
-                    mse_per_sample, passes_per_second, run_devinterp, trained_mlp, MLP_WIDTHS)
+from models import (IdsDataset, FlatChains, ce_loss, ce_per_sample, devinterp_epoch, fmt_pm, fmt_params,  # noqa
+                    fwd_bwd_loop, gpt2, hf_dataset, import_devinterp, indexed, lm_loss, loader_seconds_per_batch,
+                    mean_se, module_passes, mse_per_sample, passes_per_second, run_devinterp, trained_mlp, MLP_WIDTHS)
 
+DLN_WIDTHS, DLN_RANK = (8, 4, 8), 2
 GPU_MLPS = ("784,1024,256,10", "784,4096,1664,10")  # 1,068,810 and 10,049,418 parameters
-GPU = dict(cases="mlp", mlp_widths=list(GPU_MLPS), chains=[16, 64], burnin=10, draws=40, train_steps=100, repeats=1)
-GPU_QUICK = dict(cases="mlp", mlp_widths=["16,32,4"], chains=[2, 4], burnin=1, draws=3, train_steps=5, repeats=1,
-                 samples=256, batch_size=32)
+# {option: (default, default with --quick)}: the GPU campaign's grid (--cases gpu), then every run's
+GPU = dict(mlp_widths=(list(GPU_MLPS), ["16,32,4"]), chains=([16, 64], [2, 4]), burnin=(10, 1), draws=(40, 3),
+           train_steps=(100, 5), repeats=(1, 1), samples=(4096, 256), batch_size=(256, 32))
+DEFAULTS = dict(mlp_widths=([",".join(map(str, MLP_WIDTHS))],) * 2, samples=(4096, 4096), batch_size=(256, 256),
+                repeats=(2, 1), retries=(4, 0), train_steps=(300, 20))
 
 
 class Case(SimpleNamespace):
     """One model, its data and the hyperparameters both libraries get: key, title, model; rows: devinterp's
     ``input_ids`` rows ([N, L] int64: sample indices [i, i], or token ids); to_batch: an ``input_ids`` batch ->
     the batch llc_fast's loss_fn takes; per_token_loss: devinterp's loss_fn(model, input_ids) -> (batch, L - 1),
-    None = its default LM loss; batch_size, lr, nbeta, gamma, chains, draws, burnin, init_batches; reference."""
+    None = its default LM loss; batch_size, lr, nbeta, gamma, chains, init_batches; draws, burnin: (default, default
+    with --quick), unless --draws, --burnin; reference."""
 
     def __init__(self, key, title, model, rows, to_batch, loss_fn, per_token_loss, **kw):
         super().__init__(key=key, title=title, model=model, rows=rows, to_batch=to_batch, loss_fn=loss_fn,
@@ -61,12 +61,8 @@ def case_regression(args, spec=None) -> Case:
     hess = 2 * torch.tensor([[float((xs ** 2).mean()), float(xs.mean())], [float(xs.mean()), 1.0]], dtype=torch.float64)
     ref = quadratic_sgld_expectation(torch.linalg.eigvalsh(hess).numpy(), nbeta, gamma, lr)
     return Case("regression", "y=3x+2 regression", model.to(args.device), rows, to_batch, mse_loss, per_token,
-                batch_size=n, lr=lr, nbeta=nbeta, gamma=gamma, chains=4, draws=200 if args.quick else 2000,
-                burnin=100 if args.quick else 500, init_batches=1, reference=ref,
-                reference_note="stationary E[nbeta K] of the discretised chain (exact)")
-
-
-DLN_WIDTHS, DLN_RANK = (8, 4, 8), 2
+                batch_size=n, lr=lr, nbeta=nbeta, gamma=gamma, chains=4, draws=(2000, 200), burnin=(500, 100),
+                init_batches=1, reference=ref, reference_note="stationary E[nbeta K] of the discretised chain (exact)")
 
 
 def case_dln(args, spec=None) -> Case:
@@ -75,23 +71,20 @@ def case_dln(args, spec=None) -> Case:
     x, y = dln_dataset(model, n, seed=2, input_range=1.0).tensors
     rows, to_batch, per_token = indexed(x.to(args.device), y.to(args.device), mse_per_sample)
     return Case("dln", f"DLN {'-'.join(map(str, DLN_WIDTHS))} rank {DLN_RANK}", model, rows, to_batch, mse_loss,
-                per_token, batch_size=500, lr=3e-4, nbeta=n / math.log(n), gamma=1.0, chains=4,
-                draws=200 if args.quick else 2000, burnin=100 if args.quick else 1000, init_batches=16,
-                reference=float(dln_learning_coefficient(DLN_WIDTHS, DLN_RANK).llc),
+                per_token, batch_size=500, lr=3e-4, nbeta=n / math.log(n), gamma=1.0, chains=4, draws=(2000, 200),
+                burnin=(1000, 100), reference=float(dln_learning_coefficient(DLN_WIDTHS, DLN_RANK).llc),
                 reference_note="Aoyagi's learning coefficient (n -> infinity)")
 
 
 def case_mlp(args, spec: str) -> Case:
     widths = tuple(int(v) for v in spec.split(","))
     n, batch = args.samples, args.batch_size
-    train = args.train_steps if args.train_steps is not None else (20 if args.quick else 300)
-    model, x, y, train_loss = trained_mlp(widths, n, batch, train, args.device)
+    model, x, y, train_loss = trained_mlp(widths, n, batch, args.train_steps, args.device)
     rows, to_batch, per_token = indexed(x, y, ce_per_sample)
     title = "MLP " + ("-".join(map(str, widths)) if args.device.type == "cpu" else spec)
-    c = Case("mlp", title, model, rows, to_batch, ce_loss, per_token, batch_size=batch, lr=1e-4, nbeta=n / math.log(n),
-             gamma=1000.0, chains=8, draws=10 if args.quick else 200, burnin=2 if args.quick else 50, init_batches=16)
-    c.notes = [f"MLP trained {train} Adam steps on random labels: full-data loss {train_loss:.4f}"]
-    return c
+    return Case("mlp", title, model, rows, to_batch, ce_loss, per_token, batch_size=batch, lr=1e-4,
+                nbeta=n / math.log(n), gamma=1000.0, chains=8, draws=(200, 10), burnin=(50, 2),
+                notes=[f"MLP trained {args.train_steps} Adam steps on random labels: full-data loss {train_loss:.4f}"])
 
 
 def case_gpt2(args, spec=None) -> Case:
@@ -99,8 +92,7 @@ def case_gpt2(args, spec=None) -> Case:
     model = gpt2(2, 4, 128, 64, vocab, args.device).train()
     rows = torch.randint(0, vocab, (n_seq, seq), generator=torch.Generator().manual_seed(1))
     return Case("gpt2", f"GPT-2 2L d128 V{vocab}", model, rows, lambda ids: ids.to(args.device), lm_loss, None,
-                batch_size=16, lr=1e-3, nbeta=30.0, gamma=300.0, chains=4, draws=10 if args.quick else 200,
-                burnin=2 if args.quick else 20, init_batches=16)
+                batch_size=16, lr=1e-3, nbeta=30.0, gamma=300.0, chains=4, draws=(200, 10), burnin=(20, 2))
 
 
 CASES = {"regression": case_regression, "dln": case_dln, "mlp": case_mlp, "gpt2": case_gpt2}
@@ -109,8 +101,7 @@ CASES = {"regression": case_regression, "dln": case_dln, "mlp": case_mlp, "gpt2"
 def run_llc_fast(case: Case, batches: list, *, chains: int, draws: int, burnin: int, device) -> dict:
     synchronize(device)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with recorded_warnings() as caught:
         r = llc_fast.estimate_llc(case.model, batches, case.loss_fn, sampler="sgld", lr=case.lr, nbeta=case.nbeta,
                                   gamma=case.gamma, num_chains=chains, num_draws=draws, num_burnin_steps=burnin,
                                   num_init_loss_batches=case.init_batches, shared_batches=True, seed=0,
@@ -118,140 +109,103 @@ def run_llc_fast(case: Case, batches: list, *, chains: int, draws: int, burnin: 
     synchronize(device)
     return dict(seconds=time.perf_counter() - t0, per_chain=np.asarray(r.llc_per_chain, dtype=np.float64),
                 init_loss=r.init_loss, engine=r.config["engine"], backend=r.config["backend"], timing=r.timing,
-                diverged=r.diverged_chains, warnings=sorted({str(w.message)[:200] for w in caught}))
+                diverged=r.diverged_chains, warnings=caught)
 
 
-def fwd_bwd_rate(case: Case, device, seconds: float) -> float:
-    """Forward+backward passes per second of the model alone (its own parameters, one chain, no update): the
-    floor either library pays per chain-step."""
-    def run(k):
-        for i in range(k):
-            case.loss_fn(case.model, case.batches[i % len(case.batches)]).backward()
-        case.model.zero_grad(set_to_none=True)
-    return passes_per_second(run, device, seconds)
+def best_of(args, guard, fn, cost):
+    """``--repeats`` calls other processes left alone (up to ``--retries`` more), the cheapest; if none was left
+    alone, the cheapest of all, marked not clean. Returns (it, every call)."""
+    runs = guard.run(fn, want=args.repeats)
+    outs = [dict(a.value, other_cores=a.other, waited_s=a.waited) for a in runs]
+    clean = [o for o, a in zip(outs, runs) if guard.clean(a)]
+    return dict(min(clean or outs, key=cost), clean=bool(clean)), outs
 
 
-def vmap_fwd_bwd_rate(case: Case, chains: int, device, seconds: float) -> float:
-    """Chain-steps per second of the vmapped forward+backward over ``chains`` rows alone."""
-    fc = FlatChains(case.model, case.loss_fn, chains, "swap")
-    return chains * passes_per_second(lambda k: fwd_bwd_loop(fc, case.batches, k), device, seconds)
+def timed(args, guard, fn, chain_steps: int, keep) -> dict:
+    """The fastest clean call of ``fn`` (``best_of``): its seconds, chain-steps/s, λ̂ ± se, every call's
+    seconds, other cores and λ̂, and the ``keep`` entries of its result."""
+    best, outs = best_of(args, guard, fn, lambda o: o["seconds"])
+    mean, se = mean_se(best["per_chain"])
+    return dict(seconds=best["seconds"], steps_per_s=chain_steps / best["seconds"], llc_mean=mean, llc_se=se,
+                llc_per_chain=best["per_chain"].tolist(), all_seconds=[o["seconds"] for o in outs],
+                all_other_cores=[o["other_cores"] for o in outs],
+                llc_mean_per_repeat=[mean_se(o["per_chain"])[0] for o in outs],
+                calls=", ".join(f"{o['seconds']:.2f}" for o in outs),
+                **{k: best[k] for k in (*keep, "clean", "warnings", "other_cores", "waited_s")})
 
 
-class Point:
-    """One (case, chains) of the grid: both libraries timed, the batches checked, the floors beside them."""
+def start_case(args, guard, key: str, spec) -> Case:
+    """Case ``key`` (``spec``: the MLP's widths) with the batches devinterp reads, the model's forward+backward
+    passes per second alone (one chain, no update: either library's floor) and the DataLoaders' cost per batch."""
+    case = CASES[key](args, spec)
+    case.draws = args.draws if args.draws is not None else case.draws[args.quick]
+    case.burnin = args.burnin if args.burnin is not None else case.burnin[args.quick]
+    log(f"## {case.title}: {case.num_params:,} parameters on {args.device.type}, {case.rows.shape[0]} samples, "
+        f"batch {case.batch_size}, lr={case.lr:g}, nbeta={case.nbeta:.4g}, gamma={case.gamma:g}, "
+        f"{case.burnin} burn-in + {case.draws} draws")
+    for note in case.notes:
+        log(f"  {note}")
+    case.ds = IdsDataset(case.rows)
+    case.epoch_ids = devinterp_epoch(case.ds, case.batch_size)
+    case.batches = [case.to_batch(ids) for ids in case.epoch_ids]
+    case.init_batches = min(case.init_batches, len(case.batches))
+    case.floor = best_of(args, guard, lambda: dict(rate=passes_per_second(lambda k: module_passes(
+        case.model, case.loss_fn, case.batches, k), args.device, 0.5 if args.quick else 1.0)), lambda o: -o["rate"])[0]
+    log(f"  fwd+bwd alone, one chain: {case.floor['rate']:.1f} passes/s")
+    nb = min(64, 4 * len(case.epoch_ids))
+    case.loader_s = min(loader_seconds_per_batch(case.ds, case.batch_size, nb) for _ in range(3))
+    try:
+        hf = hf_dataset(case.rows)
+        case.hf_loader_s = min(loader_seconds_per_batch(hf, case.batch_size, nb) for _ in range(3))
+    except Exception:  # datasets missing: devinterp is missing too, and says so
+        case.hf_loader_s = math.nan
+    return case
 
-    def __init__(self, args, devinterp_error):
-        self.args, self.devinterp_error, self.guard = args, devinterp_error, guard_for(args)
-        self.guard.retries, self.guard.busy, self.guard.log = (args.retries if args.device.type == "cpu" else 0,
-                                                               args.busy, None)
-        self.case, self.failures = None, []
 
-    def best_of(self, fn, cost):
-        """``--repeats`` calls other processes left alone (up to ``--retries`` more), the cheapest; if none
-        was left alone, the cheapest of all, marked not clean."""
-        runs = self.guard.run(fn, want=self.args.repeats)
-        outs = [dict(a.value, other_cores=a.other, waited_s=a.waited) for a in runs]
-        clean = [o for o, a in zip(outs, runs) if self.guard.clean(a)]
-        best = min(clean or outs, key=cost)
-        return dict(best, clean=bool(clean)), outs
-
-    def timed(self, fn, chain_steps: int, keep) -> dict:
-        """The fastest clean call of ``fn`` (``best_of``): its seconds, chain-steps/s, λ̂ ± se, every call's
-        seconds, other cores and λ̂, and the ``keep`` entries of its result."""
-        best, outs = self.best_of(fn, lambda o: o["seconds"])
-        mean, se = mean_se(best["per_chain"])
-        return dict(seconds=best["seconds"], steps_per_s=chain_steps / best["seconds"], llc_mean=mean, llc_se=se,
-                    llc_per_chain=best["per_chain"].tolist(), all_seconds=[o["seconds"] for o in outs],
-                    all_other_cores=[o["other_cores"] for o in outs],
-                    llc_mean_per_repeat=[mean_se(o["per_chain"])[0] for o in outs],
-                    calls=", ".join(f"{o['seconds']:.2f}" for o in outs),
-                    **{k: best[k] for k in (*keep, "clean", "warnings", "other_cores", "waited_s")})
-
-    def start_case(self, p) -> None:
-        a = self.args
-        case = self.case = CASES[p["case"]](a, p.get("spec"))
-        case.spec = p.get("spec")
-        case.draws = a.draws if a.draws is not None else case.draws
-        case.burnin = a.burnin if a.burnin is not None else case.burnin
-        log(f"## {case.title}: {case.num_params:,} parameters on {a.device.type}, {case.rows.shape[0]} samples, "
-            f"batch {case.batch_size}, lr={case.lr:g}, nbeta={case.nbeta:.4g}, gamma={case.gamma:g}, "
-            f"{case.burnin} burn-in + {case.draws} draws")
-        for note in case.notes:
-            log(f"  {note}")
-        case.ds = IdsDataset(case.rows)
-        case.epoch_ids = devinterp_epoch(case.ds, case.batch_size)
-        case.batches = [case.to_batch(ids) for ids in case.epoch_ids]
-        case.init_batches = min(case.init_batches, len(case.batches))
-        floor, _ = self.best_of(lambda: dict(rate=fwd_bwd_rate(case, a.device, 0.5 if a.quick else 1.0)),
-                                lambda o: -o["rate"])
-        case.floor = floor
-        log(f"  fwd+bwd alone, one chain: {floor['rate']:.1f} passes/s")
-        nb = min(64, 4 * len(case.epoch_ids))
-        case.loader_s = min(loader_seconds_per_batch(case.ds, case.batch_size, nb) for _ in range(3))
-        try:
-            hf = hf_dataset(case.rows)
-            case.hf_loader_s = min(loader_seconds_per_batch(hf, case.batch_size, nb) for _ in range(3))
-        except Exception:  # datasets missing: devinterp is missing too, and says so
-            case.hf_loader_s = math.nan
-
-    def __call__(self, p) -> dict | None:
-        a = self.args
-        if self.case is None or (p["case"], p.get("spec")) != (self.case.key, self.case.spec):
-            self.start_case(p)
-        case, chains = self.case, p["chains"] or self.case.chains
-        if a.budget_s is not None and time.perf_counter() - a.t_all > a.budget_s:
-            log(f"  {chains} chains: not run (--budget-s {a.budget_s:g} spent)")
-            self.failures.append(f"{case.title} x{chains} not run (time budget)")
-            return None
-        try:
-            return self.measure(case, chains)
-        except Exception as e:
-            traceback.print_exc()
-            self.failures.append(f"{case.title} x{chains}: {type(e).__name__}: {str(e)[:200]}")
-            return None
-
-    def measure(self, case: Case, chains: int) -> dict:
-        a, dev_ok = self.args, self.devinterp_error is None
-        draws, burnin, device = case.draws, case.burnin, a.device
-        steps = burnin + draws  # forward passes per chain, in both libraries
-        vmap_rate = vmap_fwd_bwd_rate(case, chains, device, 0.3 if a.quick else 1.0)
-        dkw = dict(lr=case.lr, nbeta=case.nbeta, gamma=case.gamma, batch_size=case.batch_size,
-                   init_batches=case.init_batches, device=device)
-        # warm-up (untimed): the C++/CUDA kernel, the vmapped pass, devinterp's code paths
-        run_llc_fast(case, case.batches, chains=chains, draws=2, burnin=0, device=device)
-        if dev_ok:
-            run_devinterp(case.model, case.ds, case.per_token_loss, chains=1, draws=2, burnin=0, **dkw)
-        # the estimates do not change between calls: both libraries seed their chains
-        fast = self.timed(lambda: run_llc_fast(case, case.batches, chains=chains, draws=draws, burnin=burnin,
-                                               device=device), chains * steps, ("init_loss", "engine", "backend",
-                                                                                "timing", "diverged"))
-        row = dict(case=case.key, model=case.title, params=case.num_params, chains=chains, burnin=burnin, draws=draws,
-                   steps=steps, batch_size=case.batch_size, num_batches_per_epoch=len(case.batches), lr=case.lr,
-                   nbeta=case.nbeta, gamma=case.gamma, init_loss_batches=case.init_batches, llc_fast=fast,
-                   fwd_bwd=dict(steps_per_s=case.floor["rate"], other_cores=case.floor["other_cores"],
-                                clean=case.floor["clean"]), vmap_fwd_bwd_steps_per_s=vmap_rate,
-                   reference=case.reference, reference_note=case.reference_note, notes=case.notes)
-        line = (f"  {chains} chains: llc_fast {fast['seconds']:.2f} s ({fast['steps_per_s']:.1f} steps/s, engine "
-                f"{fast['engine']}, backend {fast['backend']}; calls {fast['calls']} s)")
-        if dev_ok:
-            dev = self.timed(lambda: run_devinterp(case.model, case.ds, case.per_token_loss, chains=chains,
-                                                   draws=draws, burnin=burnin, **dkw), chains * steps,
-                             ("init_loss", "own_llc_mean", "own_llc_std", "input_ids"))
-            # devinterp read exactly the batches llc_fast was given (cycled first epoch, same for every chain)
-            expect = torch.stack([case.epoch_ids[t % len(case.epoch_ids)] for t in range(steps)]).numpy()
-            ids = dev.pop("input_ids")
-            same = bool(all(np.array_equal(ids[c], expect) for c in range(chains)))
-            row["devinterp"] = dict(dev, own_llc_mean_with_burnin=dev.pop("own_llc_mean"),
-                                    own_llc_std_ddof0=dev.pop("own_llc_std"), loader_s_per_batch=case.loader_s,
-                                    hf_loader_s_per_batch=case.hf_loader_s)
-            f_se, d_se = fast["llc_se"], dev["llc_se"]
-            agree = abs(fast["llc_mean"] - dev["llc_mean"]) / math.sqrt(f_se ** 2 + d_se ** 2) \
-                if f_se > 0 or d_se > 0 else math.nan
-            row.update(speedup=fast["steps_per_s"] / dev["steps_per_s"], agreement_sigma=agree, same_batches=same)
-            line += (f", devinterp {dev['seconds']:.2f} s ({dev['steps_per_s']:.1f} steps/s; calls {dev['calls']} s); "
-                     f"speedup {row['speedup']:.2f}x; llc {fast['llc_mean']:.4g} vs {dev['llc_mean']:.4g}")
-        log(line)
-        return row
+def measure(args, guard, case: Case, chains: int, dev_ok: bool) -> dict:
+    """One point: both libraries timed, the batches checked, the floors beside them."""
+    draws, burnin, device = case.draws, case.burnin, args.device
+    steps = burnin + draws  # forward passes per chain, in both libraries
+    fc = FlatChains(case.model, case.loss_fn, chains, "swap")  # the vmapped forward+backward alone
+    vmap_rate = chains * passes_per_second(lambda k: fwd_bwd_loop(fc, case.batches, k), device,
+                                           0.3 if args.quick else 1.0)
+    dkw = dict(lr=case.lr, nbeta=case.nbeta, gamma=case.gamma, batch_size=case.batch_size,
+               init_batches=case.init_batches, device=device)
+    # warm-up (untimed): the C++/CUDA kernel, the vmapped pass, devinterp's code paths
+    run_llc_fast(case, case.batches, chains=chains, draws=2, burnin=0, device=device)
+    if dev_ok:
+        run_devinterp(case.model, case.ds, case.per_token_loss, chains=1, draws=2, burnin=0, **dkw)
+    # the estimates do not change between calls: both libraries seed their chains
+    fast = timed(args, guard, lambda: run_llc_fast(case, case.batches, chains=chains, draws=draws, burnin=burnin,
+                                                   device=device), chains * steps,
+                 ("init_loss", "engine", "backend", "timing", "diverged"))
+    row = dict(case=case.key, model=case.title, params=case.num_params, chains=chains, burnin=burnin, draws=draws,
+               steps=steps, batch_size=case.batch_size, num_batches_per_epoch=len(case.batches), lr=case.lr,
+               nbeta=case.nbeta, gamma=case.gamma, init_loss_batches=case.init_batches, llc_fast=fast,
+               fwd_bwd=dict(steps_per_s=case.floor["rate"], other_cores=case.floor["other_cores"],
+                            clean=case.floor["clean"]), vmap_fwd_bwd_steps_per_s=vmap_rate,
+               reference=case.reference, reference_note=case.reference_note, notes=case.notes)
+    line = (f"  {chains} chains: llc_fast {fast['seconds']:.2f} s ({fast['steps_per_s']:.1f} steps/s, engine "
+            f"{fast['engine']}, backend {fast['backend']}; calls {fast['calls']} s)")
+    if dev_ok:
+        dev = timed(args, guard, lambda: run_devinterp(case.model, case.ds, case.per_token_loss, chains=chains,
+                                                       draws=draws, burnin=burnin, **dkw), chains * steps,
+                    ("init_loss", "own_llc_mean", "own_llc_std", "input_ids"))
+        # devinterp read exactly the batches llc_fast was given (cycled first epoch, same for every chain)
+        expect = torch.stack([case.epoch_ids[t % len(case.epoch_ids)] for t in range(steps)]).numpy()
+        ids = dev.pop("input_ids")
+        same = bool(all(np.array_equal(ids[c], expect) for c in range(chains)))
+        row["devinterp"] = dict(dev, own_llc_mean_with_burnin=dev.pop("own_llc_mean"),
+                                own_llc_std_ddof0=dev.pop("own_llc_std"), loader_s_per_batch=case.loader_s,
+                                hf_loader_s_per_batch=case.hf_loader_s)
+        f_se, d_se = fast["llc_se"], dev["llc_se"]
+        agree = abs(fast["llc_mean"] - dev["llc_mean"]) / math.sqrt(f_se ** 2 + d_se ** 2) \
+            if f_se > 0 or d_se > 0 else math.nan
+        row.update(speedup=fast["steps_per_s"] / dev["steps_per_s"], agreement_sigma=agree, same_batches=same)
+        line += (f", devinterp {dev['seconds']:.2f} s ({dev['steps_per_s']:.1f} steps/s; calls {dev['calls']} s); "
+                 f"speedup {row['speedup']:.2f}x; llc {fast['llc_mean']:.4g} vs {dev['llc_mean']:.4g}")
+    log(line)
+    return row
 
 
 def table_row(r: dict) -> dict:
@@ -310,32 +264,29 @@ def bench(args, argv) -> int:
         "(not timed)" if dev_error is None else f"# devinterp cannot be imported ({dev_error}): only llc_fast is "
         "timed; carry its wheels (bench/README.md, GPU suite)")
     log()
-    points = [dict(case=k, spec=s) for k in args.cases for s in (args.mlp_widths if k == "mlp" else [None])]
-    point = Point(args, dev_error)
-    args.t_all = time.perf_counter()
-    rows = []
-
-    def measure(p):
-        row = point(p)
-        if row is not None:
-            rows.append(row)
+    guard, rows, failures = guard_for(args), [], []
+    guard.retries, guard.busy, guard.log = args.retries if args.device.type == "cpu" else 0, args.busy, None
+    args.t_start = time.perf_counter()  # the time budget's start, after devinterp's import
+    for key, spec in [(k, s) for k in args.cases for s in (args.mlp_widths if k == "mlp" else [None])]:
+        case = start_case(args, guard, key, spec)
+        for chains in args.chains or [case.chains]:  # the grid: case x chains
+            if args.budget_s is not None and time.perf_counter() - args.t_start > args.budget_s:
+                log(f"  {chains} chains: not run (--budget-s {args.budget_s:g} spent)")
+                failures.append(f"{case.title} x{chains} not run (time budget)")
+                continue
+            try:
+                rows.append(measure(args, guard, case, chains, dev_error is None))
+            except Exception as e:
+                traceback.print_exc()
+                failures.append(f"{case.title} x{chains}: {type(e).__name__}: {str(e)[:200]}")
+                continue
             write_results(args.output, dict(header, partial=True), rows)  # a run stopped at its cap still leaves these
-        return row
-
-    run_grid([dict(p, chains=c) for p in points for c in (args.chains or [None])], measure)
-    header.update(loadavg_end=loadavg(), total_s=time.perf_counter() - args.t_all)
     report(rows, args)
-    log(f"# load average at end: {header['loadavg_end']}; total {header['total_s']:.0f} s")
-    write_results(args.output, header, rows)
-    size = lambda n: f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"  # noqa: E731
-    parts = [f"{size(r['params'])} x{r['chains']}: " + (f"{r['speedup']:.2f}x" if "speedup" in r else "no ratio")
-             for r in rows]
-    failures = point.failures + ([f"devinterp not importable ({dev_error})"] if dev_error else [])
-    if failures:
-        summary("FAILED: " + "; ".join(failures)[:400] + "; " + ", ".join(parts), args.quick)
-        return 1
-    summary("llc_fast / devinterp chain-steps/s: " + ", ".join(parts), args.quick)
-    return 0
+    parts = ", ".join(f"{fmt_params(r['params'])} x{r['chains']}: " + (f"{r['speedup']:.2f}x" if "speedup" in r
+                                                                        else "no ratio") for r in rows)
+    failures += [f"devinterp not importable ({dev_error})"] if dev_error else []
+    line = (f"FAILED: {'; '.join(failures)[:400]}; " if failures else "llc_fast / devinterp chain-steps/s: ") + parts
+    return finish(args, header, rows, line, wall_key="total_s", code=1 if failures else 0)
 
 
 def options(ap) -> None:
@@ -363,20 +314,15 @@ def options(ap) -> None:
 
 
 def check(args, ap) -> None:
-    if args.cases == "gpu" or (args.cases is None and args.device.type == "cuda"):  # the GPU campaign's grid
-        for k, v in (GPU_QUICK if args.quick else GPU).items():
-            if k == "cases" or getattr(args, k) is None:
-                setattr(args, k, v)
+    if args.cases == "gpu" or (args.cases is None and args.device.type == "cuda"):
+        args.cases = "mlp"
+        fill_defaults(args, GPU)
     args.cases = [k.strip() for k in (args.cases or ",".join(CASES)).split(",") if k.strip()]
-    args.mlp_widths = args.mlp_widths or [",".join(map(str, MLP_WIDTHS))]
-    args.samples, args.batch_size = args.samples or 4096, args.batch_size or 256
-    args.repeats = args.repeats or (1 if args.quick else 2)
-    args.retries = args.retries if args.retries is not None else (0 if args.quick else 4)
+    fill_defaults(args, DEFAULTS)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
-    for k in args.cases:
-        if k not in CASES:
-            ap.error(f"unknown case {k!r}; choose from {', '.join(CASES)}, or gpu")
+    if bad := [k for k in args.cases if k not in CASES]:
+        ap.error(f"unknown case {bad[0]!r}; choose from {', '.join(CASES)}, or gpu")
 
 
 main = cli(__doc__, options, bench, check=check, each="timed call", retry_busy=False)

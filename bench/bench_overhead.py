@@ -3,13 +3,8 @@ math, and beside the forward and backward passes alone, from a 24-parameter DLN 
 
     .venv/bin/python bench/bench_overhead.py [--device cpu|cuda] [--parts dln,mlp,lm] [--quick] [...: --help]
 
-(a) ``dln``: a 24-parameter deep linear network, 8 chains: ``estimate_llc`` against ``models.hand_loop`` (and
-its functional_call and prepared-update variants); (b) ``mlp``: the 1.07M-parameter MLP, 8 chains: a step
-beside the vmapped forward+backward alone and the update alone; (c) ``lm`` (gpu_suite.sh's stage f, not in
-the default parts): a causal LM of TinyLlama-1.1B's shape (``--arch gpt-neox``: Pythia-1B's), bf16, 2 chains:
-seconds per step, forward+backward alone, peak memory against ``plan_memory``. Per-step times are marginal,
-(t(S2) - t(S1)) / (S2 - S1) within one round; medians over rounds with their range; contended rounds timed
-again. bench/README.md has the details.
+The parts (a) ``dln``, (b) ``mlp`` and (c) ``lm`` (gpu_suite.sh's stage f, not in the default parts), and the
+marginal per-step times, (t(S2) - t(S1)) / (S2 - S1) within one round: bench/README.md, "bench_overhead.py".
 """
 from __future__ import annotations
 
@@ -17,34 +12,31 @@ import argparse
 import math
 import re
 import time
-import warnings
 
 import torch
 
-from harness import (BUSY, begin, cli, fmt_spread, guard_for, loadavg, log, run_grid, spread, summary, synchronize,
-                     validate, wall, write_results)
+from harness import (BUSY, begin, cli, finish, fmt_spread, guard_for, log, recorded_warnings, run_grid, spread,
+                     synchronize, validate, wall)
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels import select_backend  # noqa: E402
 from llc_fast.oracles import dln_dataset, make_dln, mse_loss  # noqa: E402
-from models import (LM_ARCHS, MLP_WIDTHS, FlatChains, causal_lm, ce_loss, fwd_bwd_loop, hand_loop, lm_loss,  # noqa
-                    mlp, mlp_data)
+from models import (LM_ARCHS, MLP_WIDTHS, FlatChains, causal_lm, ce_loss, fmt_params, fwd_bwd_loop, hand_loop,  # noqa
+                    lm_loss, mlp, mlp_data, module_passes)
 
 DLN_WIDTHS, DLN_RANK = (4, 3, 4), 2
 LM_QUICK = (2, 64, 128, 4, 2, 128)
 LM_HYPER = dict(lr=1e-6, nbeta=30.0, gamma=300.0)
 GiB = 1 << 30
-US, MS = dict(scale=1e6, spec=".1f"), dict(scale=1e3, spec=".2f")
 
 
 def estimate(args, model, batches, loss_fn, hyper, *, chains, steps, burnin=0, **kw):
     """estimate_llc of ``steps`` steps, shared batches, ``--backend``; its warnings kept as ``result.caught``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with recorded_warnings(300) as caught:
         r = llc_fast.estimate_llc(model, batches, loss_fn, sampler="sgld", **hyper, num_chains=chains,
                                   num_draws=steps - burnin, num_burnin_steps=burnin, num_init_loss_batches=1,
                                   shared_batches=True, backend=args.backend.name, progress=False, seed=0, **kw)
-    r.caught = sorted({str(w.message)[:300] for w in caught})
+    r.caught = caught
     return r
 
 
@@ -57,21 +49,36 @@ def run_estimate(args, model, batches, loss_fn, hyper, *, chains, steps) -> floa
     return r.timing["sampling_s"]
 
 
-def marginal(t: dict, key: str, s1: int, s2: int) -> float:
-    return (t[key + "2"] - t[key + "1"]) / (s2 - s1)
-
-
-def rounds(args, guard, one_round, describe, calls):
-    """Validate the ``calls``, then ``--rounds`` clean rounds (``guard.rounds``): (rounds used, clean, all)."""
-    for fn in calls:
-        if err := validate(fn, warmup=2, device=args.device):
+def marginal_rounds(args, guard, title, loops: dict, steps, derive, describe, labels: dict, *, warm: int, chains=None):
+    """A part's ``title`` printed, its loops (``loops``: steps -> seconds) validated (``warm`` steps, twice), then
+    ``--rounds`` clean rounds (``guard.rounds``), each timing every loop at S1 and S2 steps: per step, the marginal
+    (t(S2) - t(S1)) / (S2 - S1), and ``derive(v)``'s figures. Prints the ``labels``' rows (with ``chains``: per
+    chain-step too); returns (the spread of each figure over the rounds used, the run's steps, backend, whether
+    its rounds were clean and every round)."""
+    (s1, s2), scale = steps, dict(scale=1e6, spec=".1f") if chains else dict(scale=1e3, spec=".2f")
+    log(f"{title}, backend {args.backend.name}; steps S1={s1}, S2={s2}; {args.rounds} round(s)")
+    for fn in loops.values():
+        if err := validate(lambda: fn(warm), warmup=2, device=args.device):
             raise SystemExit(f"bench_overhead: a warm-up failed: {err}")
+
+    def one_round():
+        t = {f"{k}{tag}": fn(s) for s, tag in ((s1, "1"), (s2, "2")) for k, fn in loops.items()}
+        v = dict(t, **{k: (t[k + "2"] - t[k + "1"]) / (s2 - s1) for k in loops})
+        return dict(v, **derive(v))
+
     used, clean, attempts = guard.rounds(one_round, args.rounds, describe)
-    return used, clean, [dict(a.value, other_cores=a.other, waited_s=a.waited) for a in attempts]
+    s = {k: spread(v[k] for v in used) for k in used[0] if not k[-1].isdigit()}
+    busy, w, unit = "" if clean else BUSY, max(40, 1 + max(map(len, labels.values()))), "us" if chains else "ms"
+    log(f"{'':<{w}} {unit + '/step median (range)':>28}" + (f" {'us/chain-step':>14}" if chains else ""))
+    for k, label in labels.items():
+        per_chain = f" {s[k]['median'] * 1e6 / chains:>14.1f}" if chains else ""
+        log(f"{label:<{w}} {fmt_spread(s[k], **scale):>28}{per_chain}{busy}")
+    return s, dict(steps=[s1, s2], backend=args.backend.name, clean=clean,
+                   rounds=[dict(a.value, other_cores=a.other, waited_s=a.waited) for a in attempts])
 
 
 def part_dln(args, guard) -> dict:
-    device, C, (s1, s2), backend = args.device, args.chains, args.dln_steps, args.backend
+    device, C, backend = args.device, args.chains, args.backend
     model = make_dln(DLN_WIDTHS, DLN_RANK, seed=1).to(device)
     x, y = dln_dataset(model, 1000, seed=2, input_range=1.0).tensors
     batches = [(x[i:i + 100].to(device), y[i:i + 100].to(device)) for i in range(0, 1000, 100)]
@@ -79,76 +86,60 @@ def part_dln(args, guard) -> dict:
     loops = {"est": lambda s: run_estimate(args, model, batches, mse_loss, hyper, chains=C, steps=s)}
     for k, how in (("swap", "swap"), ("functional_call", "functional_call"), ("prepared", "swap")):
         fc = FlatChains(model, mse_loss, C, how)  # "prepared": the update prepared once, as llc_fast's own loop does
-        loops[k] = lambda s, fc=fc, k=k: hand_loop(fc, batches, s, backend, prepared=k == "prepared", **hyper)
-    log(f"## (a) DLN {'-'.join(map(str, DLN_WIDTHS))} rank {DLN_RANK} (24 parameters), {C} chains, batch 100, sgld "
-        f"lr={hyper['lr']:g} nbeta={hyper['nbeta']:.4g} gamma={hyper['gamma']:g}, backend {backend.name}; steps "
-        f"S1={s1}, S2={s2}; {args.rounds} round(s)")
-
-    def one_round():
-        t = {f"{k}{tag}": (fn(s) if k == "est" else wall(lambda: fn(s), device))
-             for s, tag in ((s1, "1"), (s2, "2")) for k, fn in loops.items()}
-        v = dict(t, **{k: marginal(t, k, s1, s2) for k in loops})
-        return dict(v, **{name: v["est"] / v[k] if v[k] > 0 else math.nan for k, name in (
-            ("swap", "ratio"), ("functional_call", "ratio_fc"), ("prepared", "ratio_prepared"))})
-
-    used, clean, attempts = rounds(args, guard, one_round, lambda v: (
+        loops[k] = lambda s, fc=fc, k=k: wall(lambda: hand_loop(fc, batches, s, backend, prepared=k == "prepared",
+                                                                **hyper), device)
+    title = (f"## (a) DLN {'-'.join(map(str, DLN_WIDTHS))} rank {DLN_RANK} (24 parameters), {C} chains, batch 100, "
+             f"sgld lr={hyper['lr']:g} nbeta={hyper['nbeta']:.4g} gamma={hyper['gamma']:g}")
+    s, run = marginal_rounds(args, guard, title, loops, args.dln_steps, lambda v: {
+        name: v["est"] / v[k] if v[k] > 0 else math.nan for k, name in (
+            ("swap", "ratio"), ("functional_call", "ratio_fc"), ("prepared", "ratio_prepared"))}, lambda v: (
         f"estimate_llc {v['est'] * 1e6:.1f} us/step, hand loop {v['swap'] * 1e6:.1f} us/step (functional_call "
         f"{v['functional_call'] * 1e6:.1f}, prepared update {v['prepared'] * 1e6:.1f}), ratio {v['ratio']:.2f}x"),
-        [lambda fn=fn: fn(3) for fn in loops.values()])
-    s = {k: spread(v[k] for v in used) for k in used[0] if not k[-1].isdigit()}
-    busy = "" if clean else BUSY
-    log(f"{'':<48} {'us/step median (range)':>28} {'us/chain-step':>14}")
-    for k, label in (("est", "estimate_llc (sampling loop)"), ("swap", "hand loop: vmap grad (swap) + update"),
-                     ("functional_call", "hand loop: vmap grad (functional_call) + update"),
-                     ("prepared", "hand loop: vmap grad (swap) + prepared update")):
-        log(f"{label:<48} {fmt_spread(s[k], **US):>28} {s[k]['median'] * 1e6 / C:>14.1f}{busy}")
+        dict(est="estimate_llc (sampling loop)", swap="hand loop: vmap grad (swap) + update",
+             functional_call="hand loop: vmap grad (functional_call) + update",
+             prepared="hand loop: vmap grad (swap) + prepared update"), warm=3, chains=C)
     log(f"estimate_llc / hand loop: {fmt_spread(s['ratio'], unit='x')} within each round; / the functional_call loop: "
-        f"{s['ratio_fc']['median']:.2f}x; / the prepared-update loop: {s['ratio_prepared']['median']:.2f}x{busy}")
+        f"{s['ratio_fc']['median']:.2f}x; / the prepared-update loop: {s['ratio_prepared']['median']:.2f}x"
+        + ("" if run["clean"] else BUSY))
+    line = (f"DLN 24 params x {C} chains: estimate_llc {s['est']['median'] * 1e6:.0f} us/step vs hand loop "
+            f"{s['swap']['median'] * 1e6:.0f} us ({s['ratio']['median']:.2f}x), prepared-update loop "
+            f"{s['prepared']['median'] * 1e6:.0f} us ({s['ratio_prepared']['median']:.2f}x)")
     return dict(part="dln", model=f"DLN {'-'.join(map(str, DLN_WIDTHS))} rank {DLN_RANK}", params=24, chains=C,
-                batch_size=100, steps=[s1, s2], backend=backend.name, hyper=hyper, estimate_llc_s_per_step=s["est"],
-                hand_loop_s_per_step=s["swap"], hand_loop_functional_call_s_per_step=s["functional_call"],
-                ratio=s["ratio"], ratio_vs_functional_call=s["ratio_fc"], hand_loop_prepared_s_per_step=s["prepared"],
-                ratio_vs_prepared=s["ratio_prepared"], clean=clean, rounds=attempts)
+                batch_size=100, hyper=hyper, estimate_llc_s_per_step=s["est"], hand_loop_s_per_step=s["swap"],
+                hand_loop_functional_call_s_per_step=s["functional_call"], ratio=s["ratio"],
+                ratio_vs_functional_call=s["ratio_fc"], hand_loop_prepared_s_per_step=s["prepared"],
+                ratio_vs_prepared=s["ratio_prepared"], summary=line, **run)
 
 
 def part_mlp(args, guard) -> dict:
-    device, C, (s1, s2), backend = args.device, args.mlp_chains, args.mlp_steps, args.backend
+    device, C, backend, b = args.device, args.mlp_chains, args.backend, args.batch_size
     model = mlp(args.mlp_widths, device)
     x, y, _ = mlp_data(args.mlp_widths, args.samples)
-    b = args.batch_size
     batches = [(x[i:i + b].to(device), y[i:i + b].to(device)) for i in range(0, args.samples - b + 1, b)]
     hyper = dict(lr=1e-4, nbeta=args.samples / math.log(args.samples), gamma=1000.0)
     fc = FlatChains(model, ce_loss, C, "swap")
     loops = dict(est=lambda s: run_estimate(args, model, batches, ce_loss, hyper, chains=C, steps=s),
                  fb=lambda s: wall(lambda: fwd_bwd_loop(fc, batches, s), device),
                  upd=lambda s: wall(lambda: hand_loop(fc, None, s, backend, **hyper), device))
-    log(f"## (b) MLP {'-'.join(map(str, args.mlp_widths))} ({fc.numel:,} parameters), {C} chains, batch {b}, sgld "
-        f"lr={hyper['lr']:g} gamma={hyper['gamma']:g}, backend {backend.name}; steps S1={s1}, S2={s2}; "
-        f"{args.rounds} round(s)")
-
-    def one_round():
-        t = {f"{k}{tag}": fn(s) for s, tag in ((s1, "1"), (s2, "2")) for k, fn in loops.items()}
-        est, fb, upd = (marginal(t, k, s1, s2) for k in loops)
-        return dict(t, est=est, fb=fb, upd=upd, ratio=est / fb if fb > 0 else math.nan, rest=est - fb - upd,
-                    outside=1 - fb / est if est > 0 else math.nan, update_share=upd / est if est > 0 else math.nan)
-
-    used, clean, attempts = rounds(args, guard, one_round, lambda v: (
+    title = (f"## (b) MLP {'-'.join(map(str, args.mlp_widths))} ({fc.numel:,} parameters), {C} chains, batch {b}, "
+             f"sgld lr={hyper['lr']:g} gamma={hyper['gamma']:g}")
+    s, run = marginal_rounds(args, guard, title, loops, args.mlp_steps, lambda v: dict(
+        ratio=v["est"] / v["fb"] if v["fb"] > 0 else math.nan, rest=v["est"] - v["fb"] - v["upd"],
+        outside=1 - v["fb"] / v["est"] if v["est"] > 0 else math.nan,
+        update_share=v["upd"] / v["est"] if v["est"] > 0 else math.nan), lambda v: (
         f"estimate_llc step {v['est'] * 1e3:.2f} ms, fwd+bwd {v['fb'] * 1e3:.2f} ms, update {v['upd'] * 1e3:.2f} ms; "
-        f"step / fwd+bwd {v['ratio']:.3f}x"), [lambda fn=fn: fn(2) for fn in loops.values()])
-    s = {k: spread(v[k] for v in used) for k in ("est", "fb", "upd", "rest", "ratio", "outside", "update_share")}
-    busy = "" if clean else BUSY
-    log(f"{'':<40} {'ms/step median (range)':>28}")
-    for k, label in (("est", "estimate_llc step (sampling loop)"), ("fb", "vmapped forward+backward alone"),
-                     ("upd", "fused update alone ([C, N] buffers)"), ("rest", "rest (step - fwd+bwd - update)")):
-        log(f"{label:<40} {fmt_spread(s[k], **MS):>28}{busy}")
+        f"step / fwd+bwd {v['ratio']:.3f}x"), dict(
+        est="estimate_llc step (sampling loop)", fb="vmapped forward+backward alone",
+        upd="fused update alone ([C, N] buffers)", rest="rest (step - fwd+bwd - update)"), warm=2)
     log(f"step / fwd+bwd: {fmt_spread(s['ratio'], spec='.3f', unit='x')} within each round; outside forward/backward: "
         f"{fmt_spread(s['outside'], 100, '.1f', '%')} of the step; the update alone is "
-        f"{s['update_share']['median']:.1%} of the step{busy}")
+        f"{s['update_share']['median']:.1%} of the step" + ("" if run["clean"] else BUSY))
+    line = (f"MLP {fmt_params(fc.numel)}{'' if fc.numel >= 100_000 else '-parameter'} x {C} chains: step/fwd+bwd "
+            f"{s['ratio']['median']:.2f}x, {s['outside']['median']:.0%} outside fwd+bwd")
     return dict(part="mlp", model=f"MLP {'-'.join(map(str, args.mlp_widths))}", params=fc.numel, chains=C,
-                batch_size=b, steps=[s1, s2], backend=backend.name, hyper=hyper, estimate_llc_s_per_step=s["est"],
-                fwd_bwd_s_per_step=s["fb"], update_s_per_step=s["upd"], rest_s_per_step=s["rest"],
-                step_over_fwd_bwd=s["ratio"], outside_share=s["outside"], update_share=s["update_share"], clean=clean,
-                rounds=attempts)
+                batch_size=b, hyper=hyper, estimate_llc_s_per_step=s["est"], fwd_bwd_s_per_step=s["fb"],
+                update_s_per_step=s["upd"], rest_s_per_step=s["rest"], step_over_fwd_bwd=s["ratio"],
+                outside_share=s["outside"], update_share=s["update_share"], summary=line, **run)
 
 
 def part_lm(args, guard) -> dict:
@@ -192,11 +183,7 @@ def part_lm(args, guard) -> dict:
         passes = lambda k: fwd_bwd_loop(fc, batches, k)  # noqa: E731
     else:
         how = f"{C} x module forward + loss.backward()"
-
-        def passes(k):
-            for i in range(k * C):
-                lm_loss(model, batches[i // C % len(batches)]).backward()
-            model.zero_grad(set_to_none=True)
+        passes = lambda k: module_passes(model, lm_loss, batches, k * C)  # noqa: E731
     passes(1)
     fb = wall(lambda: passes(reps), device) / reps
     outside = 1 - fb / step if step > 0 else math.nan
@@ -207,36 +194,20 @@ def part_lm(args, guard) -> dict:
                warnings=r2.caught, clean=True, dtype=args.lm_dtype)
     log(f"seconds per step ({C} chains): {step:.4f} s ({step / C:.4f} s per chain-step); forward+backward alone "
         f"({how}): {fb:.4f} s per step; step / fwd+bwd {step / fb:.3f}x; outside forward/backward: {outside:.1%}")
+    mem = "peak memory: not measured on the CPU"
     if peak is not None:
         no_ctx = plan.total - FIXED_OVERHEAD
+        mem = f"peak {peak / GiB:.1f} GiB vs plan {plan.total / GiB:.1f} GiB ({peak / plan.total:.2f})"
         row.update(peak_reserved=torch.cuda.max_memory_reserved(device), peak_over_plan=peak / plan.total,
                    peak_over_plan_without_context=peak / no_ctx)
         log(f"peak memory allocated: {peak / GiB:.2f} GiB; plan_memory predicted {plan.total / GiB:.2f} GiB "
             f"({no_ctx / GiB:.2f} GiB without its 1 GiB for the CUDA context): measured / predicted = "
             f"{peak / plan.total:.2f} ({peak / no_ctx:.2f})")
     slow = sorted({m.group(1) for w in r2.caught for m in [re.search(r"batching rule for (aten::\w+)", w)] if m})
-    row["vmap_fallbacks"] = slow  # ops vmap ran one chain at a time (e.g. SDPA)
-    return row
-
-
-def one_line(r: dict) -> str:
-    flag = "" if r["clean"] else " (busy)"
-    if r["part"] == "dln":
-        return (f"DLN {r['params']} params x {r['chains']} chains: estimate_llc "
-                f"{r['estimate_llc_s_per_step']['median'] * 1e6:.0f} us/step vs hand loop "
-                f"{r['hand_loop_s_per_step']['median'] * 1e6:.0f} us ({r['ratio']['median']:.2f}x), prepared-update "
-                f"loop {r['hand_loop_prepared_s_per_step']['median'] * 1e6:.0f} us "
-                f"({r['ratio_vs_prepared']['median']:.2f}x){flag}")
-    size = f"{r['params'] / 1e6:.2f}M" if r["params"] >= 100_000 else f"{r['params']:,}-parameter"
-    if r["part"] == "mlp":
-        return (f"MLP {size} x {r['chains']} chains: step/fwd+bwd {r['step_over_fwd_bwd']['median']:.2f}x, "
-                f"{r['outside_share']['median']:.0%} outside fwd+bwd{flag}")
-    size = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e8 else size
-    mem = "peak memory: not measured on the CPU" if r["peak_allocated"] is None else (
-        f"peak {r['peak_allocated'] / GiB:.1f} GiB vs plan {r['plan_total'] / GiB:.1f} GiB ({r['peak_over_plan']:.2f})")
-    return (f"{size} {r['arch']} {r['dtype']}, {r['chains']} chains, engine {r['engine']}: {r['s_per_step']:.3f} "
-            f"s/step, {r['outside_share']:.0%} outside fwd+bwd, {mem}"
-            + (f"; vmap fell back to a loop for {', '.join(r['vmap_fallbacks'])}" if r["vmap_fallbacks"] else ""))
+    size = f"{n / 1e9:.2f}B" if n >= 1e8 else fmt_params(n) + ("" if n >= 100_000 else "-parameter")
+    return dict(row, vmap_fallbacks=slow, summary=f"{size} {args.arch} {args.lm_dtype}, {C} chains, engine {engine}: "
+                f"{step:.3f} s/step, {outside:.0%} outside fwd+bwd, {mem}"  # vmap_fallbacks: ops run chain by chain
+                + (f"; vmap fell back to a loop for {', '.join(slow)}" if slow else ""))
 
 
 PARTS = {"dln": part_dln, "mlp": part_mlp, "lm": part_lm}
@@ -251,13 +222,8 @@ def bench(args, argv) -> int:
     log("# per step = (t(S2) - t(S1)) / (S2 - S1) within one round; estimate_llc: result.timing['sampling_s'] "
         "(shared batches, chain_batching='vmap'); hand loop / fwd+bwd / update: wall time, synchronized")
     log()
-    t0 = time.perf_counter()
     rows = run_grid([dict(part=p) for p in args.parts], lambda p: (PARTS[p["part"]](args, guard), log())[0])
-    header.update(loadavg_end=loadavg(), wall_s=time.perf_counter() - t0)
-    log(f"# done in {header['wall_s']:.0f} s; load average at end: {header['loadavg_end']}")
-    summary("; ".join(one_line(r) for r in rows), args.quick)
-    write_results(args.output, header, rows)
-    return 0
+    return finish(args, header, rows, "; ".join(r["summary"] + ("" if r["clean"] else " (busy)") for r in rows))
 
 
 def _steps(text: str) -> tuple[int, int]:

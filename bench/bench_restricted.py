@@ -303,10 +303,14 @@ def options(ap) -> None:
                     "loop; f: the full model; a is always run: the ratios are over it)")
     ap.add_argument("--case", choices=sorted(CASES), default="default", help="gpt2-4l: 4 layers x 4 heads, n_embd 128, "
                     "vocab 512, 64 tokens, batches of 8; gpt2-small-shape: plan and start the all-heads study of a "
-                    "GPT-2 small shape (vocab 2048) for --steps steps (options left at their defaults)")
+                    "GPT-2 small shape (vocab 2048, batches of 2 x 32 tokens) for --steps steps (options left at "
+                    "their defaults)")
     ap.add_argument("--steps", type=int, default=3, help="gpt2-small-shape: steps to run")
     ap.add_argument("--memory-gib", type=float, default=12.0, help="gpt2-small-shape: the memory to plan for "
-                    "(default 12: half of a 24 GiB machine; the plan at 24 was killed for memory there)")
+                    "(default 12: half of a 24 GiB machine; the planner counts about 40 %% of eager GPT-2's "
+                    "activations under vmap)")
+    ap.add_argument("--rows-per-call", type=int, default=0, help="gpt2-small-shape: rows per vmapped call (default "
+                    "0: the plan's most; the case sets 16, 4 heads' chains; bench/README.md)")
     ap.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     ap.add_argument("--draws", type=int, help="draws per chain, no burn-in (default 100; 4 with --quick)")
     for name, default, text in (("chains", 4, ""), ("layers", 2, ""), ("heads", 4, "attention heads per layer (K = "

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from harness import (LoadGuard, Table, begin, cli, grid, loadavg, log, run_grid, time_calls, validate, write_results)
+from harness import Table, begin, cli, finish, grid, guard_for, log, run_grid, spread, time_interleaved, validate
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels.dispatch import select_backend  # noqa: E402
@@ -22,7 +22,6 @@ from llc_fast.kernels.update_spec import SamplerSettings  # noqa: E402
 from bench_update import make_call  # noqa: E402
 from models import ce_loss, eager_step, mlp, mlp_data  # noqa: E402
 
-CPU = torch.device("cpu")
 FB, EAGER = "fwd+bwd only (no update)", "fwd+bwd + eager update (devinterp-style)"
 
 
@@ -58,8 +57,7 @@ def manual_loop(model, loader, *, chains: int, steps: int, eager=None) -> float:
     return elapsed / (chains * steps)
 
 
-def set_up(args, argv):
-    """The model, its loader, the header (printed) and estimate_llc's options of a run."""
+def bench(args, argv) -> int:
     widths = [int(w) for w in args.widths.split(",")]
     model = mlp(widths, seed=args.seed)
     x, y, gen = mlp_data(widths, args.samples, args.seed)
@@ -68,21 +66,15 @@ def set_up(args, argv):
     num_params = sum(p.numel() for p in model.parameters())
     nbeta = args.samples / math.log(args.samples)
     extra = dict(chain_batching=args.chain_batching)
-    header = begin("bench_step", CPU, argv, ("torch", "llc_fast"), model=f"MLP {args.widths} (ReLU), {num_params} "
-                   "parameters, float32", samples=args.samples, batch_size=args.batch_size, chains=args.chains,
-                   draws=args.draws, lr=args.lr, nbeta=nbeta, gamma=args.gamma, seed=args.seed, quick=args.quick,
-                   estimate_llc_extra=extra)
+    header = begin("bench_step", args.device, argv, ("torch", "llc_fast"), model=f"MLP {args.widths} (ReLU), "
+                   f"{num_params} parameters, float32", samples=args.samples, batch_size=args.batch_size,
+                   chains=args.chains, draws=args.draws, lr=args.lr, nbeta=nbeta, gamma=args.gamma, seed=args.seed,
+                   quick=args.quick, estimate_llc_extra=extra)
     log(f"# model: {header['model']}; data: {args.samples} random samples, batch {args.batch_size}, cross-entropy")
     log(f"# estimate_llc: {args.chains} chains x {args.draws} draws, lr={args.lr}, nbeta={nbeta:.1f}, "
         f"gamma={args.gamma}, seed={args.seed}, progress=False" + "".join(f", {k}={v!r}" for k, v in extra.items()))
     log()
-    return model, loader, header, dict(lr=args.lr, nbeta=nbeta, gamma=args.gamma), extra
-
-
-def bench(args, argv) -> int:
-    model, loader, header, hyper, extra = set_up(args, argv)
-    num_params, steps = sum(p.numel() for p in model.parameters()), args.draws  # no burn-in: draws = steps
-    guard = LoadGuard(args.wait_quiet, args.retry_busy)
+    hyper, steps, guard = dict(lr=args.lr, nbeta=nbeta, gamma=args.gamma), args.draws, guard_for(args)  # draws = steps
 
     def estimate(sampler, b, chains, draws):
         return llc_fast.estimate_llc(model, loader, ce_loss, sampler=sampler, **hyper, num_chains=chains,
@@ -94,11 +86,10 @@ def bench(args, argv) -> int:
         settings = SamplerSettings(sampler=sampler)
         w_star = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         w, grad = w_star.clone().view(1, -1), torch.randn(1, num_params) * 1e-2
-        stat = torch.zeros(1, num_params) if settings.preconditioned and name != "eager" else None
-        fn = None if name == "eager" else select_backend(name, CPU).update
-        call = make_call(name, fn, w, grad, w_star, stat, settings, shapes, **hyper)
-        med, times = time_calls(call, CPU, warmup=2, min_repeats=5, max_repeats=50, target_s=0.5)
-        return med, dict(note="update alone, median of %d calls" % len(times))
+        fn = None if name == "eager" else select_backend(name, args.device).update
+        call = make_call(name, fn, w, grad, w_star, settings, shapes, **hyper)
+        times = time_interleaved({0: call}, args.device, warmup=2, min_repeats=5, max_repeats=50, target_s=0.5)[0][0]
+        return statistics.median(times), dict(note="update alone, median of %d calls" % len(times))
 
     def run(sampler, name):
         """(seconds per step, info) of one run of the grid."""
@@ -113,18 +104,11 @@ def bench(args, argv) -> int:
             llc_mean=r.llc_mean, engine=r.config.get("engine"), backend=r.config["backend"], note=f"llc {r.llc_mean:.4g}")
 
     def measure(p):
-        """One run of the grid under the load guard: (seconds, other cores, info)."""
+        """One run of the grid under the load guard (its last try): seconds, other cores, info."""
         if p["run"] == FB:
             log(f"{p['sampler']}, round {p['round'] + 1} of {args.rounds}:")
-
-        def report(a, again):
-            sec, info = a.value
-            log(f"  {p['run']}: {sec * 1e3:.2f} ms" + (f" ({info['note']})" if info.get("note") else "")
-                + (f"; other processes kept {a.other:.2f} cores busy" if not guard.clean(a) else ""))
-            if again:
-                log("#   timing it again")
-
-        last = guard.run(lambda: run(p["sampler"], p["run"]), report=report)[-1]
+        last = guard.rounds(lambda: run(p["sampler"], p["run"]), 1, lambda v: f"{v[0] * 1e3:.2f} ms" + (
+            f" ({v[1]['note']})" if v[1].get("note") else ""), p["run"])[2][-1]
         return dict(s=last.value[0], other=last.other, info=last.value[1])
 
     # validate, then time: warm-up calls build/load the C++ kernel and touch every code path once
@@ -136,20 +120,14 @@ def bench(args, argv) -> int:
     runs = [FB] + [f"estimate_llc backend={b}" for b in args.backends] + ([] if args.no_eager else [EAGER])
     runs += [f"update alone: {b}" for b in list(args.backends) + eager]
     got = run_grid(grid(sampler=args.samplers, round=range(args.rounds), run=runs), measure)
-    results = [aggregate([g for g in got if g["sampler"] == s and g["run"] == r]) for s in args.samplers for r in runs]
-    header["loadavg_end"] = loadavg()
+    results = []
+    for mine in ([g for g in got if g["sampler"] == s and g["run"] == r] for s in args.samplers for r in runs):
+        t, others = spread(g["s"] for g in mine), [g["other"] for g in mine if g["other"] is not None]
+        results.append(dict(sampler=mine[0]["sampler"], run=mine[0]["run"], s_per_step=t["median"], s_min=t["min"],
+                            s_max=t["max"], rounds=t["n"], other_cores=max(others, default=None),
+                            **{k: v for k, v in mine[-1]["info"].items() if k != "note"}))  # over the rounds
     report_table(results, args.samplers)
-    log(f"# load average at end: {header['loadavg_end']}")
-    write_results(args.output, header, results, key="results")
-    return 0
-
-
-def aggregate(mine: list[dict]) -> dict:
-    """One run of one sampler over its rounds: the median and range of its seconds per step."""
-    secs, others = [g["s"] for g in mine], [g["other"] for g in mine if g["other"] is not None]
-    return dict(sampler=mine[0]["sampler"], run=mine[0]["run"], s_per_step=statistics.median(secs), s_min=min(secs),
-                s_max=max(secs), rounds=len(secs), other_cores=max(others) if others else None,
-                **{k: v for k, v in mine[-1]["info"].items() if k != "note"})
+    return finish(args, header, results, None, key="results")
 
 
 def report_table(results: list[dict], samplers) -> None:
@@ -169,12 +147,11 @@ def report_table(results: list[dict], samplers) -> None:
             rr["beyond_fwd_bwd_s"] = None if alone or rr["run"] == FB else rr["s_per_step"] - fb
             rr["share"] = None if rr["beyond_fwd_bwd_s"] is None else rr["beyond_fwd_bwd_s"] / rr["s_per_step"]
             rr["range"] = f"{rr['s_min'] * 1e3:.2f}..{rr['s_max'] * 1e3:.2f}"
-    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
-    table = Table(("sampler", 12, "s"), ("run", 43, lambda v: f" {v:<42}", f" {'run':<42}"), ("s_per_step", 8, ms, "ms"),
-                  ("range", 15, "s"), ("ratio_to_fused", 8, lambda v: f"{v:.2f}x", "vs fused"),
-                  ("beyond_fwd_bwd_s", 14, lambda v: f"{v * 1e3:+.2f}", "beyond fwd+bwd"), ("share", 6, ".0%"),
-                  ("other_cores", 5, ".2f", "other"))
-    table.print(results, group=lambda r: r["sampler"])
+    Table(("sampler", 12, "s"), ("run", 43, lambda v: f" {v:<42}", f" {'run':<42}"),
+          ("s_per_step", 8, lambda v: f"{v * 1e3:.2f}", "ms"), ("range", 15, "s"),
+          ("ratio_to_fused", 8, lambda v: f"{v:.2f}x", "vs fused"),
+          ("beyond_fwd_bwd_s", 14, lambda v: f"{v * 1e3:+.2f}", "beyond fwd+bwd"), ("share", 6, ".0%"),
+          ("other_cores", 5, ".2f", "other")).print(results, group=lambda r: r["sampler"])
 
 
 def options(ap) -> None:

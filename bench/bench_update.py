@@ -3,11 +3,8 @@ and, as an anchor, torch's fused AdamW.
 
     .venv/bin/python bench/bench_update.py [--device cpu|cuda] [--sizes 2^16 2^20 ...] [--quick] [...: --help]
 
-The grid: size x dtype x sampler; at each point, side by side, one call of every backend that runs on the
-device, "eager" (``models.eager_step`` over the tensors of a small transformer) and "adamw"
-(``torch._fused_adamw_``), with the copy bandwidth timed within the point. Bytes, timing and caps:
-bench/README.md. The last line (SUMMARY, gpu_suite.sh's stage d): per backend, the median fraction of copy
-bandwidth over sizes >= 2^24 for sgld/float32, and the speedup over the eager loop.
+The grid: size x dtype x sampler, every update timed side by side at each point (``Point``), against the copy
+bandwidth timed within it; bytes, timing and caps: bench/README.md. SUMMARY (gpu_suite.sh's stage d): ``report``.
 """
 from __future__ import annotations
 
@@ -15,12 +12,11 @@ import gc
 import itertools
 import math
 import statistics
-import time
 
 import torch
 
-from harness import (Table, available_memory, begin, cli, grid, guard_for, loadavg, log, run_grid, summary, time_calls,
-                     time_interleaved, validate, write_results)
+from harness import (Table, available_memory, begin, cli, finish, grid, guard_for, log, run_grid, spread,
+                     time_interleaved, validate)
 
 import llc_fast  # noqa: E402  (harness puts the repository on sys.path)
 from llc_fast.kernels.dispatch import select_backend  # noqa: E402
@@ -50,21 +46,15 @@ def parse_size(text: str) -> int:
     return int(float(t))
 
 
-def copy_bandwidth(device: torch.device, numel: int, *, repeats: int) -> tuple[float, float, int]:
-    """Bytes read + written per second by ``dst.copy_(src)`` on float32 tensors of ``numel`` elements:
-    (from the median call, from the fastest call, bytes per call)."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    med, times = time_calls(lambda: dst.copy_(src), device, warmup=2, min_repeats=repeats,
-                            max_repeats=max(repeats, 50), target_s=1.0)
-    nbytes = 2 * src.numel() * src.element_size()
-    return nbytes / med, nbytes / min(times), nbytes
-
-
 def measure_copy(device, numel: int, guard, *, repeats: int, when: str) -> dict:
-    """``copy_bandwidth`` under the load guard; of the attempts, the one with the highest median is kept."""
-    best = max(guard.run(lambda: copy_bandwidth(device, numel, repeats=repeats)), key=lambda a: a.value[0])
-    (med, fastest, nbytes), other = best.value, best.other
+    """Bytes read + written per second by ``dst.copy_(src)`` on float32 tensors of ``numel`` elements, from the
+    median and from the fastest call, under the load guard (of its attempts, the fastest median is kept)."""
+    src = torch.randn(numel, device=device)
+    dst, nbytes = torch.empty_like(src), 8 * numel
+    best = min(guard.run(lambda: time_interleaved({0: lambda: dst.copy_(src)}, device, warmup=2, min_repeats=repeats,
+                                                  max_repeats=max(repeats, 50), target_s=1.0)[0][0]),
+               key=lambda a: statistics.median(a.value))
+    med, fastest, other = nbytes / statistics.median(best.value), nbytes / min(best.value), best.other
     log(f"# copy bandwidth{when}: {med / 1e9:.2f} GB/s median, {fastest / 1e9:.2f} GB/s best call (dst.copy_(src), "
         f"float32, {fmt_size(numel)} elements, {nbytes / 2**20:.0f} MiB read + written per call"
         + ("" if other is None else f"; other processes kept {other:.2f} cores busy meanwhile") + ")")
@@ -75,9 +65,8 @@ def ideal_bytes(n: int, dtype: torch.dtype, sampler: str, backend: str = "") -> 
     """Bytes an update must move: SGLD w, grad, w* read and w written, RMSProp V read and written;
     AdamW param, exp_avg, exp_avg_sq read and written and grad read."""
     elem = torch.empty((), dtype=dtype).element_size()
-    if backend == "adamw":
-        return n * 7 * elem
-    return n * (4 * elem + (2 * (8 if dtype == torch.float64 else 4) if sampler != "sgld" else 0))
+    stat = (8 if dtype == torch.float64 else 4) if sampler != "sgld" else 0  # RMSProp's V
+    return n * 7 * elem if backend == "adamw" else n * (4 * elem + 2 * stat)
 
 
 def needed_memory(n: int, dtype: torch.dtype, sampler: str, backends: list[str], shapes) -> int:
@@ -93,8 +82,9 @@ def needed_memory(n: int, dtype: torch.dtype, sampler: str, backends: list[str],
     return total + extra
 
 
-def make_call(name, fn, w, grad, w_star, stat, settings: SamplerSettings, shapes, *, lr=LR, nbeta=NBETA, gamma=GAMMA):
-    """A zero-argument callable doing one update of ``w`` with ``name``; each call takes the next step."""
+def make_call(name, fn, w, grad, w_star, settings: SamplerSettings, shapes, *, lr=LR, nbeta=NBETA, gamma=GAMMA):
+    """A zero-argument callable doing one update of ``w`` with ``name`` (``fn``, with its own V if the sampler is
+    preconditioned); each call takes the next step."""
     if name == "adamw":  # one AdamW(fused=True) step: the float32 step counter, then torch._fused_adamw_
         param, g = w[0], grad[0]
         exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
@@ -111,6 +101,7 @@ def make_call(name, fn, w, grad, w_star, stat, settings: SamplerSettings, shapes
         return lambda: eager_step(settings.sampler, params, grads, inits, vs, lr=lr, nbeta=nbeta, gamma=gamma,
                                   settings=settings)
     chain_ids, steps = torch.zeros(1, dtype=torch.int64, device=w.device), itertools.count()
+    stat = torch.zeros(w.shape, device=w.device) if settings.preconditioned else None
 
     def call():
         t = next(steps)
@@ -120,9 +111,8 @@ def make_call(name, fn, w, grad, w_star, stat, settings: SamplerSettings, shapes
 
 
 class Point:
-    """One (size, dtype, sampler) of the grid: every update timed side by side (``time_interleaved``),
-    each on its own copy of w (and V) from the same start, with the copy timed in the same rounds, so
-    the fractions of copy bandwidth are relative to this point's own copy figure."""
+    """One (size, dtype, sampler) of the grid: every update timed side by side (``time_interleaved``), each on its
+    own copy of w (and V) from the same start, with copies in the same rounds: the point's own copy bandwidth."""
 
     def __init__(self, args, updates: dict, caps: dict, guard, copy_call, copy_bytes):
         self.args, self.updates, self.caps, self.guard = args, updates, caps, guard
@@ -144,6 +134,9 @@ class Point:
     def __call__(self, p: dict) -> list[dict]:
         n, dtype_name, sampler, a = p["size"], p["dtype"], p["sampler"], self.args
         dtype, device, settings = DTYPES[dtype_name], a.device, SamplerSettings(sampler=sampler)
+        gc.collect()  # the last point's tensors, before the memory check
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         shapes = transformer_split(n, a.eager_layers)
         rows, active = [], []
         for name in self.updates:
@@ -162,9 +155,7 @@ class Point:
         calls, ws, errors = {}, {}, {}
         for name in active:
             ws[name] = w0.view(1, n).clone()
-            stat = torch.zeros(1, n, device=device) if settings.preconditioned and name not in ("eager", "adamw") \
-                else None
-            calls[name] = make_call(name, self.updates[name], ws[name], grad, w_star, stat, settings, shapes)
+            calls[name] = make_call(name, self.updates[name], ws[name], grad, w_star, settings, shapes)
         del w0
         warmup = 1 if n >= 1 << 24 else 3
 
@@ -193,18 +184,12 @@ class Point:
             nbytes = ideal_bytes(n, dtype, sampler, name)
             self.sec_per_elem[(name, sampler, dtype_name)] = fastest / n  # the fastest call: robust to load
             notes = [] if torch.isfinite(ws[name].float()).all() else ["WARNING: non-finite weights after the steps"]
-            if not self.guard.clean(last):
-                notes.append("machine busy with other processes")
+            notes += [] if self.guard.clean(last) else ["machine busy with other processes"]
             rows.append(dict(backend=name, ms=med * 1e3, min_ms=fastest * 1e3, gbps=nbytes / med / 1e9,
                              frac_copy=nbytes / med / copy_bps, copy_gbps=copy_bps / 1e9, elems_per_s=n / med,
                              speedup_vs_eager=eager / med if eager and name != "adamw" else None,
                              repeats=len(times[name]), other_cores=other, note="; ".join(notes)))
-        calls.clear(), ws.clear()
-        del w_star, grad
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return [dict(p, **r) for r in rows]  # the point's keys first, in every row
+        return rows
 
 
 TABLE = (("size", 6, fmt_size), ("backend", 7, "s"), ("sampler", 12, "s"), ("dtype", 8, "s"),
@@ -212,7 +197,6 @@ TABLE = (("size", 6, fmt_size), ("backend", 7, "s"), ("sampler", 12, "s"), ("dty
          ("frac_copy", 7, ".1%", "of copy"), ("copy_gbps", 5, ".1f", "copy"),
          ("elems_per_s", 8, lambda v: f"{v / 1e9:.4f}", "Gelem/s"), ("speedup_vs_eager", 8, ".2f", "vs eager"),
          ("repeats", 4, "d", "reps"), ("other_cores", 5, ".2f", "other"), ("note", 0, "s", " note"))
-ROW_KEYS = [c[0] for c in TABLE]  # a result row: the table's columns, in its order
 
 
 def select_updates(args) -> tuple[dict, list[str]]:
@@ -236,8 +220,7 @@ def select_updates(args) -> tuple[dict, list[str]]:
 
 
 def bench(args, argv) -> int:
-    device, cpu = args.device, args.device.type == "cpu"
-    caps = args.caps
+    device, cpu, caps = args.device, args.device.type == "cpu", args.caps
     if args.sizes:
         sizes = sorted(set(args.sizes))
     elif args.quick:
@@ -259,8 +242,7 @@ def bench(args, argv) -> int:
     header["copy_start"] = measure_copy(device, copy_numel, guard, repeats=max(args.repeats, 10), when="")
     log(f"# each point also times {COPY_SAMPLES_PER_POINT} such copies between its updates; its 'of copy' is relative "
         "to that point's own copy bandwidth ('copy' column)")
-    buf = dict(src=torch.randn(copy_numel, device=device))
-    buf["dst"] = torch.empty_like(buf["src"])
+    src, dst = torch.randn(copy_numel, device=device), torch.empty(copy_numel, device=device)
     if cpu:
         log("# on the CPU the update also computes a Philox-4x32-10 block and log/sin/cos per 4 elements (bf16: a "
             "second Philox block for stochastic rounding), so it can be compute-bound: read Gelem/s next to the "
@@ -273,51 +255,39 @@ def bench(args, argv) -> int:
         "copies timed within the point; 'other' = CPU cores busy with other processes meanwhile")
     table = Table(*TABLE)
     table.header()
-    t_start = time.perf_counter()
-    point = Point(args, updates, caps, guard, lambda: buf["dst"].copy_(buf["src"]), 8 * copy_numel)
+    point = Point(args, updates, caps, guard, lambda: dst.copy_(src), 8 * copy_numel)
     rows = run_grid(grid(size=sizes, dtype=args.dtypes, sampler=args.samplers), point, table=table)
-    rows = [{k: r.get(k) for k in ROW_KEYS} for r in rows]
-    header.update(loadavg_end=loadavg(), wall_s=time.perf_counter() - t_start)
+    rows = [{c[0]: r.get(c[0]) for c in TABLE} for r in rows]  # a result row: the table's columns, in its order
     log()
-    log(f"# done in {header['wall_s']:.0f} s; load average at end: {header['loadavg_end']}")
-    buf.clear()
+    src = dst = None  # the points' copy buffers freed before the last copy measurement
     header["copy_end"] = measure_copy(device, copy_numel, guard, repeats=max(args.repeats, 10), when=" again at the end")
-    copies = [r["copy_gbps"] for r in rows if r["copy_gbps"] is not None and math.isfinite(r["copy_gbps"])]
-    if copies:
-        log(f"# copy bandwidth within the points: median {statistics.median(copies):.1f} GB/s, range "
-            f"{min(copies):.1f} .. {max(copies):.1f} GB/s")
-    print_summary(rows, table)
-    write_results(args.output, header, rows)
-    summary(one_line(rows), args.quick)
-    return 0
+    if (copies := spread(r["copy_gbps"] for r in rows))["n"]:
+        log(f"# copy bandwidth within the points: median {copies['median']:.1f} GB/s, range {copies['min']:.1f} .. "
+            f"{copies['max']:.1f} GB/s")
+    return finish(args, header, rows, report(rows, table))
 
 
-def print_summary(rows: list[dict], table: Table) -> None:
-    """The table again, grouped by sampler and dtype, then each backend's GB/s over fused AdamW's."""
+def report(rows: list[dict], table: Table) -> str:
+    """The table again, grouped by sampler and dtype, then each backend's GB/s over fused AdamW's; returns the
+    SUMMARY line: per backend, the median fraction of copy bandwidth (and speedup over eager) over the sizes from
+    2^24 up (all if none is), for sgld/float32 (all rows if none); busy rows left out of both."""
     log("\n# summary by sampler and dtype (vs eager = eager's median time / this backend's, same size, sampler, "
         "dtype;\n# of copy = GB/s / copy, the copy bandwidth measured within the same point;\n# other = CPU cores "
         "that other processes kept busy while the point was timed)")
     table.print(sorted(rows, key=lambda r: (r["sampler"], r["dtype"], r["size"])), group=lambda r: (r["sampler"],
                                                                                                    r["dtype"]))
-    adamw = {(r["size"], r["sampler"], r["dtype"]): r["gbps"] for r in rows if r["backend"] == "adamw" and r["gbps"]}
+    ok = [r for r in rows if r["gbps"] and "busy" not in (r["note"] or "")]
+    adamw = {(r["size"], r["sampler"], r["dtype"]): r["gbps"] for r in ok if r["backend"] == "adamw"}
     ratios: dict[tuple, list[float]] = {}
-    for r in rows:
-        ref = adamw.get((r["size"], r["sampler"], r["dtype"]))
-        if ref and r["gbps"] and r["backend"] != "adamw" and "busy" not in r["note"]:
+    for r in ok:
+        if r["backend"] != "adamw" and (ref := adamw.get((r["size"], r["sampler"], r["dtype"]))):
             ratios.setdefault((r["sampler"], r["dtype"], r["backend"]), []).append(r["gbps"] / ref)
     if ratios:
-        log()
-        log("# GB/s / fused AdamW's GB/s at the same point (each charged its own bytes): median (range) over the "
+        log("\n# GB/s / fused AdamW's GB/s at the same point (each charged its own bytes): median (range) over the "
             "sizes not marked busy")
         for (sampler, dtype, backend), v in sorted(ratios.items()):
             log(f"#   {sampler:>12} {dtype:>8} {backend:>7}: {statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f}, "
                 f"{len(v)} sizes)")
-
-
-def one_line(rows: list[dict]) -> str:
-    """Per backend, the median fraction of copy bandwidth (and speedup over eager) over the sizes from 2^24
-    up (all if none is), for sgld/float32 (all rows if none), busy rows left out."""
-    ok = [r for r in rows if r.get("gbps") and "busy" not in (r.get("note") or "")]
     pick = [r for r in ok if r["sampler"] == "sgld" and r["dtype"] == "float32"] or ok
     big = [r for r in pick if r["size"] >= 1 << 24] or pick
     if not big:
@@ -325,12 +295,12 @@ def one_line(rows: list[dict]) -> str:
     parts = []
     for backend in dict.fromkeys(r["backend"] for r in big):
         mine = [r for r in big if r["backend"] == backend]
-        sp = [r["speedup_vs_eager"] for r in mine if r.get("speedup_vs_eager")]
+        sp = [r["speedup_vs_eager"] for r in mine if r["speedup_vs_eager"]]
         parts.append(f"{backend} {statistics.median(r['frac_copy'] for r in mine):.0%} of copy"
                      + (f", {statistics.median(sp):.1f}x eager" if sp and backend != "eager" else ""))
     sizes = sorted({r["size"] for r in big})
     what = "sgld float32" if big[0]["sampler"] == "sgld" and big[0]["dtype"] == "float32" else "all rows"
-    copy = statistics.median(r["copy_gbps"] for r in big if r.get("copy_gbps"))
+    copy = statistics.median(r["copy_gbps"] for r in big if r["copy_gbps"])
     return f"{what}, sizes {fmt_size(sizes[0])}..{fmt_size(sizes[-1])} (copy {copy:.0f} GB/s): " + "; ".join(parts)
 
 

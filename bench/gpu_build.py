@@ -4,22 +4,12 @@ timed, and one call of each checked against the reference.
     python bench/gpu_build.py --env [--output env.json]     # stage a (the suite writes it to env.txt)
     python bench/gpu_build.py [--output build.json]         # stage b
 
-``--env``: nvidia-smi (full report and one query line), nvcc --version, the harness's environment header
-(date, device, torch/triton/llc_fast versions, git commit, kernel source hashes, C++ flags), torch's CUDA and
-cuDNN versions, the GPU's name, capability, memory and multiprocessors, and the versions of the packages the
-later stages import (transformers, devinterp, arviz-stats, pytest); exits 0 without a GPU too.
-
-The build, on a GPU: ``load_cuda_update()`` (nvcc for this GPU's architecture, then one tiny launch), then one
-call of the CUDA and of the Triton update (its first call compiles) on 2^20 float32 elements of 2 chains, each
-compared with the reference update. Without a GPU: the CUDA source is compiled with nvcc for sm_90 if nvcc
-is there (no launch), and the Triton update makes its call in Triton's interpreter (``TRITON_INTERPRET=1``).
-Either way the C++ update is built too, so that later stages find it cached; its failure is reported but
-does not fail the stage. Exit code 0 when the CUDA and Triton updates built and agreed with the reference,
-77 (skipped) when there is no GPU and everything that could be checked without one passed, 1 otherwise.
+What each stage prints, builds and checks, with a GPU and without (``--dry-run``): bench/README.md, "The GPU
+campaign". Exit code: stage a 0, without a GPU too; stage b 0 when the CUDA and Triton updates built and agreed
+with the reference, 77 (skipped) when there is no GPU and all that could be checked without one passed, else 1.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -28,7 +18,7 @@ import traceback
 
 import torch
 
-from harness import environment, print_environment, synchronize, version, write_results
+from harness import begin, cli, synchronize, version, write_results
 
 from llc_fast.kernels import SamplerSettings, StepCounters, build, reference_update  # noqa: E402  (harness: sys.path)
 
@@ -62,8 +52,7 @@ def env_stage(output, argv=None) -> int:
         facts.update(gpu_name=p.name, capability=f"{p.major}.{p.minor}", multiprocessors=p.multi_processor_count,
                      memory_total_gib=round(total / 2**30, 2), memory_free_gib=round(free / 2**30, 2),
                      l2_cache_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-    env = environment(device, argv, **{f"version_{m}": version(m) for m in PACKAGES}, **facts)
-    print_environment("gpu_suite environment", env)
+    env = begin("gpu_suite environment", device, argv, **{f"version_{m}": version(m) for m in PACKAGES}, **facts)
     print("# " + ", ".join(f"{m} {env[f'version_{m}']}" for m in PACKAGES))
     print("# " + ", ".join(f"{k}={v}" for k, v in facts.items()))
     query = shell("nvidia-smi", SMI_QUERY, "--format=csv")
@@ -163,13 +152,12 @@ def build_stage(output) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def options(ap) -> None:
     ap.add_argument("--env", action="store_true", help="stage a: print (and write) the environment, build nothing")
-    ap.add_argument("--output", help="write the stage's results as JSON")
-    args = ap.parse_args(argv)
-    return env_stage(args.output, argv) if args.env else build_stage(args.output)
 
+
+main = cli(__doc__, options, lambda args, argv: env_stage(args.output, argv) if args.env else build_stage(args.output),
+           each="stage", device=None, retry_busy=False, output="write the stage's results as JSON")
 
 if __name__ == "__main__":
     raise SystemExit(main())

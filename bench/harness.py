@@ -4,13 +4,14 @@ environment header, the command line (``cli``), the grid runner (``run_grid``), 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import itertools
 import csv
 import datetime
 import hashlib
 import importlib.metadata
 import io
+import itertools
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,14 +34,6 @@ BUSY = "  <- machine busy in every round: ignore"  # the mark of a figure whose 
 
 
 # --- timing ------------------------------------------------------------------------------------
-
-def checked_device(ap, name: str) -> torch.device:
-    """--device as a torch.device; argparse's error if it asks for CUDA and there is none."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
-    return device
-
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -56,29 +49,20 @@ def time_one(fn, device: torch.device) -> float:
         t1.record()
         t1.synchronize()
         return t0.elapsed_time(t1) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def time_calls(fn, device: torch.device, *, warmup: int, min_repeats: int, max_repeats: int, target_s: float):
-    """``warmup`` calls, then repeats until they sum to ``target_s`` (at least
-    ``min_repeats``, at most ``max_repeats``). Returns (median seconds, all times)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = time_interleaved({0: fn}, device, min_repeats=min_repeats, max_repeats=max_repeats, target_s=target_s)[0][0]
-    return statistics.median(times), times
+    return wall(fn, device)
 
 
 def time_interleaved(calls: dict, device: torch.device, *, min_repeats: int, max_repeats: int, target_s: float,
-                     extra=None, extra_samples: int = 0):
-    """Side-by-side timing: one call of each of ``calls`` per round (so a burst of outside load hits
-    all alike), each until it has ``min_repeats`` calls summing to ``target_s`` (or ``max_repeats``);
-    each round first times ``extra`` until it has ``extra_samples``. Returns ({name: times}, extra times)."""
-    times = {name: [] for name in calls}
-    extra_times: list[float] = []
-    running = list(calls)
+                     warmup: int = 0, extra=None, extra_samples: int = 0):
+    """Side-by-side timing: ``warmup`` untimed calls of each of ``calls``, then one call of each per round (so a
+    burst of outside load hits all alike), each until it has ``min_repeats`` calls summing to ``target_s`` (or
+    ``max_repeats``); each round first times ``extra`` until it has ``extra_samples``. Returns ({name: times},
+    extra times)."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    synchronize(device)
+    times, extra_times, running = {name: [] for name in calls}, [], list(calls)
     while running:
         if extra is not None and len(extra_times) < extra_samples:
             extra_times.append(time_one(extra, device))
@@ -153,11 +137,9 @@ def wait_quiet(max_wait: float, threshold: float = BUSY_CORES, window: float = 0
             return time.perf_counter() - t0, False
 
 
-@dataclass
-class Attempt:
-    value: Any  # what the measurement returned
-    other: float | None  # cores other processes kept busy meanwhile (None: unknown)
-    waited: float  # seconds waited for a quiet machine first
+# One try of a measurement: what it returned, the cores other processes kept busy meanwhile (None: unknown) and
+# the seconds it waited for a quiet machine first.
+Attempt = collections.namedtuple("Attempt", "value other waited")
 
 
 class LoadGuard:
@@ -192,11 +174,11 @@ class LoadGuard:
             if not again:
                 return runs
 
-    def rounds(self, fn, want: int, describe: Callable[[Any], str]) -> tuple[list, bool, list[Attempt]]:
-        """``run`` with each attempt logged as '  round: ``describe(value)``' (its other cores; busy: whether it
+    def rounds(self, fn, want: int, describe: Callable[[Any], str], label: str = "round") -> tuple[list, bool, list]:
+        """``run`` with each attempt logged as '  ``label``: ``describe(value)``' (its other cores; busy: whether it
         is timed again). Returns (the values of the clean attempts, else of all; whether any was clean; all)."""
         def said(a: Attempt, again: bool) -> None:
-            log(f"  round: {describe(a.value)}" + ("" if a.other is None else f"; other processes kept {a.other:.2f} "
+            log(f"  {label}: {describe(a.value)}" + ("" if a.other is None else f"; other processes kept {a.other:.2f} "
                 "cores busy") + ("" if self.clean(a) else "; busy" + ("; timing it again" if again else "")))
 
         attempts = self.run(fn, want=want, report=said)
@@ -262,12 +244,6 @@ def available_memory(device: torch.device) -> int:
     return int(line.split()[1]) * 1024 if line else 1 << 62
 
 
-def set_threads(threads: int | None) -> int:
-    """torch (and C++ kernel) threads: ``threads``, default all cores."""
-    torch.set_num_threads(threads if threads is not None else (os.cpu_count() or 1))
-    return torch.get_num_threads()
-
-
 def provenance() -> dict:
     """What exactly was timed: the git commit, whether csrc/ or llc_fast/kernels differ from it,
     hashes of both, and the C++ build flags."""
@@ -297,18 +273,14 @@ def provenance() -> dict:
     return out
 
 
-def environment(device: torch.device, argv=None, packages=("torch", "triton", "llc_fast"), **extra) -> dict:
-    """The header of a result file: date, command, device, versions, threads, load, code provenance."""
-    return dict(
-        date=now(), command=command_line(argv),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        device_type=device.type, platform=platform.platform(), python=platform.python_version(),
-        **{p: version(p) for p in packages}, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-        loadavg_start=loadavg(), **provenance(), **extra)
-
-
-def print_environment(name: str, env: dict, packages=("torch", "triton", "llc_fast"), log=print) -> None:
-    """The header as the '# ' lines every printed output starts with."""
+def begin(name: str, device: torch.device, argv, packages=("torch", "triton", "llc_fast"), **extra) -> dict:
+    """The start of a run: the header of its result file (date, command, device, versions, threads, load, code
+    provenance, ``extra``), printed as the '# ' lines every output starts with."""
+    env = dict(date=now(), command=command_line(argv),
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+               device_type=device.type, platform=platform.platform(), python=platform.python_version(),
+               **{p: version(p) for p in packages}, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+               loadavg_start=loadavg(), **provenance(), **extra)
     log(f"# {name}  {env['date']}")
     log(f"# command: {env['command']}")
     log(f"# device: {env['device']} ({env['device_type']}, {env['cpu_count']} cores); {env['platform']}; "
@@ -319,13 +291,7 @@ def print_environment(name: str, env: dict, packages=("torch", "triton", "llc_fa
         f"{env['kernels_py_sha256']}; C++ flags: {env.get('cpp_flags')}")
     log(f"# torch threads: {env['torch_threads']} (os.cpu_count() = {env['cpu_count']}); load average at start: "
         f"{env['loadavg_start']}")
-
-
-def begin(name: str, device: torch.device, argv, packages=("torch", "triton", "llc_fast"), **extra) -> dict:
-    """The start of a run: its ``environment`` (with ``extra``), printed; the header of its result file."""
-    header = environment(device, argv, packages, **extra)
-    print_environment(name, header, packages)
-    return header
+    return env
 
 
 # --- the grid, the table -------------------------------------------------------------------------
@@ -365,26 +331,24 @@ class Table:
     """One fixed-width table: columns ``(key, width, format[, title])`` (format: a format spec or a function;
     width 0: left-aligned, last); a missing or None value prints '-'. ``print(rows)``: header and rows."""
 
-    def __init__(self, *cols, log=log):
+    def __init__(self, *cols):
         self.cols = [c if len(c) == 4 else (*c, c[0]) for c in cols]
-        self.log = log
 
     def header(self) -> None:
         line = " ".join(f"{t:>{w}}" if w else t for _, w, _, t in self.cols)
-        self.log(line)
-        self.log("-" * len(line))
+        log(line)
+        log("-" * len(line))
 
     def row(self, r: dict) -> None:
-        self.log(" ".join(f"{_cell(r.get(k), f):>{w}}" if w else _cell(r.get(k), f) for k, w, f, _ in self.cols))
+        log(" ".join(f"{_cell(r.get(k), f):>{w}}" if w else _cell(r.get(k), f) for k, w, f, _ in self.cols))
 
     def print(self, rows, *, group=None) -> None:
         """The header, then the rows (a blank line between groups: rows whose ``group(row)`` differs)."""
         self.header()
-        last = None
-        for r in rows:
-            if group is not None and last is not None and group(r) != last:
-                self.log()
-            last = group(r) if group is not None else None
+        rows = list(rows)
+        for i, r in enumerate(rows):
+            if i and group is not None and group(r) != group(rows[i - 1]):
+                log()
             self.row(r)
 
 
@@ -409,30 +373,13 @@ def summary(text: str, quick: bool = False) -> None:
 
 # --- command line and result files ------------------------------------------------------------
 
-def add_common_options(ap, *, each: str, output: str = "write the results as JSON", retry_busy: bool = True) -> None:
-    """--threads, --wait-quiet, [--retry-busy], --output, --log; ``each``: what is guarded ('point', 'run')."""
-    ap.add_argument("--threads", type=int, default=None, help="torch (and C++ kernel) threads; default: all cores")
-    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                    help=f"on the CPU, before each {each} wait up to S seconds until other processes keep less than "
-                         f"{BUSY_CORES} cores busy (a shared machine distorts multi-threaded timings badly)")
-    if retry_busy:
-        ap.add_argument("--retry-busy", type=int, default=2, metavar="K",
-                        help=f"on the CPU, time a {each} up to K more times while other processes kept >= "
-                             f"{BUSY_CORES} cores busy")
-    ap.add_argument("--output", type=Path, help=output)
-    ap.add_argument("--log", type=Path, metavar="FILE.txt",
-                    help="also write everything printed to FILE.txt, after the command line and date (the format "
-                         "of bench/results/*.txt); written atomically when the run ends")
-
-
-def cli(doc: str, options, run, *, each: str, quick: dict | None = None, device: str | None = "cpu", check=None,
-        retry_busy: bool = True, output: str = "write the results as JSON"):
-    """A script's ``main(argv=None)``: its ``options(ap)``, then --device, --quick and the common options;
-    each option of ``quick`` ({dest: (default, default with --quick)}) left unset takes its default; the
-    options are checked (``check(args, ap)``, if given); then, under
-    ``--log``'s transcript with ``--threads`` set, ``run(args, argv)``. ``args.device`` is a torch.device."""
-    quick = quick or {}
-
+def cli(doc: str, options, run, *, each: str, quick: dict | None = None, device: str | None = "cpu",
+        check=lambda args, ap: None, retry_busy: bool = True, output: str = "write the results as JSON"):
+    """A script's ``main(argv=None)``: its ``options(ap)``, then [--device], --quick and the common options
+    (--threads, --wait-quiet, [--retry-busy], --output, --log; ``each``: what is guarded: 'point', 'run');
+    each option of ``quick`` ({dest: (default, default with --quick)}) left unset takes its default; the options
+    are checked (``check(args, ap)``); then, under ``--log``'s transcript with ``--threads`` set,
+    ``run(args, argv)``. ``args.device`` is a torch.device (the CPU without --device), ``args.t_start`` the start."""
     def main(argv=None) -> int:
         ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -440,21 +387,62 @@ def cli(doc: str, options, run, *, each: str, quick: dict | None = None, device:
             ap.add_argument("--device", default=device, choices=["cpu", "cuda"])
         ap.add_argument("--quick", action="store_true", help="a smoke run (seconds): its figures are not results")
         options(ap)
-        add_common_options(ap, each=each, output=output, retry_busy=retry_busy)
-        ap.set_defaults(**{k: None for k in quick})
+        ap.add_argument("--threads", type=int, default=None, help="torch (and C++ kernel) threads; default: all cores")
+        ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                        help=f"on the CPU, before each {each} wait up to S seconds until other processes keep less "
+                             f"than {BUSY_CORES} cores busy (a shared machine distorts multi-threaded timings badly)")
+        if retry_busy:
+            ap.add_argument("--retry-busy", type=int, default=2, metavar="K",
+                            help=f"on the CPU, time a {each} up to K more times while other processes kept >= "
+                                 f"{BUSY_CORES} cores busy")
+        ap.add_argument("--output", type=Path, help=output)
+        ap.add_argument("--log", type=Path, metavar="FILE.txt",
+                        help="also write everything printed to FILE.txt, after the command line and date (the format "
+                             "of bench/results/*.txt); written atomically when the run ends")
+        ap.set_defaults(**{k: None for k in quick or {}})
         args = ap.parse_args(argv)
-        for k, (full, short) in quick.items():
-            if getattr(args, k) is None:
-                setattr(args, k, short if args.quick else full)
-        if device is not None:
-            args.device = checked_device(ap, args.device)
-        if check is not None:
-            check(args, ap)
+        fill_defaults(args, quick or {})
+        args.device = torch.device(getattr(args, "device", "cpu"))
+        if args.device.type == "cuda" and not torch.cuda.is_available():
+            ap.error("--device cuda: this torch has no CUDA device (torch.cuda.is_available() is False)")
+        check(args, ap)
         with transcript(args.log, argv):
-            set_threads(args.threads)
+            torch.set_num_threads(args.threads or os.cpu_count() or 1)  # torch (and C++ kernel) threads
+            args.t_start = time.perf_counter()
             return run(args, argv)
 
     return main
+
+
+def fill_defaults(args, table: dict) -> None:
+    """Each option of ``table`` ({dest: (default, default with --quick)}) left unset (None) takes its default."""
+    for k, (full, short) in table.items():
+        if getattr(args, k) is None:
+            setattr(args, k, short if args.quick else full)
+
+
+def finish(args, header: dict, rows: list, line: str | None, *, key: str = "rows", wall_key: str = "wall_s",
+           code: int = 0) -> int:
+    """The common end of a run: the load average and wall seconds since ``args.t_start`` into ``header`` (and
+    printed), the SUMMARY ``line`` (if any), the results written (``--output``); returns ``code``."""
+    header.update({"loadavg_end": loadavg(), wall_key: time.perf_counter() - args.t_start})
+    log(f"# done in {header[wall_key]:.0f} s; load average at end: {header['loadavg_end']}")
+    if line is not None:
+        summary(line, args.quick)
+    write_results(args.output, header, rows, key)
+    return code
+
+
+@contextlib.contextmanager
+def recorded_warnings(width: int = 200):
+    """Warnings raised inside, kept rather than shown: the list it yields gets, on exit, their distinct first lines
+    (cut to ``width``; deprecations left out), sorted."""
+    got: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield got
+    got += sorted({str(w.message).partition("\n")[0][:width] for w in caught
+                   if not issubclass(w.category, DeprecationWarning)})
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -496,18 +484,20 @@ def write_results(path: Path | None, header: dict, rows: list[dict], key: str = 
     print(f"# wrote {path}")
 
 
-class _Tee(io.TextIOBase):
-    def __init__(self, *streams):
-        self.streams = streams
+class _Tee(io.StringIO):
+    """Kept text that is also written to ``out``."""
+
+    def __init__(self, out, text: str):
+        super().__init__(text)
+        self.seek(0, io.SEEK_END)
+        self.out = out
 
     def write(self, s):
-        for st in self.streams:
-            st.write(s)
-        return len(s)
+        self.out.write(s)
+        return super().write(s)
 
     def flush(self):
-        for st in self.streams:
-            st.flush()
+        self.out.flush()
 
 
 @contextlib.contextmanager
@@ -517,10 +507,9 @@ def transcript(path: Path | None, argv=None):
     if path is None:
         yield
         return
-    buf = io.StringIO(f"$ {command_line(argv)}\n# date: {now()}\n\n")
-    buf.seek(0, io.SEEK_END)
+    buf = _Tee(sys.stdout, f"$ {command_line(argv)}\n# date: {now()}\n\n")
     try:
-        with contextlib.redirect_stdout(_Tee(sys.stdout, buf)):
+        with contextlib.redirect_stdout(buf):
             yield
     finally:
         write_atomic(path, buf.getvalue())

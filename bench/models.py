@@ -7,10 +7,8 @@ import contextlib
 import io
 import itertools
 import math
-import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from harness import synchronize, wall
+from harness import recorded_warnings, synchronize, wall
 
 from llc_fast.kernels import SamplerSettings, StepCounters  # noqa: E402  (harness puts the repo on sys.path)
 
@@ -57,8 +55,7 @@ def trained_mlp(widths, samples: int, batch: int, train_steps: int, device):
         opt.zero_grad()
         ce_loss(model, (x[idx], y[idx])).backward()
         opt.step()
-    for p in model.parameters():
-        p.grad = None
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         loss = float(ce_loss(model, (x, y)))
     return model, x, y, loss
@@ -125,10 +122,7 @@ def causal_lm(arch: str, shape, *, seq_len: int, attn: str, dtype: torch.dtype, 
     torch.manual_seed(0)
     with torch.device(device):
         model = Model(cfg)
-    model = model.to(dtype).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return model.to(dtype).eval().requires_grad_(True)
 
 
 # --- the devinterp-style eager update: one small torch op after another, per parameter tensor ------
@@ -216,13 +210,8 @@ class FlatChains:
             params = {n: t.view(s) for n, t, s in zip(names, row.split(sizes), shapes)}
             return loss_fn(lambda *a, **k: functional_call(model, params, a, k), batch).reshape(())
 
-        flat_loss = {"swap": swap_loss, "functional_call": functional_loss}.get(how)
-        if flat_loss is None:
-            raise ValueError(f"how must be 'swap' or 'functional_call', got {how!r}")
+        flat_loss = {"swap": swap_loss, "functional_call": functional_loss}[how]
         self.grad_and_loss = vmap(grad_and_value(flat_loss), in_dims=(0, None), randomness="different")
-
-    def reset(self) -> None:
-        self.w.copy_(self.w_star.expand_as(self.w))
 
 
 def hand_loop(chains: FlatChains, batches: list | None, steps: int, backend, *, prepared: bool = False, lr, nbeta,
@@ -231,7 +220,7 @@ def hand_loop(chains: FlatChains, batches: list | None, steps: int, backend, *, 
     (``backend.update``; ``prepared``: checked and packed once by ``backend.prepare``, then launched at each step
     with that step's gradients, as estimate_llc's loop does); no checks, no recording. ``batches=None``: the
     update alone, with a fixed small gradient."""
-    chains.reset()
+    chains.w.copy_(chains.w_star.expand_as(chains.w))  # every chain from w*
     settings = SamplerSettings(sampler=sampler)
     ids = torch.arange(chains.chains, device=chains.w.device)  # on the device once, not copied per step
     w, w_star, grad = chains.w, chains.w_star, torch.full_like(chains.w, 1e-3) if batches is None else None
@@ -252,6 +241,13 @@ def fwd_bwd_loop(chains: FlatChains, batches: list, steps: int) -> None:
     """``steps`` vmapped forward+backward passes alone (the gradients are computed and dropped)."""
     for t in range(steps):
         chains.grad_and_loss(chains.w, batches[t % len(batches)])
+
+
+def module_passes(model: nn.Module, loss_fn, batches: list, passes: int) -> None:
+    """``passes`` forward+backward passes of the module itself, one batch after another (the gradients dropped)."""
+    for i in range(passes):
+        loss_fn(model, batches[i % len(batches)]).backward()
+    model.zero_grad(set_to_none=True)
 
 
 def passes_per_second(run, device, seconds: float) -> float:
@@ -303,8 +299,7 @@ def indexed(x: torch.Tensor, y: torch.Tensor, per_sample: Callable):
 
 
 def _loader(ds, batch_size: int, seed: int):
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True)
 
 
@@ -349,11 +344,6 @@ def devinterp_quiet():
         dsampler.trange = original
 
 
-def _messages(caught) -> list[str]:
-    return sorted({str(w.message).splitlines()[0][:200] for w in caught
-                   if not issubclass(w.category, DeprecationWarning)})
-
-
 def run_devinterp(model, ds, per_token_loss, *, lr, nbeta, gamma, chains, draws, burnin, batch_size,
                   init_batches, device, param_masks=None) -> dict:
     """devinterp 2.0.1's estimator (``sample`` then ``compute_llc``: what ``devinterp.slt.llc.llc`` does),
@@ -362,28 +352,24 @@ def run_devinterp(model, ds, per_token_loss, *, lr, nbeta, gamma, chains, draws,
     from devinterp.slt.llc import compute_llc
     from devinterp.slt.sampling import sample
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_devinterp_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_devinterp_", ignore_cleanup_errors=True) as tmp:
         synchronize(device)
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught, devinterp_quiet():
-            warnings.simplefilter("always")
+        with recorded_warnings() as caught, devinterp_quiet():
             samples = sample(model, ds, {}, lr=lr, n_beta=nbeta, loss_fn=per_token_loss, param_masks=param_masks,
                              num_chains=chains, num_draws=draws, batch_size=batch_size, num_burnin_steps=burnin,
                              num_steps_bw_draws=1, num_init_loss_batches=init_batches, init_seed=INIT_SEED,
                              localization=gamma, sampling_method="sgmcmc_sgld", device=torch.device(device).type,
-                             output_path=tmp / "samples.zarr")
+                             output_path=Path(tmp) / "samples.zarr")
             res = compute_llc(samples).load()
         synchronize(device)
         seconds = time.perf_counter() - t0
         ids = np.asarray(samples.dataset.sampling_input_ids_micro.values)  # (chain, step, batch, L)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     trace = np.asarray(res.loss_trace.values, dtype=np.float64)  # (chain, step), burn-in included
     init = float(res.init_loss)
     return dict(seconds=seconds, per_chain=nbeta * (trace[:, burnin:].mean(axis=1) - init), init_loss=init,
                 own_llc_mean=float(res.llc_mean), own_llc_std=float(res.llc_std), input_ids=ids,
-                warnings=_messages(caught))
+                warnings=caught)
 
 
 def mean_se(per_chain) -> tuple[float, float]:
@@ -393,6 +379,11 @@ def mean_se(per_chain) -> tuple[float, float]:
     if ok.size == 0:
         return math.nan, math.nan
     return float(ok.mean()), float(ok.std(ddof=1) / math.sqrt(ok.size)) if ok.size > 1 else math.nan
+
+
+def fmt_params(n: int) -> str:
+    """A parameter count as a table or SUMMARY line states it: '1.07M' from 100,000 up, else '24,576'."""
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
 
 
 def fmt_pm(mean: float, se: float) -> str:

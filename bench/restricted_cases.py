@@ -17,8 +17,9 @@ from llc_fast.chains.row_timing import peak_memory  # noqa: E402
 CASES = {
     "default": {},
     "gpt2-4l": dict(layers=4, heads=4, embd=128, vocab=512, seq_len=64, batch_size=8, chains=4),
-    "gpt2-small-shape": dict(layers=12, heads=12, embd=768, vocab=2048, seq_len=64, batch_size=4, chains=4,
-                             sequences=16, init_batches=1),
+    # 2 x 32 tokens (a step of the 576 rows: ~3e12 flop); calls of 4 heads x 4 chains (bench/README.md)
+    "gpt2-small-shape": dict(layers=12, heads=12, embd=768, vocab=2048, seq_len=32, batch_size=2, chains=4,
+                             sequences=4, init_batches=1, rows_per_call=16),
 }
 GiB = 2**30
 
@@ -96,9 +97,11 @@ def small_shape(args, argv, header) -> int:
                        param_dtype=torch.float32, sampler="sgld", batch_size=args.batch_size, seq_len=args.seq_len,
                        activation_checkpointing=False, capacity=capacity)
     log(plan.table())
-    cap = max(args.chains, plan.most_rows[0] // args.chains * args.chains) if plan.most_rows[0] else args.chains
-    log(f"# the run: calls of at most {cap} rows (the plan's most rows of a call from block 0, whole components), "
-        f"{args.steps} steps, no burn-in, batch {args.batch_size} x {args.seq_len} tokens")
+    most = max(args.chains, plan.most_rows[0] // args.chains * args.chains) if plan.most_rows[0] else args.chains
+    cap = min(most, max(args.chains, args.rows_per_call // args.chains * args.chains)) if args.rows_per_call else most
+    log(f"# the run: calls of at most {cap} rows (whole components; the plan allows {most} from block 0"
+        + (f", --rows-per-call {args.rows_per_call}" if args.rows_per_call else "") + f"), {args.steps} steps, no "
+        f"burn-in, batch {args.batch_size} x {args.seq_len} tokens, {torch.get_num_threads()} torch threads")
     ids = torch.randint(0, args.vocab, (args.batch_size * 2, args.seq_len), generator=torch.Generator().manual_seed(1))
     batches = [ids[i:i + args.batch_size].to(args.device) for i in range(0, len(ids), args.batch_size)]
     t0 = time.perf_counter()
@@ -110,6 +113,9 @@ def small_shape(args, argv, header) -> int:
     wall = time.perf_counter() - t0
     facts = restricted_facts(r)
     per_step = r.timing["sampling_s"] / args.steps
+    setup_s = wall - r.timing["sampling_s"] - r.timing["init_loss_s"]
+    log(f"# wall {wall:.1f} s = set-up {setup_s:.1f} s (sparse rows, one trial call per layer's heads) + L(w*) "
+        f"{r.timing['init_loss_s']:.1f} s + sampling {r.timing['sampling_s']:.1f} s ({args.steps} steps)")
     log(f"# {len(r)} heads x {args.chains} chains = {len(r) * args.chains} rows ({facts['row_storage']} rows, "
         f"{facts['state_bytes_per_row']:,.0f} B per row against {facts['full_row_bytes']:,} B full): "
         f"{per_step:.2f} s per step (sampling_s / steps), wall {wall:.1f} s; peak RSS {_gib(facts['peak_rss_bytes'])}"
@@ -117,6 +123,10 @@ def small_shape(args, argv, header) -> int:
     summary(f"{args.case}: {len(r) * args.chains} rows, {per_step:.2f} s/step, peak RSS "
             f"{_gib(facts['peak_rss_bytes'])}", args.quick)
     write_results(args.output, header, [dict(case=args.case, plan=plan.table(), calls_planned=plan.calls,
-                                             max_batched_chains=cap, steps=args.steps, seconds_per_step=per_step,
-                                             wall_s=wall, components=len(r), chains=args.chains, **facts)])
+                                             max_batched_chains=cap, plan_most_rows=list(plan.most_rows),
+                                             steps=args.steps, seconds_per_step=per_step, wall_s=wall,
+                                             setup_s=setup_s, init_loss_s=r.timing["init_loss_s"],
+                                             sampling_s=r.timing["sampling_s"], batch_size=args.batch_size,
+                                             seq_len=args.seq_len, threads=torch.get_num_threads(),
+                                             components=len(r), chains=args.chains, **facts)])
     return 0

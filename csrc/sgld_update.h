@@ -73,6 +73,7 @@ struct UpdateArgs {
   bool update_statistic;
   bool has_mask;
   bool has_box;
+  bool lm_noise;  // noise_scheme "lm": xi = (xi_step + xi_{step+1}) / 2
   double alpha, one_minus_alpha, eps, weight_decay, box, noise_level;
   int32_t dtype;
   int32_t num_threads;  // the C++ kernel's OpenMP threads (0: all)
@@ -83,6 +84,7 @@ struct UpdateArgs {
 // (callers check the segments themselves).
 inline bool valid_args(const UpdateArgs& a) {
   if (a.num_rows < 0 || a.n_local < 0 || a.num_segments < 0 || a.step > 0xFFFFFFFFull) return false;
+  if (a.lm_noise && a.step == 0xFFFFFFFFull) return false;  // the next step's normals need step + 1
   if (a.num_rows > 0 && a.n_local > INT64_MAX / a.num_rows) return false;
   if (a.sampler < kSGLD || a.sampler > kRMSPropBC) return false;
   if (a.dtype != kFloat32 && a.dtype != kFloat64 && a.dtype != kBFloat16) return false;

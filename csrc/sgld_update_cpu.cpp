@@ -310,16 +310,24 @@ void interleave_soa(const uint32_t* __restrict w0, const uint32_t* __restrict w1
 struct alignas(64) TileScratch {
   uint32_t words[4][kTileQuads];       // phase 1 output (stream 0, then stream 1 for bfloat16)
   float xi[4 * kTileQuads];            // normals, element order
+  float xi_next[4 * kTileQuads];       // the next step's normals (noise_scheme "lm")
   uint32_t round_bits[4 * kTileQuads];  // stream-1 words, element order (bfloat16 only)
   uint8_t mask[4 * kTileQuads];         // a per-row mask's values of a run that leaves its window
 };
 
 // Normals (and, if rounding, stream-1 words) of quads g0 .. g0 + nquads - 1 in element order.
-void tile_noise(uint64_t seed, uint32_t chain, uint32_t step, uint64_t g0, int64_t nquads, bool rounding,
+// lm: the mean of these normals and the next step's, (xi_step + xi_{step+1}) / 2 in float32, as the reference.
+void tile_noise(uint64_t seed, uint32_t chain, uint32_t step, uint64_t g0, int64_t nquads, bool rounding, bool lm,
                 TileScratch& s) {
   const int64_t padded = (nquads + kPhiloxBatch - 1) / kPhiloxBatch * kPhiloxBatch;  // extra quads: unused
   philox_quads(seed, chain, step, kStreamGaussian, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
   normals_from_soa(s.words[0], s.words[1], s.words[2], s.words[3], nquads, s.xi);
+  if (lm) {
+    philox_quads(seed, chain, step + 1, kStreamGaussian, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
+    normals_from_soa(s.words[0], s.words[1], s.words[2], s.words[3], nquads, s.xi_next);
+#pragma omp simd
+    for (int64_t k = 0; k < 4 * nquads; ++k) s.xi[k] = 0.5f * (s.xi[k] + s.xi_next[k]);
+  }
   if (rounding) {
     philox_quads(seed, chain, step, kStreamRounding, g0, padded, s.words[0], s.words[1], s.words[2], s.words[3]);
     interleave_soa(s.words[0], s.words[1], s.words[2], s.words[3], nquads, s.round_bits);
@@ -482,7 +490,7 @@ void update_impl_t(const UpdateArgs& a) {
       const int64_t ge = std::min(g_end, gb + kQuadsPerBlock);
       for (int64_t tg = gb; tg < ge; tg += kTileQuads) {
         const int64_t tn = std::min(kTileQuads, ge - tg);
-        tile_noise(a.seed, chain, a.step, static_cast<uint64_t>(tg), tn, kBF16, scratch);
+        tile_noise(a.seed, chain, a.step, static_cast<uint64_t>(tg), tn, kBF16, a.lm_noise, scratch);
         // Local elements of the tile: global [4 tg, 4 (tg + tn)) cut to [off, off + n).
         const int64_t e_begin = std::max<int64_t>(4 * tg - off, 0);
         const int64_t e_end = std::min<int64_t>(4 * (tg + tn) - off, n);

@@ -93,7 +93,12 @@ __device__ __forceinline__ void update_quad(const UpdateArgs& a, const Hyper<T>&
                                              int64_t off, int64_t g, uint32_t chain, T lr_c, T nbeta_c, T gamma_c,
                                              bool row_masks, const RowWindow& rw, int64_t local_start) {
   constexpr bool kBF16 = sizeof(S) == 2;
-  const Normals4 xi = normals_from_words(quad_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamGaussian));
+  Normals4 xi = normals_from_words(quad_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamGaussian));
+  if (a.lm_noise) {  // noise_scheme "lm": the mean of this step's normals and the next step's
+    const Normals4 next =
+        normals_from_words(quad_words(a.seed, chain, a.step + 1, static_cast<uint64_t>(g), kStreamGaussian));
+    for (int j = 0; j < 4; ++j) xi.n[j] = 0.5f * (xi.n[j] + next.n[j]);
+  }
   Words4 rbits = {{0u, 0u, 0u, 0u}};
   if (kBF16) rbits = quad_words(a.seed, chain, a.step, static_cast<uint64_t>(g), kStreamRounding);
   const int64_t e0 = 4 * g - off;  // local index of lane 0

@@ -169,6 +169,7 @@ def estimate_llc(
     weight_decay: float = 0.0,
     box: float | None = None,
     noise_level: float = 1.0,
+    noise_scheme: str = "euler",
     sgnht_diffusion: float | None = None,
     mask: dict[str, torch.Tensor] | None = None,
     num_init_loss_batches: int = 16,
@@ -214,7 +215,10 @@ def estimate_llc(
     weight_decay, box (clamp to w* +- box), noise_level, mask ({param name: 0/1 tensor}; masked
         weights never move; a tied alias such as lm_head.weight names the tensor it is tied to, sampled under
         every name; result.config["num_params"] counts the sampled weights, result.sampled_mask() gives the
-        mask back): optional parts of the update. rmsprop_alpha, rmsprop_eps: the
+        mask back): optional parts of the update. noise_scheme: "euler" (default) or "lm" (Leimkuhler-Matthews:
+        each step's noise is the mean of its own and the next step's normals, so on a quadratic the draws have the
+        exact posterior law at any stable lr, where "euler" runs hot by up to 1/(1 - lr·a/4) along curvature a;
+        docs/update.md). rmsprop_alpha, rmsprop_eps: the
         preconditioner's decay and floor; freeze_preconditioner_at: step from which V stays fixed.
     preconditioner="curvature" (with sampler="sgld"): SGLD with a fixed diagonal preconditioner G from the
         curvature at w*, gathered before sampling (Hutchinson's estimate of the Hessian's diagonal from

@@ -18,7 +18,7 @@ from llc_fast.oracles import (dln_dataset, dln_hessian_eigenvalues, make_dln, ma
 from llc_fast.studies.calibrate import CalibrationRow
 from llc_fast.studies.recommend import _choose, recommend
 from llc_fast.chains.hessian import Curvature
-from llc_fast.studies.stability import GAMMA_Z, MAX_STEP_FRACTION, auto_choice, gamma_ladder
+from llc_fast.studies.stability import GAMMA_Z, LM_STEP_FRACTION, MAX_STEP_FRACTION, auto_choice, gamma_ladder
 
 
 class Quadratic(nn.Module):
@@ -198,6 +198,20 @@ def test_without_a_qualifying_setting_the_auto_choice_descends_the_gammas_and_sa
     assert choice["lr"] == pytest.approx(MAX_STEP_FRACTION * 4 / (100.0 * 10.0 + 10.0))  # no trace: half the limit
     assert choice["steps_needed"] == math.ceil(3 / (choice["lr"] * 10.0))  # h_min 0: gamma alone relaxes
     assert auto_choice([made_up(0, 100.0, 30.0, 0.5, within=False)], None, "x", curvature, 1000) == (None, "x")
+
+
+def test_with_lm_noise_the_auto_step_is_a_fixed_share_of_the_limit_without_a_step_bias_rule():
+    """noise_scheme="lm" has no step bias on a quadratic: the step is LM_STEP_FRACTION of the limit even where the
+    Euler rule (bias lr·nbeta·tr(H)/8 at most 3 % of λ̂) takes less than half of it, and the bias reported is 0."""
+    curvature = Curvature(h_max=10.0, h_min=0.1, trace=100.0, iterations=(5, 5), converged=True, hvps=10,
+                          num_batches=1, num_params=3)
+    row = made_up(0, 1.0, 20.0, 0.1)
+    limit = 4 / (100.0 * 10.0 + 1.0)
+    euler, _ = auto_choice([row], row, "setting 0", curvature, steps=1000)
+    lm, reason = auto_choice([row], row, "setting 0", curvature, steps=1000, noise_scheme="lm")
+    assert euler["lr"] < 0.5 * LM_STEP_FRACTION * limit and euler["step_bias"] > 0
+    assert lm["lr"] == pytest.approx(LM_STEP_FRACTION * limit) and lm["step_bias"] == 0.0
+    assert "noise_scheme='lm' has no step bias" in reason
 
 
 # --- the one-call estimate ---

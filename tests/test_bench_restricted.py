@@ -91,3 +91,4 @@ def test_gpt2_small_shape_case_plans_and_runs_at_a_tiny_size(tmp_path):
     assert row["case"] == "gpt2-small-shape" and row["components"] == 2 and row["chains"] == 2
     assert "full rows" in row["plan"] and "sparse rows" in row["plan"] and sum(row["calls_planned"]) == 4
     assert row["seconds_per_step"] > 0 and row["peak_rss_bytes"] > 0 and row["row_storage"] == "sparse"
+    assert row["max_batched_chains"] == 4 and row["setup_s"] >= 0 and row["sampling_s"] > 0  # the case's 16, capped

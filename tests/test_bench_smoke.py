@@ -63,3 +63,12 @@ def test_quick_run_prints_its_table(name, tmp_path):
     assert result["header"]["command"] and result[next(k for k in result if k != "header")]
     transcript = log.read_text()
     assert transcript.startswith("$ ") and "# date:" in transcript and columns[0] in transcript
+
+
+@pytest.mark.parametrize("script", ["bench_accuracy.py", "bench_e2e.py", "bench_overhead.py", "bench_restricted.py",
+                                    "bench_step.py", "bench_update.py", "gpu_build.py"])
+def test_every_benchmark_prints_its_help(script):
+    """--help formats every option's help (a bare % in one raised TypeError instead of printing)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]

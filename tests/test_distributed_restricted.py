@@ -27,7 +27,7 @@ def _load_row_cases():
 row_cases = _load_row_cases()
 #: case -> the split a 2-process run takes and the rows' storage
 SPLITS = {"restricted8": ("components", "sparse"), "restricted8_seq": ("components", "full"),
-          "restricted1": ("chains", "full"), "refined": ("chains", "None"), "susceptibility": ("components", "full"),
+          "restricted1": ("chains", "sparse"), "refined": ("chains", "None"), "susceptibility": ("components", "full"),
           "susceptibility_tokens": ("components", "full")}
 
 

@@ -131,6 +131,53 @@ def test_component_weights_bit_for_bit_against_full_rows(backend, sampler):
     assert sparse.bytes_per_row()[2] == layout.numel * (8 + (4 if loop.update.preconditioned else 0))
 
 
+def test_components_of_unequal_size_in_one_group_are_padded_without_changing_a_chain():
+    """Two components of one tensor, of unequal sizes, run in one call: the shorter one is padded with its first
+    coordinate (written again with its own value), so its chains equal the full-row run's bit for bit."""
+    model, loader, loss_fn = mlp_case()
+    layout = FlatLayout.for_sampling(model)
+    g = torch.Generator().manual_seed(1)
+    comps = [{"0.weight": (torch.rand(16, 6, generator=g) > 0.2).float()},
+             {"0.weight": (torch.rand(16, 6, generator=g) > 0.8).float()}]
+    C, loop = 2, _loop(len(comps), 2, "sgld")
+    full = FlatState(layout, len(comps) * C, device="cpu", preconditioned=False, components=comps)
+    sparse = SparseRowState(layout, comps, C, device="cpu", preconditioned=False)
+    engine = SparseVmapEngine(model, sparse, loss_fn)
+    (group,) = engine.groups
+    assert group.lengths[0] > group.lengths[1] and group.numel == group.base.numel()
+    back = select_backend("torch", torch.device("cpu"))
+    traces = [run_chains(e, state, loader, loop, backend=back, device=torch.device("cpu"), init_loss=1.0)
+              for e, state in ((VmapEngine(model, full, loss_fn), full), (engine, sparse))]
+    np.testing.assert_array_equal(traces[0].loss_trace, traces[1].loss_trace)
+    for k, c in enumerate(sparse.components):
+        assert torch.equal(full.w[k * C:(k + 1) * C][:, c.index], sparse.packed(k))
+
+
+def test_a_subset_of_every_components_chains_runs_on_sparse_rows():
+    """What a rank of a torchrun run split by chains holds (``distributed.rows``): chains 1 and 3 of every component.
+    Each component's rows hold the same chain ids, so sparse rows apply, and the rows equal those rows of the whole
+    run; rows whose components hold other chains (or another order) stay on full rows, saying why."""
+    from llc_fast.api import components_config
+    from llc_fast.chains.sparse_setup import tiled_rows
+    from llc_fast.estimators.sampling import sample_local
+
+    model, loader, loss_fn = mlp_case()
+    config = components_config("estimate_restricted_llcs", model, {"a": ["0.*"], "b": ["2.weight"]}, False,
+                               dict(KW, num_chains=4))
+    whole = sample_local(model, loader, loss_fn, config)
+    part = sample_local(model, loader, loss_fn, config, chains=[1, 3, 5, 7])
+    assert whole.facts["row_storage"] == part.facts["row_storage"] == "sparse"
+    np.testing.assert_array_equal(part.trace.loss_trace, whole.trace.loss_trace[[1, 3, 5, 7]])
+    np.testing.assert_array_equal(part.trace.burnin_loss_trace, whole.trace.burnin_loss_trace[[1, 3, 5, 7]])
+    odd = sample_local(model, loader, loss_fn, config, chains=[1, 3, 7, 5])
+    assert odd.facts["row_storage"] == "full" and "the same chains" in odd.facts["row_storage_note"]
+    np.testing.assert_allclose(odd.trace.loss_trace, whole.trace.loss_trace[[1, 3, 7, 5]], rtol=0, atol=1e-6)
+    hyper = config.hyper
+    assert tiled_rows(hyper, 2) and tiled_rows(hyper.rows([1, 3, 5, 7]), 2) and tiled_rows(hyper.rows([2, 6]), 2)
+    for rows in ([1, 3, 5], [5, 7, 1, 3], [1, 2, 5, 7], [1, 3, 7, 5]):
+        assert not tiled_rows(hyper.rows(rows), 2), rows
+
+
 def test_coordinate_runs_are_keyed_by_their_global_start():
     assert coordinate_runs(torch.tensor([3, 4, 5, 9, 11, 12])) == [(0, 3, 3), (3, 1, 9), (4, 2, 11)]
     assert coordinate_runs(torch.tensor([], dtype=torch.int64)) == []

@@ -540,7 +540,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     from llc_fast.kernels.triton_kernels import sgld_update_kernel as k
     from llc_fast.kernels.triton_update import GPU_QUADS, GPU_NUM_WARPS
 
-    def compile(arch, weights, stat, f64, bf16, row=False):
+    def compile(arch, weights, stat, f64, bf16, row=False, lm=False):
         sig = {"w_ptr": weights, "g_ptr": weights, "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8",
                "rw_ptr": "*i64", "hp_ptr": stat, "sp_ptr": "*fp64", "chain_ptr": "*i64"}
         for name in ("lr", "nbeta", "gamma", "alpha", "one_minus_alpha", "scale", "eps", "wd", "box",
@@ -548,7 +548,8 @@ _AOT_SCRIPT = textwrap.dedent("""
             sig[name] = "fp32"
         sig.update(seed="u64", step="i64", n="i64", g_first="i64", chain_base="i32", num_rows="i32")
         consts = dict(QUADS=GPU_QUADS, LEAD=3, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
-                      HAS_MASK=not row, ROW_MASK=row, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64)
+                      HAS_MASK=not row, ROW_MASK=row, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64,
+                      LM=lm)
         sig.update({name: "constexpr" for name in consts})
         out = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts),
                              target=GPUTarget("cuda", arch, 32), options={"num_warps": GPU_NUM_WARPS})
@@ -561,10 +562,11 @@ _AOT_SCRIPT = textwrap.dedent("""
     compile(90, "*fp64", "*fp64", True, False)
     compile(80, "*i16", "*fp32", False, True, row=True)  # per-row masks (RowMasks)
     compile(90, "*fp32", "*fp32", False, False, row=True)
+    compile(90, "*fp32", "*fp32", False, False, lm=True)  # noise_scheme "lm": the next step's normals too
 
     from llc_fast.kernels.triton_kernels import sgld_update_segments_kernel as ks
 
-    def compile_segments(arch, weights, stat, f64, bf16, row=False):  # pointers loaded from the table, cast in the kernel
+    def compile_segments(arch, weights, stat, f64, bf16, row=False, lm=False):  # pointers loaded from the table, cast in the kernel
         sig = {"seg_ptr": "*i64", "ws_ptr": weights, "v_ptr": stat, "m_ptr": "*u8", "rw_ptr": "*i64", "hp_ptr": stat,
                "sp_ptr": "*fp64", "chain_ptr": "*i64"}
         for name in ("lr", "nbeta", "gamma", "alpha", "one_minus_alpha", "scale", "eps", "wd", "box",
@@ -572,7 +574,8 @@ _AOT_SCRIPT = textwrap.dedent("""
             sig[name] = "fp32"
         sig.update(seed="u64", step="i64", n_local="i64", chain_base="i32", num_rows="i32")
         consts = dict(QUADS=GPU_QUADS, SEARCH_STEPS=8, PRECOND=True, UPDATE_V=True, HAS_WD=True, HAS_BOX=True,
-                      HAS_MASK=not row, ROW_MASK=row, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64)
+                      HAS_MASK=not row, ROW_MASK=row, HP_PTR=True, SP_PTR=f64, CHAIN_PTR=True, IS_BF16=bf16, IS_F64=f64,
+                      LM=lm)
         sig.update({name: "constexpr" for name in consts})
         out = triton.compile(ASTSource(fn=ks, signature=sig, constexprs=consts),
                              target=GPUTarget("cuda", arch, 32), options={"num_warps": GPU_NUM_WARPS})
@@ -583,6 +586,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     compile_segments(90, "*fp64", "*fp64", True, False)
     compile_segments(80, "*i16", "*fp32", False, True, row=True)
     compile_segments(90, "*fp64", "*fp64", True, False, row=True)
+    compile_segments(80, "*i16", "*fp32", False, True, lm=True)
     print("compiled")
 """)
 

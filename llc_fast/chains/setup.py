@@ -117,7 +117,7 @@ def run_local(model, data, loss_fn, settings: SetupSettings, *, control: RunCont
     warn_model_randomness(model)
     device = torch.device(settings.device) if settings.device is not None else layout.device
     hyper, update = settings.loop.hyper, settings.loop.update
-    backend = select_backend(settings.backend, device, update.sampler)
+    backend = select_backend(settings.backend, device, update.sampler, update.noise_scheme)
     rows, row_plan = plan_batch_rows(settings, hyper.num_rows, layout, device)
     if resume is not None:  # the layout of the run being continued
         rows = resume["rows"]

@@ -66,34 +66,39 @@ class ComponentGroup:
         base, starts = 0, {}
         for t, size in zip(touched, self.sizes):
             starts[t], base = base, base + size
-        self.numel = base  # M, the touched tensors' elements; position M is a scratch element
+        self.numel = base  # M, the touched tensors' elements
         self.lengths = [state.components[k].numel for k in ks]
         self.width = max(self.lengths)
-        pos = torch.full((len(ks), self.width), base, dtype=torch.int64)
+        pos = torch.empty((len(ks), self.width), dtype=torch.int64)
         offsets = torch.tensor([s.offset for s in layout.slots], dtype=torch.int64)
         local = torch.tensor([starts.get(t, 0) for t in range(len(layout.slots))], dtype=torch.int64)
         for i, k in enumerate(ks):
             index = state.components[k].index.cpu()
             slot = torch.searchsorted(offsets, index, right=True) - 1
             pos[i, :index.numel()] = index - offsets[slot] + local[slot]
+            pos[i, index.numel():] = pos[i, 0]  # padding: the component's first coordinate again (``stacked``)
         self.positions = pos.to(state.device)
         views = layout.views(state.w_star)
-        self.base = torch.cat([views[t].reshape(-1) for t in touched]
-                              + [torch.zeros(1, dtype=state.w_star.dtype, device=state.device)])
+        self.base = torch.cat([views[t].reshape(-1) for t in touched])
 
     def stacked(self, state: SparseRowState, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """[C, hi - lo, width] the rows of the group's components lo..hi-1, padded with zeros (written to the
-        scratch element)."""
+        """[C, hi - lo, width] the rows of the group's components lo..hi-1, a shorter one padded with its first
+        coordinate's value: written again to that coordinate, it leaves the touched tensors as they are, and the
+        padding's gradient is dropped (no scratch element after the M: slicing it off cost a zeroed [M] copy
+        per row in the backward pass)."""
         hi = len(self.ks) if hi is None else hi
-        x = torch.zeros(state.chains, hi - lo, self.width, dtype=state.w_star.dtype, device=state.device)
+        x = torch.empty(state.chains, hi - lo, self.width, dtype=state.w_star.dtype, device=state.device)
         for i in range(lo, hi):
-            x[:, i - lo, :self.lengths[i]] = state.packed(self.ks[i])
+            n = self.lengths[i]
+            x[:, i - lo, :n] = state.packed(self.ks[i])
+            if n < self.width:
+                x[:, i - lo, n:] = x[:, i - lo, :1]
         return x
 
     def call_bytes_per_row(self) -> int:
         """Bytes one row adds to a call of the group beyond activations: the touched tensors with its coordinates
         scattered in, and their gradient."""
-        return 2 * (self.numel + 1) * self.base.element_size()
+        return 2 * self.numel * self.base.element_size()
 
 
 def touched_slots(state: SparseRowState, k: int) -> list[int]:
@@ -121,14 +126,14 @@ class SparseVmapEngine:
         self.per_call: list[int] | None = None  # components per call of each group (None: all of them at once)
 
     def _group_fn(self, group: ComponentGroup, batch_dim):
-        layout, model, loss_fn, M = self.state.layout, self.model, self.loss_fn, group.numel
+        layout, model, loss_fn = self.state.layout, self.model, self.loss_fn
         shared = layout.views(self.state.w_star)
         shapes = [layout.slots[t].shape for t in group.touched]
 
         def component_loss(x, pos, batch):
             flat = group.base.scatter(0, pos, x)
             pieces = list(shared)
-            for t, piece, shape in zip(group.touched, flat[:M].split(group.sizes), shapes):
+            for t, piece, shape in zip(group.touched, flat.split(group.sizes), shapes):
                 pieces[t] = piece.view(shape)
             with swapped_parameters(layout, pieces):
                 return loss_fn(model, batch).reshape(())
@@ -159,9 +164,11 @@ class SparseVmapEngine:
         stacked = stack_batches(chains)
         return stacked, tensor_in_dims(stacked, 0)
 
-    def loss_and_grad(self, num_rows: int, batches: list) -> tuple[torch.Tensor, list]:
+    def loss_and_grad(self, num_rows: int, batches: list, first_only: bool = False) -> tuple[torch.Tensor, list]:
         """Losses [K·C] (row k·C + j: component k, chain j) and one gradient per component ([C, n_k] in its
-        coordinate order; [C, N] for a full component). Rows of every component share chain j's batch."""
+        coordinate order; [C, N] for a full component). Rows of every component share chain j's batch.
+        first_only: one call per component group, of its first component only (the trial pass of
+        ``sparse_setup.probe``: every group's code path at a fraction of a step); the others' entries are None."""
         state, C = self.state, self.state.chains
         if num_rows != state.num_rows:
             raise ValueError(f"the sparse engine runs all {state.num_rows} rows at once, got {num_rows}")
@@ -174,12 +181,14 @@ class SparseVmapEngine:
         for n, group in enumerate(self.groups):
             m = len(group.ks)
             per = m if self.per_call is None else max(1, min(m, self.per_call[n]))
-            for lo in range(0, m, per):  # calls of ``per`` components (C rows each)
-                self._call(group, lo, min(m, lo + per), batch, dims, batches, losses, grads)
+            for lo in range(0, 1 if first_only else m, per):  # calls of ``per`` components (C rows each)
+                self._call(group, lo, min(m, lo + (1 if first_only else per)), batch, dims, batches, losses, grads)
         if self.full is not None:
             full_rows = [batches[j] for _ in state.full_components for j in range(C)]
             loss, g = self.full.loss_and_grad(len(full_rows), full_rows)
             g = state.full.grad if g is None else g
             for f, k in enumerate(state.full_components):
                 losses[k], grads[k] = loss[f * C:(f + 1) * C], g[f * C:(f + 1) * C]
+        if first_only:
+            return torch.cat([x for x in losses if x is not None]), grads
         return torch.cat(losses), grads

@@ -49,11 +49,21 @@ def run_refusal(settings: SetupSettings, control: RunControl, observers) -> str 
     for bad, why in reasons:
         if bad:
             return why
-    C = hyper.num_rows // len(comps)
-    tiled = (hyper.num_rows == C * len(comps) and hyper.component is not None
-             and torch.equal(hyper.chain_ids, torch.arange(C).repeat(len(comps)))
-             and torch.equal(hyper.component, torch.arange(len(comps)).repeat_interleave(C)))
-    return None if tiled else "the rows are a subset of the run's components x chains"
+    return None if tiled_rows(hyper, len(comps)) else ("the rows are not every component x the same chains (each "
+                                                       "component's rows holding the same chain ids in order)")
+
+
+def tiled_rows(hyper, num_components: int) -> bool:
+    """Whether ``hyper``'s rows are every component x the same C >= 1 chains: row k·C + j of component k, with the
+    chain id of row j for every k (0..C-1 in one process; a subset, e.g. chains 1 and 3, on a rank of a torchrun
+    run split by chains, ``distributed.rows``). That is all sparse rows need: a row's batches and noise are keyed
+    by its chain id, and row k·C + j reads chain j's batch (``chains.sparse``)."""
+    K = num_components
+    C = hyper.num_rows // K
+    ids = hyper.chain_ids
+    return (C >= 1 and hyper.num_rows == C * K and hyper.component is not None
+            and torch.equal(hyper.component, torch.arange(K).repeat_interleave(C))
+            and torch.equal(ids, ids[:C].repeat(K)))
 
 
 def first_batches(state: SparseRowState, data, settings: SetupSettings, device) -> list:
@@ -64,10 +74,12 @@ def first_batches(state: SparseRowState, data, settings: SetupSettings, device) 
 
 
 def probe(engine: SparseVmapEngine, state: SparseRowState, data, settings: SetupSettings, device) -> str | None:
-    """One trial pass on the chains' first batches (buffers and RNG isolated): None, or why it failed."""
+    """One trial call per component group, of its first component, on the chains' first batches (buffers and RNG
+    isolated): None, or why it failed. The calls of a group differ only in which coordinates their rows hold, so
+    one per group tries every code path; a whole pass (one sampler step of every row) cost as much as a step."""
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), state.isolation():
-            engine.loss_and_grad(state.num_rows, first_batches(state, data, settings, device))
+            engine.loss_and_grad(state.num_rows, first_batches(state, data, settings, device), first_only=True)
     except Exception as e:  # any failure means: run this model on full rows
         return f"the nested vmap failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
@@ -165,7 +177,7 @@ def run_sparse(model, data, loss_fn, settings: SetupSettings, *, control: RunCon
         choice, per_row = measure_calls(engine, state, data, settings, device)
         if per_row:
             plan, timing = f"{plan}; {describe(choice, per_row)}", timing_facts(choice, per_row)
-    backend = select_backend(settings.backend, device)
+    backend = select_backend(settings.backend, device, settings.loop.update.sampler, settings.loop.update.noise_scheme)
     at_w_star = SequentialEngine(model, FlatState(layout, 1, device=device, preconditioned=False), loss_fn)
     control.meta[ROW_STORAGE] = "sparse"
     run, _ = run_on_state(state, at_w_star, data, settings, backend=backend, device=device, control=control,

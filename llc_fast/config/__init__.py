@@ -24,7 +24,7 @@ from ..chains.row_timing import ROW_BATCHING
 from ..chains.schedule import ChainHyper, Schedule
 from ..chains.sparse_setup import SPARSE_ROWS
 from ..kernels.dispatch import backend_names
-from ..kernels.update_spec import SAMPLERS, SamplerSettings
+from ..kernels.update_spec import NOISE_SCHEMES, SAMPLERS, SamplerSettings
 from . import options as _options
 from .checks import (check_count, check_device, check_mask, check_path, check_positive, check_seed, count, one_of,
                      per_chain, positive)
@@ -91,6 +91,9 @@ class LLCConfig:
     weight_decay: float = option(0.0, "weight decay towards 0 in the update")
     box: float | None = option(None, "clamp every weight to w* +- box (None: no clamp)")
     noise_level: float = option(1.0, "scale of the injected noise (1: SGLD)")
+    noise_scheme: str = option("euler", "the step's noise: 'euler' (a fresh normal per step) or 'lm' (Leimkuhler-"
+                               "Matthews: the mean of this step's and the next step's normals; no step bias on a "
+                               "quadratic)", choices=NOISE_SCHEMES)
     sgnht_diffusion: float | None = option(None, "sampler='sgnht': the thermostat's diffusion factor A (None: "
                                            f"{SGNHT_DIFFUSION}, devinterp's default)", check=positive(
                                                hint="it is SGNHT's diffusion factor A, e.g. 0.01."))
@@ -151,7 +154,7 @@ class LLCConfig:
         self._check_sgnht()
         SamplerSettings(sampler=self.sampler, rmsprop_alpha=self.rmsprop_alpha, rmsprop_eps=self.rmsprop_eps,
                         weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level,
-                        **self._sgnht_settings())
+                        noise_scheme=self.noise_scheme, **self._sgnht_settings())
         for f in fields(self):
             _options.check_value(f, getattr(self, f.name))
         if self.num_draws == 1 and self.num_burnin_steps == 0:
@@ -318,10 +321,11 @@ class LLCConfig:
         if self.preconditioner is not None:
             return SamplerSettings(sampler="rmsprop_sgld", rmsprop_alpha=self.rmsprop_alpha,
                                    rmsprop_eps=curvature.statistic_eps(self.preconditioner_max_gain),
-                                   weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level)
+                                   weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level,
+                                   noise_scheme=self.noise_scheme)
         return SamplerSettings(sampler=self.sampler, rmsprop_alpha=self.rmsprop_alpha, rmsprop_eps=self.rmsprop_eps,
                                weight_decay=self.weight_decay, box=self.box, noise_level=self.noise_level,
-                               **self._sgnht_settings())
+                               noise_scheme=self.noise_scheme, **self._sgnht_settings())
 
     @property
     def schedule(self) -> Schedule:

@@ -6,7 +6,8 @@ holds w* and runs some of the rows, the W ranks at once.
 
 * K >= W components: component k runs on rank k mod W, with every chain (a rank's rows are its components x
   all chains, so sparse rows apply as in one process: ``chains.sparse_setup``);
-* else (fewer components than ranks, or none): chain j runs on rank j mod W, for every component.
+* else (fewer components than ranks, or none): chain j runs on rank j mod W, for every component (a rank's
+  rows are all components x its chains, the same chain ids for each, so sparse rows apply there too).
 
 Each rank runs its rows with the one-process sampler (``estimators.sampling.sample_local``: row batches planned
 to the memory, sparse rows where they apply, the one loop ``chains.runner.run_chains``), then the rows' traces

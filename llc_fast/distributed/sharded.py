@@ -124,7 +124,7 @@ def _sample(model, data, loss_fn, config, guard) -> ChainRun:
                                   "parallel), or use sampler='sgld'")
     if config.mask:
         layout.checked_mask(config.mask)  # before the model is sharded in place
-    backend = select_backend(config.backend, device, config.sampler)
+    backend = select_backend(config.backend, device, config.sampler, config.noise_scheme)
     mine = cm.chains(config.num_chains)
     show = config.progress and cm.rank == 0
     control = control_for(config, rank=cm.rank, world=cm.world_size,

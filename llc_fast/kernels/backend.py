@@ -108,6 +108,7 @@ class Backend:
     name: str = "?"
     devices: tuple[str, ...] = ()
     samplers: tuple[str, ...] = KERNEL_SAMPLERS  # the samplers it runs
+    noise_schemes: tuple[str, ...] = ("euler",)  # the noise schemes it runs
 
     def load(self) -> None:
         """Build or import what ``prepare_call`` needs; raise (RuntimeError, ImportError) saying why it cannot run here."""
@@ -117,6 +118,9 @@ class Backend:
         if call.settings.sampler not in self.samplers:
             return [f"it does not run sampler={call.settings.sampler!r} (it runs {', '.join(self.samplers)}); "
                     "backend='torch' (the reference) runs every sampler"]
+        if call.settings.noise_scheme not in self.noise_schemes:
+            return [f"it does not run noise_scheme={call.settings.noise_scheme!r} (it runs "
+                    f"{', '.join(self.noise_schemes)}); backend='torch' (the reference) runs every noise scheme"]
         if call.device.type not in self.devices:
             where = " or ".join(self.devices) or "no device"
             return [f"the tensors are on {call.device}; it updates tensors on {where}"]

@@ -22,7 +22,7 @@ from . import build, native
 from .backend import Backend, PreparedUpdate
 from .build import CPU_CFLAGS, CPU_LDFLAGS, DEFAULT_MARCH, EXTENSION_NAME, cpu_build_config, csrc_dir  # noqa: F401
 from .update_call import UpdateCall
-from .update_spec import StepCounters
+from .update_spec import NOISE_SCHEMES, StepCounters
 
 #: Elements per OpenMP thread: the kernel uses up to torch.get_num_threads() threads, one per
 #: ELEMENTS_PER_THREAD weights (waking threads for a small model costs more than the update).
@@ -63,6 +63,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
     devices = ("cpu",)
+    noise_schemes = NOISE_SCHEMES
 
     def load(self) -> None:
         load_cpu_extension()

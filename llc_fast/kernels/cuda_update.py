@@ -20,7 +20,7 @@ from . import build, native
 from .backend import Backend, PreparedUpdate
 from .build import CUDA_SOURCE, NVCC_FLAGS  # noqa: F401
 from .update_call import UpdateCall
-from .update_spec import StepCounters
+from .update_spec import NOISE_SCHEMES, StepCounters
 
 _LOCK = threading.Lock()
 _LIBS: dict[str, ctypes.CDLL] = {}  # architecture -> loaded library
@@ -66,6 +66,7 @@ class CudaBackend(Backend):
 
     name = "cuda"
     devices = ("cuda",)
+    noise_schemes = NOISE_SCHEMES
 
     def load(self) -> None:
         if torch.version.cuda is None:

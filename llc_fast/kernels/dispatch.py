@@ -53,8 +53,9 @@ def backend_names() -> tuple[str, ...]:
     return ("auto",) + tuple(b.name for b in _REGISTRY)
 
 
-def select_backend(name: str, device: torch.device, sampler: str = "sgld") -> Backend:
-    """The backend for ``name`` ("auto": the first in the registry that runs ``sampler`` on ``device``)."""
+def select_backend(name: str, device: torch.device, sampler: str = "sgld", noise_scheme: str = "euler") -> Backend:
+    """The backend for ``name`` ("auto": the first in the registry that runs ``sampler`` with ``noise_scheme`` on
+    ``device``)."""
     if name not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
     candidates = [b for b in _REGISTRY if name in ("auto", b.name)]
@@ -64,6 +65,9 @@ def select_backend(name: str, device: torch.device, sampler: str = "sgld") -> Ba
     for b in candidates:
         if sampler not in b.samplers:
             reasons.append(f"{b.name}: does not run sampler={sampler!r}")
+            continue
+        if noise_scheme not in b.noise_schemes:
+            reasons.append(f"{b.name}: does not run noise_scheme={noise_scheme!r}")
             continue
         if device.type not in b.devices:
             reasons.append(f"{b.name}: does not run on {device.type}")

@@ -43,6 +43,7 @@ class UpdateArgs(ctypes.Structure):
         ("update_statistic", ctypes.c_bool),
         ("has_mask", ctypes.c_bool),
         ("has_box", ctypes.c_bool),
+        ("lm_noise", ctypes.c_bool),
         ("alpha", ctypes.c_double),
         ("one_minus_alpha", ctypes.c_double),
         ("eps", ctypes.c_double),
@@ -98,7 +99,8 @@ def kernel_args(call: UpdateCall) -> tuple[UpdateArgs, tuple]:
         w_star=call.w_star.data_ptr(), stat=_ptr(call.stat), mask=_ptr(mask), row_windows=_ptr(row_windows),
         row_mask=_ptr(row_mask), lr=lr.data_ptr(), nbeta=nbeta.data_ptr(), gamma=gamma.data_ptr(),
         chain_ids=ids.data_ptr(), num_rows=call.num_rows, n_local=call.n_local, seed=call.seed,
-        sampler=SAMPLER_CODES[s.sampler], has_mask=mask is not None, has_box=s.box is not None, alpha=float(s.rmsprop_alpha),
+        sampler=SAMPLER_CODES[s.sampler], has_mask=mask is not None, has_box=s.box is not None,
+        lm_noise=s.noise_scheme == "lm", alpha=float(s.rmsprop_alpha),
         one_minus_alpha=1.0 - s.rmsprop_alpha, eps=float(s.rmsprop_eps), weight_decay=float(s.weight_decay),
         box=float(s.box) if s.box is not None else 0.0, noise_level=float(s.noise_level), dtype=DTYPE_CODES[call.dtype])
     return args, (ids, mask, row_windows, row_mask, lr, nbeta, gamma)

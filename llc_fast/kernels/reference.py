@@ -16,6 +16,8 @@ bfloat16 weights are updated in float32 and stored by stochastic rounding keyed 
 float64 weights are updated in float64.
 
 "sgnht" (``sgnht_step``, its own equations there) keeps a momentum in V's buffer and one thermostat per row.
+noise_scheme="lm" (Leimkuhler-Matthews) replaces xi by (xi_t + xi_{t+1})/2, the mean of this step's normals and
+the next step's: the draws of a quadratic then have the exact posterior law at any stable lr (``docs/update.md``).
 
 ``sgld_step`` is that step, a pure function of tensors: read it first. ``BufferStep`` applies it
 in place to one buffer, chunk by chunk, with the noise; the "torch" backend (``torch_update.py``)
@@ -145,6 +147,8 @@ class BufferStep:
         for sl, m, noise, rounding in self.chunks:
             v = stat[:, sl] if settings.has_statistic else None
             xi = philox.normals_at(noise, seed, step).to(cdt)
+            if settings.noise_scheme == "lm":
+                xi = 0.5 * (xi + philox.normals_at(noise, seed, step + 1).to(cdt))
             if settings.thermostat:
                 new, p, k = sgnht_step(w[:, sl].to(cdt), grad[:, sl].to(cdt), w_star[sl].to(cdt), v, thermostat, xi,
                                        m, settings=settings, **self.hyper)

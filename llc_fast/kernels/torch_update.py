@@ -7,7 +7,7 @@ from . import philox
 from .backend import Backend, PreparedUpdate
 from .reference import BufferStep, thermostat_step
 from .update_call import UpdateCall
-from .update_spec import SAMPLERS, RowMasks, StepCounters
+from .update_spec import NOISE_SCHEMES, SAMPLERS, RowMasks, StepCounters
 
 
 def segment_mask(mask, seg):
@@ -57,6 +57,7 @@ class TorchBackend(Backend):
     name = "torch"
     devices = ("cpu", "cuda")
     samplers = SAMPLERS
+    noise_schemes = NOISE_SCHEMES
 
     def prepare_call(self, call: UpdateCall) -> PreparedUpdate:
         return TorchPrepared(self, call)

@@ -152,13 +152,15 @@ def update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, qu
                  chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale, eps, wd, box,
                  noise_level, seed, step, PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr,
                  HAS_BOX: tl.constexpr, HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr,
-                 SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr):
+                 SP_PTR: tl.constexpr, CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+                 LM: tl.constexpr):
     """One [QUADS, 4] tile of chain row c: the pointers address the tile's elements (``valid`` marks the
     real ones), ``quads`` are the tile's global quads, ``m_idx`` their local flat indices.
     The mask: the shared one at ``m_ptr + m_idx`` (HAS_MASK), or row c's of a RowMasks (ROW_MASK:
     ``rw_ptr`` is int64 [C, 3] of each row's (lo, hi, offset), offset < 0 for all ones; element i is
     ``m_ptr[offset + i - lo]`` inside [lo, hi), 0 outside). The chain index comes from
-    ``chain_ptr`` (CHAIN_PTR) or is chain_base + c; the settings as in ``load_hyper``."""
+    ``chain_ptr`` (CHAIN_PTR) or is chain_base + c; the settings as in ``load_hyper``. LM (noise_scheme "lm"): the
+    noise is the mean of this step's normals and the next step's, in the compute dtype as the reference."""
     if CHAIN_PTR:
         chain = tl.load(chain_ptr + c).to(tl.int64)
     else:
@@ -203,6 +205,11 @@ def update_tile(w_ptrs, g_ptrs, ws_ptrs, v_ptrs, m_ptr, m_idx, rw_ptr, valid, qu
     xi = noise_tile(seed, quads, step, chain)
     if IS_F64:
         xi = xi.to(tl.float64)
+    if LM:
+        xi_next = noise_tile(seed, quads, step + 1, chain)
+        if IS_F64:
+            xi_next = xi_next.to(tl.float64)
+        xi = 0.5 * (xi + xi_next)
     delta = drift_coef * drift + noise_coef * xi
     if HAS_MASK:
         delta = delta * tl.load(m_ptr + m_idx, mask=valid, other=0).to(wc.dtype)
@@ -234,7 +241,7 @@ def sgld_update_kernel(
     QUADS: tl.constexpr, LEAD: tl.constexpr,
     PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
     HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr,
-    CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+    CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr, LM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     c = (pid % num_rows).to(tl.int64)
@@ -243,7 +250,7 @@ def sgld_update_kernel(
     update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + idx, v_ptr + offs, m_ptr, idx, rw_ptr, valid, quads, c,
                  num_rows, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha, one_minus_alpha, scale,
                  eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX, HAS_MASK, ROW_MASK, HP_PTR,
-                 SP_PTR, CHAIN_PTR, IS_BF16, IS_F64)
+                 SP_PTR, CHAIN_PTR, IS_BF16, IS_F64, LM)
 
 
 #: Columns of the Triton segment table (int64 [P, 6], P a power of two, rows past the segments padded
@@ -259,7 +266,7 @@ def sgld_update_segments_kernel(
     QUADS: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     PRECOND: tl.constexpr, UPDATE_V: tl.constexpr, HAS_WD: tl.constexpr, HAS_BOX: tl.constexpr,
     HAS_MASK: tl.constexpr, ROW_MASK: tl.constexpr, HP_PTR: tl.constexpr, SP_PTR: tl.constexpr,
-    CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr,
+    CHAIN_PTR: tl.constexpr, IS_BF16: tl.constexpr, IS_F64: tl.constexpr, LM: tl.constexpr,
 ):
     """All segments of a multi-segment update in one launch. Program pid updates chain pid % C on
     block pid // C of the blocks of all segments, numbered segment after segment; its segment is
@@ -294,4 +301,4 @@ def sgld_update_segments_kernel(
     update_tile(w_ptr + offs, g_ptr + offs, ws_ptr + flat, v_ptr + (c * n_local + flat), m_ptr, flat, rw_ptr, valid,
                  quads, c, num_rows, chain_ptr, chain_base, hp_ptr, sp_ptr, lr, nbeta, gamma, alpha,
                  one_minus_alpha, scale, eps, wd, box, noise_level, seed, step, PRECOND, UPDATE_V, HAS_WD, HAS_BOX,
-                 HAS_MASK, ROW_MASK, HP_PTR, SP_PTR, CHAIN_PTR, IS_BF16, IS_F64)
+                 HAS_MASK, ROW_MASK, HP_PTR, SP_PTR, CHAIN_PTR, IS_BF16, IS_F64, LM)

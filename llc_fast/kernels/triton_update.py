@@ -26,7 +26,7 @@ import torch
 from . import native
 from .backend import Backend, PreparedUpdate
 from .update_call import UpdateCall
-from .update_spec import RowMasks, StepCounters
+from .update_spec import NOISE_SCHEMES, RowMasks, StepCounters
 
 # Quads (four elements each) per program: 256 quads = 1024 elements with 8 warps on a GPU; the
 # interpreter pays per program, so it takes up to 16384 quads = 65536 elements at once.
@@ -140,7 +140,8 @@ class TritonPrepared(PreparedUpdate):
         self.dummy, self.seed, self.sp_cache = dummy, call.seed, (None, None)
         flags = dict(PRECOND=s.preconditioned, HAS_WD=s.weight_decay != 0.0, HAS_BOX=s.box is not None,
                      HAS_MASK=mask is not None, ROW_MASK=row_masks is not None, HP_PTR=hp is not None, SP_PTR=self.is_f64,
-                     CHAIN_PTR=chain_tensor is not None, IS_BF16=is_bf16, IS_F64=self.is_f64, num_warps=GPU_NUM_WARPS)
+                     CHAIN_PTR=chain_tensor is not None, IS_BF16=is_bf16, IS_F64=self.is_f64,
+                     LM=s.noise_scheme == "lm", num_warps=GPU_NUM_WARPS)
         self.flags = {update: dict(flags, UPDATE_V=s.preconditioned and update) for update in (False, True)}
         if call.single:
             (seg,) = call.segments
@@ -193,6 +194,7 @@ class TritonBackend(Backend):
     """The Triton kernels (see the module docstring; ``TritonPrepared`` holds the launch arguments)."""
 
     name = "triton"
+    noise_schemes = NOISE_SCHEMES
 
     @property
     def devices(self) -> tuple[str, ...]:

@@ -10,6 +10,10 @@ import torch
 SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc", "sgnht")
 #: The samplers every backend runs (the fused kernels); "sgnht" runs on the reference "torch" backend only.
 KERNEL_SAMPLERS = ("sgld", "rmsprop_sgld", "rmsprop_sgld_bc")
+#: The injected noise of a step: "euler" (xi_t, Euler-Maruyama) or "lm" ((xi_t + xi_{t+1})/2, Leimkuhler-Matthews:
+#: on a quadratic its draws have the exact posterior law at every stable lr; ``docs/update.md``). Every backend runs
+#: both; a kernel draws the next step's normals too.
+NOISE_SCHEMES = ("euler", "lm")
 SUPPORTED_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 #: The update is stable only while lr·G·(nbeta·h + gamma) < STABILITY_LIMIT along every Hessian eigenvector (h its
 #: eigenvalue): on a quadratic, w - w* is multiplied each step by 1 - (lr/2)·G·(nbeta·h + gamma), whose size passes 1
@@ -34,6 +38,7 @@ class SamplerSettings:
     box: if set, each weight is clamped to [w* - box, w* + box] after the step.
     noise_level: multiplies the injected noise (1 is the correct posterior; devinterp's knob).
     sgnht_diffusion: "sgnht": the diffusion factor A (devinterp's diffusion_factor), the thermostat's start value.
+    noise_scheme: "euler" (the noise xi_t) or "lm" (the Leimkuhler-Matthews noise (xi_t + xi_{t+1})/2; not "sgnht").
     """
 
     sampler: str = "sgld"
@@ -43,6 +48,7 @@ class SamplerSettings:
     box: float | None = None
     noise_level: float = 1.0
     sgnht_diffusion: float = 0.01
+    noise_scheme: str = "euler"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -60,6 +66,11 @@ class SamplerSettings:
         if not (math.isfinite(self.sgnht_diffusion) and self.sgnht_diffusion >= 0.0):
             raise ValueError(f"sgnht_diffusion (the thermostat's diffusion factor A) must be finite and >= 0, got "
                              f"{self.sgnht_diffusion}")
+        if self.noise_scheme not in NOISE_SCHEMES:
+            raise ValueError(f"noise_scheme must be one of {NOISE_SCHEMES}, got {self.noise_scheme!r}")
+        if self.noise_scheme != "euler" and self.thermostat:
+            raise ValueError(f"noise_scheme={self.noise_scheme!r} is a Langevin step's noise; sampler='sgnht' takes "
+                             "noise_scheme='euler'")
 
     @property
     def preconditioned(self) -> bool:

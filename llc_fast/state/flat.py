@@ -138,7 +138,7 @@ class FlatLayout:
             except RuntimeError as e:
                 raise ValueError(f"mask for {name!r} has shape {tuple(m.shape)}, not broadcastable to "
                                  f"{tuple(s.shape)}") from e
-            if not torch.all((m == 0) | (m == 1)):
+            if m.dtype != torch.bool and not torch.all((m == 0) | (m == 1)):  # a bool mask is 0/1
                 raise ValueError(f"mask for {name!r} must hold only 0 and 1")
             out[s.name] = full
         if not any(bool(m.any()) for m in out.values()):

@@ -19,7 +19,7 @@ component (``prepare_update``), all launched every step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,7 @@ class ComponentRows:
     w: torch.Tensor            # [C·n] run-major weights
     grad: torch.Tensor         # [C·n] run-major gradients
     stat: torch.Tensor | None  # [C, n] RMSProp statistic, or None for SGLD
+    cached: list | None = field(default=None, repr=False)  # ``segments``' list, built once
 
     @property
     def numel(self) -> int:
@@ -46,6 +47,15 @@ class ComponentRows:
     def views(self, flat: torch.Tensor, chains: int) -> list[torch.Tensor]:
         """The contiguous [C, L] block of each run in a run-major buffer."""
         return [flat[chains * s: chains * (s + n)].view(chains, n) for s, n, _ in self.runs]
+
+    def segments(self, chains: int) -> list[tuple]:
+        """(weights block, gradient block, local start, global start) of each run. Built once: ``w`` and ``grad``
+        are written in place, never replaced, so the views stay valid (a head of a large model has thousands of
+        runs; building their views every step cost seconds)."""
+        if self.cached is None:
+            self.cached = [(w, g, s, glob) for w, g, (s, _, glob) in
+                           zip(self.views(self.w, chains), self.views(self.grad, chains), self.runs)]
+        return self.cached
 
 
 def coordinate_runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -59,12 +69,20 @@ def coordinate_runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(s, e - s, g) for s, e, g in zip(starts, ends, glob)]
 
 
+def mask_index(layout: FlatLayout, mask: dict) -> torch.Tensor:
+    """int64 [n]: the global flat indices (ascending) a restriction samples, found parameter by parameter (no
+    [N] dense mask: a component of a large model touches a few of its tensors)."""
+    parts = sorted(((layout.slot(name).offset, m) for name, m in layout.checked_mask(mask).items()), key=lambda p: p[0])
+    index = [torch.nonzero(m.reshape(-1)).flatten() + offset for offset, m in parts]
+    return torch.cat(index) if index else torch.empty(0, dtype=torch.int64)
+
+
 def run_major_permutation(runs: list, numel: int, chains: int) -> torch.Tensor:
     """int64 [C·n]: the run-major position of packed element (j, i), flattened row-major."""
-    start = torch.empty(numel, dtype=torch.int64)
-    length = torch.empty(numel, dtype=torch.int64)
-    for s, n, _ in runs:
-        start[s:s + n], length[s:s + n] = s, n
+    starts = torch.tensor([s for s, _, _ in runs], dtype=torch.int64)
+    lengths = torch.tensor([n for _, n, _ in runs], dtype=torch.int64)
+    start = torch.repeat_interleave(starts, lengths, output_size=numel)  # each element's run start and length
+    length = torch.repeat_interleave(lengths, lengths, output_size=numel)
     i = torch.arange(numel, dtype=torch.int64)[None, :]
     j = torch.arange(chains, dtype=torch.int64)[:, None]
     return (chains * start[None, :] + j * length[None, :] + (i - start[None, :])).reshape(-1)
@@ -103,8 +121,7 @@ class SparseRowState:
         self.reset()
 
     def _component(self, mask: dict) -> ComponentRows:
-        dense = self.layout.flat_mask(mask, torch.device("cpu"), dtype=torch.uint8)
-        index = torch.nonzero(dense).flatten()
+        index = mask_index(self.layout, mask)
         runs = coordinate_runs(index)
         n, C, dev = int(index.numel()), self.chains, self.device
         dtype = self.layout.dtype
@@ -165,8 +182,7 @@ class SparseRowState:
                 continue
             if grad is not None:
                 c.grad[c.perm] = grad[k].reshape(-1)
-            out += [(w, g, s, glob) for w, g, (s, _, glob) in
-                    zip(c.views(c.w, self.chains), c.views(c.grad, self.chains), c.runs)]
+            out += c.segments(self.chains)
         return out
 
     def prepare_update(self, backend, segments, w_star, stat, *, lr, nbeta, gamma, settings, seed, chain_ids,
@@ -187,7 +203,7 @@ class SparseRowState:
             per_row = dict(lr=_rows(lr, rows), nbeta=_rows(nbeta, rows), gamma=_rows(gamma, rows))
             prepared = backend.prepare(segments[at:at + count], own_w_star, own_stat, settings=settings, seed=seed,
                                        chain_ids=chain_ids[rows], mask=None, **per_row)
-            parts.append((prepared, at, count))
+            parts.append((prepared, at, count, [s[1] for s in segments[at:at + count]]))
             at += count
         return ComponentUpdates(parts)
 
@@ -243,8 +259,18 @@ class ComponentUpdates:
     ``launch(counters, grads)`` with one gradient per segment, in ``segments``' order)."""
 
     def __init__(self, parts: list):
-        self.parts = parts
+        """parts: (prepared update, first segment, segments, the gradients it was prepared with)."""
+        self.parts = [(prepared, at, count) for prepared, at, count, _ in parts]
+        self.held = [given for *_, given in parts]  # the gradient tensors each update holds now
 
     def launch(self, counters, grads=None) -> None:
-        for prepared, at, count in self.parts:
-            prepared.launch(counters, grads=None if grads is None else list(grads[at:at + count]))
+        """One step of every component. A component given the very gradient tensors it holds (a restricted
+        component's run views, the same every step) launches without replacing them: no check of thousands of
+        tensors per step, the same update (its kernel reads them in place)."""
+        for i, (prepared, at, count) in enumerate(self.parts):
+            given, held = (None if grads is None else list(grads[at:at + count])), self.held[i]
+            if given is not None and len(given) == len(held) and all(g is h for g, h in zip(given, held)):
+                given = None
+            elif given is not None:
+                self.held[i] = given
+            prepared.launch(counters, grads=given)

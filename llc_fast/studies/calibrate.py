@@ -275,7 +275,8 @@ def calibrate(
                 for s in range(len(settings))]
     mark_limits(rows, curvature)
     recommended, reason = recommend(rows, acceptance_recorded=result.mala_acceptance.shape[1] > 0)
-    choice, reason = auto_choice(rows, recommended, reason, curvature, run_steps(options)) if auto else (None, reason)
+    choice, reason = auto_choice(rows, recommended, reason, curvature, run_steps(options),
+                                 options.get("noise_scheme", "euler")) if auto else (None, reason)
     return CalibrationResult(rows=rows, recommended=recommended, reason=reason, result=result,
                              chains_per_setting=chains_per_setting,
                              curvature=None if curvature is None else curvature.to_dict(), auto=choice)

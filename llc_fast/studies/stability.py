@@ -23,7 +23,8 @@ The choice (``auto_choice``): the recommended row's gamma (when no row qualifies
 within the limit without a diverged chain, from the largest gamma, whether or not its trace flattened, since both
 an unfinished transient and gamma's pull lower λ̂); the step lr = the largest with an estimated step bias
 lr·nbeta·tr(H)/8 (the first-order bias of the discretised chain's E[nbeta·L] on a quadratic) at most STEP_BIAS_TOL
-of the estimate, and at most MAX_STEP_FRACTION of the limit; and the steps needed to relax the flattest curvature
+of the estimate, and at most MAX_STEP_FRACTION of the limit (with noise_scheme="lm", which has no such bias,
+LM_STEP_FRACTION of the limit); and the steps needed to relax the flattest curvature
 measured, RELAX/(lr·(nbeta·h_min + gamma)), against the budget.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ STEP_FRACTION = 0.25  # calibrate's rows run at this fraction of the stability l
 MAX_STEP_FRACTION = 0.5  # the chosen step never above this fraction (lr·a_max <= 2: the stiffest direction not
 # overshooting w*)
 STEP_BIAS_TOL = 0.03  # the chosen step's estimated relative bias of λ̂
+LM_STEP_FRACTION = 0.3  # noise_scheme="lm": no step bias on the quadratic part; the margin is for the flat
+# directions, which stiffen away from w* (at 0.5 the deep linear networks of bench_accuracy.py spike)
 RELAX = 3.0  # e-folds of a direction's variance (1 - e^-3 = 95 % relaxed)
 GAMMA_LADDER = 3  # gammas of the automatic grid, each a tenth of the one before
 
@@ -128,7 +131,8 @@ def auto_grid(curvature: Curvature, nbeta: float, steps: int, gammas: list[float
     return [STEP_FRACTION * lr_limit(curvature.h_max, nbeta, gammas[0])], gammas
 
 
-def auto_choice(rows, recommended, reason: str, curvature: Curvature, steps: int) -> tuple[dict | None, str]:
+def auto_choice(rows, recommended, reason: str, curvature: Curvature, steps: int,
+                noise_scheme: str = "euler") -> tuple[dict | None, str]:
     """(the setting to estimate with or None, calibrate's reason with why) of an ``lrs="auto"`` calibration: from
     the recommended row, else (no row qualified) the row of the largest gamma without a diverged chain within the
     limit, the fastest to relax, and then the budget is too small (``_choice``)."""
@@ -138,7 +142,7 @@ def auto_choice(rows, recommended, reason: str, curvature: Curvature, steps: int
     fallback, note = recommended is None, ""
     if fallback:  # every estimate is then low (an unfinished transient) or held (gamma): the larger is the nearer
         recommended, note = gamma_ladder(max(usable, key=lambda r: r.gamma), usable)
-    choice, why = _choice(recommended, curvature, steps)
+    choice, why = _choice(recommended, curvature, steps, noise_scheme)
     if fallback:
         choice["budget_ok"] = False
         why += (". No setting qualified (the budget is too small for this model), so from the largest gamma without "
@@ -146,16 +150,20 @@ def auto_choice(rows, recommended, reason: str, curvature: Curvature, steps: int
     return choice, f"{why}. Calibration: {reason}"
 
 
-def _choice(best, curvature: Curvature, steps: int) -> tuple[dict, str]:
+def _choice(best, curvature: Curvature, steps: int, noise_scheme: str = "euler") -> tuple[dict, str]:
     """(the setting to estimate with, why) from calibrate's recommended row ``best`` (module docstring)."""
     limit = lr_limit(curvature.h_max, best.nbeta, best.gamma)
     per_lr = best.nbeta * curvature.trace / 8.0  # step bias of λ̂ per unit of lr
     unbiased = best.llc_mean - best.lr * per_lr if math.isfinite(per_lr) else best.llc_mean
     lr, why = MAX_STEP_FRACTION * limit, f"{MAX_STEP_FRACTION:g} of the stability limit {limit:.3g}"
-    if math.isfinite(per_lr) and per_lr > 0 and unbiased > 0 and STEP_BIAS_TOL * unbiased / per_lr < lr:
+    if noise_scheme == "lm":
+        lr, why = LM_STEP_FRACTION * limit, (f"{LM_STEP_FRACTION:g} of the stability limit {limit:.3g} (noise_scheme="
+                                             "'lm' has no step bias on the quadratic part)")
+    elif math.isfinite(per_lr) and per_lr > 0 and unbiased > 0 and STEP_BIAS_TOL * unbiased / per_lr < lr:
         lr, why = STEP_BIAS_TOL * unbiased / per_lr, (f"the largest step whose bias lr·nbeta·tr(H)/8 is "
                                                       f"{STEP_BIAS_TOL:.0%} of λ̂ ≈ {unbiased:.4g}")
-    bias = lr * per_lr / unbiased if math.isfinite(per_lr) and unbiased > 0 else math.nan
+    bias = 0.0 if noise_scheme == "lm" else lr * per_lr / unbiased if math.isfinite(per_lr) and unbiased > 0 \
+        else math.nan
     slowest = best.nbeta * max(curvature.h_min, 0.0) + best.gamma
     needed = math.ceil(RELAX / (lr * slowest)) if slowest > 0 else math.inf
     choice = dict(lr=lr, gamma=best.gamma, nbeta=best.nbeta, lr_limit=limit, step_fraction=lr / limit,

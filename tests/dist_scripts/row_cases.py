@@ -35,7 +35,7 @@ def run(case: str, **extra):
         return llc_fast.estimate_restricted_llcs(model, data, mse, COMPONENTS8, **kw)
     if case == "restricted8_seq":  # one row at a time on both sides: the same computation per row
         return llc_fast.estimate_restricted_llcs(model, data, mse, COMPONENTS8, chain_batching="sequential", **kw)
-    if case == "restricted1":  # fewer components than ranks: the chains are split (rows of full models)
+    if case == "restricted1":  # fewer components than ranks: the chains are split (each rank: chains 0, 2 or 1, 3)
         return llc_fast.estimate_restricted_llcs(model, data, mse, {"l2": ["2.*"]}, **dict(kw, num_chains=4))
     if case == "refined":  # no components: the chains split, each rank measuring its rows on the evaluation sets
         return llc_fast.estimate_llc(model, data, mse, eval_data=sets["a"], refine={"b": sets["b"]}, **kw)
