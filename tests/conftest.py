@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before any @triton.jit decorator runs, so before llc_fast is imported: on
 machines without a GPU, Triton kernels run in the interpreter."""
+import math
 import os
 
 import numpy as np
@@ -43,6 +44,26 @@ def update_backend(name: str):
 
         return load_cuda_update(), DEVICE
     raise AssertionError(name)
+
+
+def quadratic_model(R: int, h: torch.Tensor) -> torch.nn.Module:
+    """The mean of R copies of K(w) = sum_j h_j w_j^2 / 2 at w* = 0, one float64 parameter [R, len(h)]; called
+    with no batch (``loss_fn = lambda m, b: m()``). Samplers' stationary-law oracles run on it."""
+    class Quadratic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(R, h.numel(), dtype=torch.float64))
+
+        def forward(self):
+            return (0.5 * h * self.w ** 2).sum() / R
+
+    return Quadratic()
+
+
+def batch_means_se(y, batches: int) -> float:
+    """Standard error of the mean of y [chains, draws] from the means of ``batches`` consecutive blocks per chain."""
+    blocks = y[:, : y.shape[1] // batches * batches].reshape(y.shape[0], batches, -1).mean(axis=2).ravel()
+    return float(blocks.std(ddof=1) / math.sqrt(blocks.size))
 
 
 # --- shared case builders: (model, data, loss_fn) ------------------------------------------------

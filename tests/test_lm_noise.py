@@ -2,12 +2,10 @@
 draws have the exact localized posterior law at a step where "euler" is measurably hot, on the reference and the C++
 kernel; resume is exact; every kernel's step is the reference's; a backend without it refuses it; bad combinations
 are refused."""
-import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import llc_fast
 from llc_fast.kernels import SamplerSettings, StepCounters, philox, select_backend, torch_update
@@ -18,7 +16,7 @@ from llc_fast.kernels.triton_update import triton_update
 from llc_fast.kernels.update_call import Segment
 from llc_fast.oracles import quadratic_posterior_expectation, quadratic_sgld_expectation
 
-from conftest import checkpoint_recorder, mlp_case, update_backend
+from conftest import batch_means_se, checkpoint_recorder, mlp_case, quadratic_model, update_backend
 
 CPU = torch.device("cpu")
 
@@ -38,23 +36,6 @@ def test_reference_noise_is_the_mean_of_this_and_the_next_steps_normals():
         torch.testing.assert_close(w, expected, rtol=0, atol=1e-15)
 
 
-class Quadratic(nn.Module):
-    """The mean of R copies of K(w) = sum_j h_j w_j^2 / 2 at w* = 0 (one float64 tensor [R, len(h)])."""
-
-    def __init__(self, R: int, h: torch.Tensor):
-        super().__init__()
-        self.h, self.R = h, R
-        self.w = nn.Parameter(torch.zeros(R, h.numel(), dtype=torch.float64))
-
-    def forward(self):
-        return (0.5 * self.h * self.w ** 2).sum() / self.R
-
-
-def _batch_means_se(y: np.ndarray, batches: int) -> float:
-    blocks = y[:, : y.shape[1] // batches * batches].reshape(y.shape[0], batches, -1).mean(axis=2).ravel()
-    return float(blocks.std(ddof=1) / math.sqrt(blocks.size))
-
-
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_lm_draws_have_the_exact_posterior_law_on_a_quadratic_where_euler_runs_hot(backend):
     """K = sum_j h_j w_j^2 / 2 with exact gradients, lr at 60 % of the stability limit 4/(nbeta·h_max + gamma):
@@ -68,12 +49,12 @@ def test_lm_draws_have_the_exact_posterior_law_on_a_quadratic_where_euler_runs_h
     hot = quadratic_sgld_expectation(h.numpy(), nbeta, gamma, lr)
     assert hot > 1.1 * exact
     for scheme, target in (("lm", exact), ("euler", hot)):
-        model = Quadratic(R, h)
+        model = quadratic_model(R, h)
         r = llc_fast.estimate_llc(model, [()], lambda m, b: m(), lr=lr, nbeta=nbeta * R, gamma=gamma, num_chains=C,
                                   num_draws=3000, num_burnin_steps=200, noise_scheme=scheme, seed=4, progress=False,
                                   num_init_loss_batches=1, backend=backend)
         y = nbeta * r.loss_trace  # nbeta·K per copy (the run's nbeta·R times the mean over R copies, over R)
-        se = _batch_means_se(y, 10)
+        se = batch_means_se(y, 10)
         assert se < 0.02 * exact
         assert abs(y.mean() - target) < 4 * se, f"{scheme}: {y.mean():.4f} vs {target:.4f}, SE {se:.4f}"
 

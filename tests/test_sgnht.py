@@ -23,7 +23,7 @@ from llc_fast.kernels.update_call import Segment
 from llc_fast.oracles import quadratic_posterior_expectation, quadratic_sgnht_expectation
 from llc_fast.state import FlatLayout, FlatState
 
-from conftest import checkpoint_recorder, mlp_case
+from conftest import batch_means_se, checkpoint_recorder, mlp_case, quadratic_model
 
 CPU = torch.device("cpu")
 
@@ -117,24 +117,6 @@ def test_backend_counts_only_the_sampled_elements_of_each_row():
     assert count.tolist() == [6.0, 10.0, 4.0]
 
 
-def _quadratic_model(R: int, h: torch.Tensor) -> nn.Module:
-    class Quadratic(nn.Module):  # the mean of R copies of K(w) = sum_j h_j w_j^2 / 2, at w* = 0
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(R, h.numel(), dtype=torch.float64))
-
-        def forward(self):
-            return (0.5 * h * self.w ** 2).sum() / R
-
-    return Quadratic()
-
-
-def _batch_means_se(y: np.ndarray, batches: int) -> float:
-    """Standard error of the mean of y [chains, draws] from the means of ``batches`` consecutive blocks per chain."""
-    blocks = y[:, : y.shape[1] // batches * batches].reshape(y.shape[0], batches, -1).mean(axis=2).ravel()
-    return float(blocks.std(ddof=1) / math.sqrt(blocks.size))
-
-
 def test_sgnht_samples_the_localized_posterior_on_a_quadratic():
     """Long SGNHT chains on K = sum_j h_j w_j^2 / 2 (the loss: the mean of R copies in one tensor, at nbeta*R):
     E[nbeta*K] per copy is the exact
@@ -147,7 +129,7 @@ def test_sgnht_samples_the_localized_posterior_on_a_quadratic():
     within 4 standard errors and 0.1 %)."""
     R, C, lr, nbeta, gamma, A = 256, 4, 1e-4, 10.0, 1.0, 0.05
     h = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
-    model = _quadratic_model(R, h)
+    model = quadratic_model(R, h)
     layout, data = FlatLayout(model), [None]
     settings = SamplerSettings("sgnht", sgnht_diffusion=A)
     state = FlatState(layout, C, device=CPU, preconditioned=True, thermostat=A)
@@ -162,7 +144,7 @@ def test_sgnht_samples_the_localized_posterior_on_a_quadratic():
     exact = quadratic_posterior_expectation(h.numpy(), nbeta, gamma)
     discretised, z_star = quadratic_sgnht_expectation(h.numpy(), nbeta, gamma, lr, A)
     allowance = (lr * float((nbeta * h + gamma).max()) + A / 2) * exact
-    se = _batch_means_se(y, 10)
+    se = batch_means_se(y, 10)
     assert se < 0.006 * exact  # the test tells the discretised chain (2.7 % above) from the posterior
     assert abs(y.mean() - exact) < 4 * se + allowance, f"{y.mean():.5f} vs {exact:.5f}, SE {se:.5f}"
     assert abs(y.mean() - discretised) < 4 * se + 1e-3 * exact, f"{y.mean():.5f} vs {discretised:.5f}, SE {se:.5f}"
